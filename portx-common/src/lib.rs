@@ -1,0 +1,212 @@
+//! Types shared by the portx eBPF programs and the user-space agent.
+//!
+//! Every record the kernel writes into the `EVENTS` ring buffer starts with an [`EventHeader`]; the
+//! agent reads `kind` first and dispatches. All kinds and flags are plain `u32`s (never Rust enums read
+//! from kernel bytes), every struct is `#[repr(C)]` with explicit padding, and sizes are asserted at
+//! compile time so that a layout change on one side cannot silently break the other.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Length of `task_struct::comm`.
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Names of the maps and globals in the eBPF object; the agent looks them up by these names.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const DROPS: &str = "DROPS";
+    pub const AGENT_TGID: &str = "AGENT_TGID";
+    pub const HOOK_MODE: &str = "HOOK_MODE";
+    pub const OFFSETS: &str = "OFFSETS";
+}
+
+/// Record kinds (`EventHeader::kind`).
+pub mod kind {
+    /// A TCP socket changed state (`sock:inet_sock_set_state`): [`super::StateEvent`].
+    pub const STATE: u32 = 1;
+    /// A connect()'s source port is known, or its allocation failed: [`super::PortEvent`].
+    pub const PORT: u32 = 2;
+    /// A connect() syscall failed: [`super::SyscallEvent`].
+    pub const CONNECT_FAIL: u32 = 3;
+    /// A bind() syscall failed: [`super::SyscallEvent`].
+    pub const BIND_FAIL: u32 = 4;
+}
+
+/// How the kernel side learns the source port of a connect (`HOOK_MODE` global and the
+/// `EventHeader::flags` of a [`PortEvent`]).
+pub mod hook_mode {
+    /// fexit on `inet_hash_connect`.
+    pub const FENTRY: u32 = 1;
+    /// kretprobe on `inet_hash_connect`, socket stashed by a kprobe at entry.
+    pub const KPROBE: u32 = 2;
+    /// Tracepoints only: the socket is stashed at CLOSE->SYN_SENT and its port read when
+    /// `connect()` returns.
+    pub const TRACEPOINT: u32 = 3;
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+    pub const NEW_SYN_RECV: u32 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+/// `connect()` on a non-blocking socket: the handshake is under way, not a failure.
+pub const EINPROGRESS: i32 = 115;
+pub const EADDRNOTAVAIL: i32 = 99;
+pub const EADDRINUSE: i32 = 98;
+
+/// Offsets of the `sock:inet_sock_set_state` tracepoint fields the kernel program reads. The agent
+/// checks them against the tracepoint's `format` file before loading and refuses to run on a kernel
+/// whose layout differs.
+pub mod set_state_tp {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}
+
+/// Offsets in `syscalls:sys_enter_*` / `sys_exit_*` records (stable since the syscall tracepoints
+/// exist; also checked by the agent).
+pub mod syscall_tp {
+    /// `sys_enter_connect`/`sys_enter_bind`: the fd argument.
+    pub const ARG0: usize = 16;
+    /// The `struct sockaddr *` argument.
+    pub const ARG1: usize = 24;
+    /// `sys_exit_*`: the return value (`long`).
+    pub const RET: usize = 16;
+}
+
+/// Fixed header of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Process id (`tgid`) of the current task. For [`kind::STATE`] events from softirq context
+    /// this is whatever task was interrupted: the agent only trusts it where the transition
+    /// happens in process context (CLOSE->SYN_SENT).
+    pub tgid: u32,
+    /// Thread id of the current task.
+    pub tid: u32,
+    /// Per-kind flags; for [`kind::PORT`] the [`hook_mode`] that produced it.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// A TCP state change. Ports in host byte order; IPv4 addresses in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    pub hdr: EventHeader,
+    /// Kernel address of the socket: stable for the socket's life, the key that carries the
+    /// owner learned in process context to later softirq transitions.
+    pub skaddr: u64,
+    /// Network namespace inode number (`net->ns.inum`), 0 if unreadable.
+    pub netns: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub family: u16,
+    pub protocol: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The source port a connect got (`ret == 0`, `sport != 0`) or the allocation failed (`ret < 0`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortEvent {
+    pub hdr: EventHeader,
+    pub skaddr: u64,
+    pub netns: u32,
+    /// Return value of `inet_hash_connect` (fentry/kprobe modes) or of `connect()` (tracepoint mode).
+    pub ret: i32,
+    /// `inet_num` of the socket after the allocation; 0 if none.
+    pub sport: u16,
+    pub _pad: [u16; 3],
+}
+
+/// A failed `connect()` or `bind()`, with the address the caller passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallEvent {
+    pub hdr: EventHeader,
+    /// The socket that connect() was working on, when the kernel side knows it; else 0.
+    pub skaddr: u64,
+    pub netns: u32,
+    /// Negative errno returned by the syscall.
+    pub ret: i32,
+    pub family: u16,
+    /// Destination port (connect) or requested local port (bind; 0 = "any"), host order.
+    pub port: u16,
+    pub fd: i32,
+    /// Destination (connect) or local (bind) address.
+    pub addr: [u8; 16],
+}
+
+/// Arguments of a `connect()`/`bind()` in flight, stashed at syscall entry by thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallArgs {
+    pub family: u16,
+    pub port: u16,
+    pub fd: i32,
+    pub addr: [u8; 16],
+}
+
+/// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
+/// `OFFSETS` global before load (Rust eBPF has no CO-RE relocations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    /// `struct sock` -> `__sk_common.skc_num` (u16, local port, host order).
+    pub sock_num: u32,
+    /// `struct sock` -> `__sk_common.skc_net.net` (`struct net *`).
+    pub sock_net: u32,
+    /// `struct net` -> `ns.inum` (u32).
+    pub net_inum: u32,
+    /// `struct task_struct` -> `nsproxy` (`struct nsproxy *`).
+    pub task_nsproxy: u32,
+    /// `struct nsproxy` -> `net_ns` (`struct net *`).
+    pub nsproxy_net: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<EventHeader>() == 40);
+const _: () = assert!(size_of::<StateEvent>() == 104);
+const _: () = assert!(size_of::<PortEvent>() == 64);
+const _: () = assert!(size_of::<SyscallEvent>() == 80);
+const _: () = assert!(size_of::<SyscallArgs>() == 24);
+const _: () = assert!(size_of::<KernelOffsets>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::SyscallArgs {}
+}

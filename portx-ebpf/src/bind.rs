@@ -1,0 +1,54 @@
+//! `syscalls:sys_{enter,exit}_bind`: failed binds. EADDRINUSE on a port-0 bind means the whole
+//! range is gone for bind-before-connect.
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{map, tracepoint},
+    maps::HashMap,
+    programs::TracePointContext,
+};
+use portx_common::{kind, syscall_tp, SyscallArgs, SyscallEvent};
+
+use crate::{
+    emit::{emit, header},
+    kernel::current_netns,
+    sockaddr,
+};
+
+#[map(name = "BIND_ARGS")]
+static BIND_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+
+#[tracepoint]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    match sockaddr::read_args(&ctx) {
+        Ok(Some(args)) => {
+            let _ = BIND_ARGS.insert(&bpf_get_current_pid_tgid(), &args, 0);
+            0
+        }
+        Ok(None) => 0,
+        Err(_) => 1,
+    }
+}
+
+#[tracepoint]
+pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    let Some(args) = sockaddr::take(&BIND_ARGS, bpf_get_current_pid_tgid()) else {
+        return 0;
+    };
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(syscall_tp::RET) }) else {
+        return 1;
+    };
+    let ret = ret as i32;
+    if ret < 0 {
+        emit(SyscallEvent {
+            hdr: header(kind::BIND_FAIL, 0),
+            skaddr: 0,
+            netns: current_netns(),
+            ret,
+            family: args.family,
+            port: args.port,
+            fd: args.fd,
+            addr: args.addr,
+        });
+    }
+    0
+}

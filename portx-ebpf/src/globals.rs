@@ -1,0 +1,38 @@
+//! Read-only settings the agent writes before load (`EbpfLoader::override_global`), in the spirit
+//! of libbpf-tools' `const volatile` filters. Always read through `read_volatile` so that the
+//! compiler cannot fold the zero defaults.
+use portx_common::KernelOffsets;
+
+/// The agent's own pid: its sockets and syscalls are not traced.
+#[no_mangle]
+static AGENT_TGID: u32 = 0;
+
+/// One of `portx_common::hook_mode`.
+#[no_mangle]
+static HOOK_MODE: u32 = 0;
+
+/// Kernel struct offsets from BTF.
+#[no_mangle]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    sock_num: 0,
+    sock_net: 0,
+    net_inum: 0,
+    task_nsproxy: 0,
+    nsproxy_net: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn agent_tgid() -> u32 {
+    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
+}
+
+#[inline(always)]
+pub fn hook_mode() -> u32 {
+    unsafe { core::ptr::read_volatile(&HOOK_MODE) }
+}
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}

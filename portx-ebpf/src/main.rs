@@ -1,0 +1,25 @@
+//! portx kernel programs. Each hook lives in its own module; this file only wires them together.
+//!
+//! - `state`: `sock:inet_sock_set_state` — every TCP state change (all modes).
+//! - `connect`: `syscalls:sys_{enter,exit}_connect` — failed connects, and in tracepoint mode the
+//!   port a non-blocking connect got.
+//! - `bind`: `syscalls:sys_{enter,exit}_bind` — failed binds (EADDRINUSE on port 0).
+//! - `hash_connect`: fexit or kprobe/kretprobe on `inet_hash_connect` — the port allocation itself.
+#![no_std]
+#![no_main]
+
+mod bind;
+mod connect;
+mod emit;
+mod globals;
+mod hash_connect;
+mod kernel;
+mod sockaddr;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never executed.
+    loop {}
+}
