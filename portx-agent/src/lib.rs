@@ -1,14 +1,15 @@
-//! portx agent: loads the eBPF programs, reads the ring buffer and keeps the live table of
-//! ephemeral-port use per destination.
-//!
-//! Event flow, one module a step:
-//! kernel ([`loader`], [`hooks`]) -> ring buffer ([`reader`]) -> [`decoder`] -> [`tracker`]
-//! -> [`report`] -> [`output`]. The kernel's own truth comes from [`sockdiag`], [`procfs`],
-//! [`sysctl`] and [`netns`], folded into the tracker by [`seed`]. [`trace`] runs the loop.
+//! portx agent (being assembled).
 pub mod btf;
 pub mod cli;
+pub mod clock;
+pub mod decoder;
+pub mod loader;
 pub mod netns;
+pub mod privilege;
 pub mod procfs;
+pub mod reader;
 pub mod sockdiag;
 pub mod sysctl;
+pub mod tracefs;
+pub mod tracker;
 pub mod workload;

@@ -1,9 +1,8 @@
 //! `sock:inet_sock_set_state`: every TCP state change, IPv4 and IPv6.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use portx_common::{
     hook_mode, kind, set_state_tp as tp, tcp_state, StateEvent, AF_INET, IPPROTO_TCP,
 };
@@ -69,10 +68,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         saddr = unsafe { ctx.read_at(tp::SADDR_V6)? };
         daddr = unsafe { ctx.read_at(tp::DADDR_V6)? };
     }
+    let netns = sock_netns(skaddr);
+    if netns == 0 {
+        // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr.
+        warn!(ctx, "portx: cannot read the netns of socket {:x}", skaddr);
+    }
     emit(StateEvent {
         hdr: header(kind::STATE, 0),
         skaddr,
-        netns: sock_netns(skaddr),
+        netns,
         oldstate: old,
         newstate: new,
         family,

@@ -1,0 +1,48 @@
+//! Kernel timestamps (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) to wall-clock Unix nanoseconds. The
+//! offset between the two clocks is taken once; NTP slews after that are not followed (a
+//! long-running agent drifts by at most what NTP corrects, milliseconds a day).
+use std::sync::OnceLock;
+
+fn now(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; both clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock of the kernel's event timestamps.
+pub fn monotonic_ns() -> u64 {
+    now(libc::CLOCK_MONOTONIC)
+}
+
+fn offset() -> i128 {
+    static OFFSET: OnceLock<i128> = OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        let mono = monotonic_ns();
+        let real = now(libc::CLOCK_REALTIME);
+        i128::from(real) - i128::from(mono)
+    })
+}
+
+/// Unix time in ns of a CLOCK_MONOTONIC timestamp.
+pub fn wall_ns(mono_ns: u64) -> u64 {
+    (i128::from(mono_ns) + offset()).clamp(0, i128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_of_now_is_close_to_system_time() {
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        let ours = i128::from(wall_ns(monotonic_ns()));
+        assert!((sys - ours).abs() < 50_000_000, "off by {} ns", sys - ours);
+    }
+}

@@ -1,0 +1,324 @@
+//! Ring-buffer records -> typed events. Reads the fixed header first, checks the length for the
+//! kind, copies the record with `read_unaligned` (every shared type is plain-old-data, so any bit
+//! pattern is a valid value) and converts raw fields into Rust types. Unknown kinds and short
+//! records are errors the caller counts and skips; nothing here can panic on kernel bytes.
+use std::{
+    fmt,
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use portx_common::{
+    kind, EventHeader, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6, TASK_COMM_LEN,
+};
+
+/// A task's `comm`, NUL-padded as the kernel keeps it. `Copy`, so it travels without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; TASK_COMM_LEN]);
+
+impl Comm {
+    pub fn new(name: &str) -> Self {
+        let mut raw = [0u8; TASK_COMM_LEN];
+        let n = name.len().min(TASK_COMM_LEN - 1);
+        raw[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(TASK_COMM_LEN);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The task that was current when the kernel wrote the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub ts_ns: u64,
+    /// Only meaningful for CLOSE->SYN_SENT (process context); see [`EventHeader::tgid`].
+    pub task: Task,
+    pub skaddr: u64,
+    pub netns: u32,
+    pub old: u32,
+    pub new: u32,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortAssigned {
+    pub ts_ns: u64,
+    pub task: Task,
+    pub skaddr: u64,
+    pub netns: u32,
+    /// 0, or the negative errno of the allocation.
+    pub ret: i32,
+    pub sport: u16,
+    /// The `hook_mode` that produced it.
+    pub source: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallFailure {
+    pub ts_ns: u64,
+    pub task: Task,
+    pub skaddr: u64,
+    pub netns: u32,
+    /// Positive errno.
+    pub errno: i32,
+    /// Destination (connect) or local (bind) address and port.
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    State(StateChange),
+    Port(PortAssigned),
+    ConnectFailed(SyscallFailure),
+    BindFailed(SyscallFailure),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than the {need}-byte {what}")]
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if buf.len() < need {
+        return Err(DecodeError::Short {
+            what,
+            len: buf.len(),
+            need,
+        });
+    }
+    // SAFETY: the length was checked above; `T` is one of portx-common's #[repr(C)] structs of
+    // integers and byte arrays, valid for any bit pattern; read_unaligned needs no alignment.
+    Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
+}
+
+/// IPv4 for AF_INET (first 4 bytes), IPv6 for AF_INET6 — except IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+/// which is IPv4 traffic sharing the IPv4 4-tuple space, so it is accounted as IPv4.
+pub fn ip_from(family: u16, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw)).to_canonical()),
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+fn task(h: &EventHeader) -> Task {
+    Task {
+        pid: h.tgid,
+        tid: h.tid,
+        comm: Comm(h.comm),
+    }
+}
+
+fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
+    let e: SyscallEvent = read(buf, "syscall record")?;
+    Ok(SyscallFailure {
+        ts_ns: e.hdr.ts_ns,
+        task: task(&e.hdr),
+        skaddr: e.skaddr,
+        netns: e.netns,
+        errno: e.ret.saturating_neg(),
+        addr: ip_from(e.family, &e.addr)?,
+        port: e.port,
+    })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
+    let hdr: EventHeader = read(buf, "header")?;
+    match hdr.kind {
+        kind::STATE => {
+            let e: StateEvent = read(buf, "state record")?;
+            Ok(Event::State(StateChange {
+                ts_ns: e.hdr.ts_ns,
+                task: task(&e.hdr),
+                skaddr: e.skaddr,
+                netns: e.netns,
+                old: e.oldstate,
+                new: e.newstate,
+                saddr: ip_from(e.family, &e.saddr)?,
+                sport: e.sport,
+                daddr: ip_from(e.family, &e.daddr)?,
+                dport: e.dport,
+            }))
+        }
+        kind::PORT => {
+            let e: PortEvent = read(buf, "port record")?;
+            Ok(Event::Port(PortAssigned {
+                ts_ns: e.hdr.ts_ns,
+                task: task(&e.hdr),
+                skaddr: e.skaddr,
+                netns: e.netns,
+                ret: e.ret,
+                sport: e.sport,
+                source: e.hdr.flags,
+            }))
+        }
+        kind::CONNECT_FAIL => syscall_failure(buf).map(Event::ConnectFailed),
+        kind::BIND_FAIL => syscall_failure(buf).map(Event::BindFailed),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// Byte images of kernel records, for tests here and in other modules.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    pub fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a #[repr(C)] POD struct from portx-common; viewing it as bytes is sound.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    pub fn header(kind: u32, pid: u32, comm: &str) -> EventHeader {
+        EventHeader {
+            kind,
+            tgid: pid,
+            tid: pid,
+            flags: 0,
+            ts_ns: 1_000,
+            comm: Comm::new(comm).0,
+        }
+    }
+
+    pub fn addr(ip: IpAddr) -> (u16, [u8; 16]) {
+        let mut raw = [0u8; 16];
+        match ip {
+            IpAddr::V4(v4) => {
+                raw[..4].copy_from_slice(&v4.octets());
+                (AF_INET, raw)
+            }
+            IpAddr::V6(v6) => (AF_INET6, v6.octets()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+    use portx_common::tcp_state;
+
+    fn state_event() -> StateEvent {
+        let (family, saddr) = addr("10.0.0.1".parse().unwrap());
+        let (_, daddr) = addr("10.0.0.2".parse().unwrap());
+        StateEvent {
+            hdr: header(kind::STATE, 42, "curl"),
+            skaddr: 0xffff_8880_1234_5678,
+            netns: 4026531840,
+            oldstate: tcp_state::CLOSE,
+            newstate: tcp_state::SYN_SENT,
+            family,
+            protocol: 6,
+            sport: 0,
+            dport: 443,
+            _pad: 0,
+            saddr,
+            daddr,
+        }
+    }
+
+    #[test]
+    fn decodes_a_state_change() {
+        let ev = decode(&as_bytes(&state_event())).unwrap();
+        let Event::State(s) = ev else {
+            panic!("wrong kind: {ev:?}")
+        };
+        assert_eq!(s.task.pid, 42);
+        assert_eq!(s.task.comm.as_str(), "curl");
+        assert_eq!(s.saddr, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(s.daddr, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!((s.old, s.new, s.dport, s.netns), (7, 2, 443, 4026531840));
+    }
+
+    #[test]
+    fn v4_mapped_v6_is_accounted_as_ipv4() {
+        let mapped: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            ip_from(AF_INET6, &mapped.octets()).unwrap(),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        let real: Ipv6Addr = "::1".parse().unwrap();
+        assert_eq!(ip_from(AF_INET6, &real.octets()).unwrap(), IpAddr::V6(real));
+    }
+
+    #[test]
+    fn decodes_a_connect_failure_with_positive_errno() {
+        let (family, raw) = addr("::1".parse().unwrap());
+        let e = SyscallEvent {
+            hdr: header(kind::CONNECT_FAIL, 7, "victim"),
+            skaddr: 0,
+            netns: 1,
+            ret: -99,
+            family,
+            port: 9000,
+            fd: 3,
+            addr: raw,
+        };
+        match decode(&as_bytes(&e)).unwrap() {
+            Event::ConnectFailed(f) => {
+                assert_eq!(f.errno, 99);
+                assert_eq!(f.port, 9000);
+                assert_eq!(f.addr, "::1".parse::<IpAddr>().unwrap());
+            }
+            other => panic!("wrong event {other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_unknown_and_garbled_records_are_errors_not_panics() {
+        let bytes = as_bytes(&state_event());
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "len {len} decoded");
+        }
+        let mut unknown = bytes.clone();
+        unknown[0] = 99;
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
+        let mut bad_family = state_event();
+        bad_family.family = 1;
+        assert_eq!(decode(&as_bytes(&bad_family)), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn comm_is_trimmed_at_nul_and_truncated_to_15_bytes() {
+        assert_eq!(
+            Comm::new("a-very-long-process-name").as_str(),
+            "a-very-long-pro"
+        );
+        assert_eq!(Comm::new("hog").to_string(), "hog");
+    }
+}

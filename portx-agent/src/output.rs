@@ -1,0 +1,297 @@
+//! Writes records to stdout: JSON Lines with `--json`, readable lines otherwise. Logs never go
+//! here (they go to stderr through `tracing`), so stdout stays machine-clean. Buffered; the trace
+//! loop flushes once per ring-buffer drain, not per record.
+use std::io::{self, BufWriter, Write};
+
+use crate::report::{DestRecord, Exhaustion, Failure, HolderRecord, Record, Summary};
+
+pub struct Output<W: Write> {
+    json: bool,
+    out: BufWriter<W>,
+}
+
+impl Output<io::Stdout> {
+    pub fn stdout(json: bool) -> Self {
+        Self::new(io::stdout(), json)
+    }
+}
+
+impl<W: Write> Output<W> {
+    pub fn new(w: W, json: bool) -> Self {
+        Self {
+            json,
+            out: BufWriter::with_capacity(64 * 1024, w),
+        }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    pub fn record(&mut self, rec: &Record) -> io::Result<()> {
+        if self.json {
+            serde_json::to_writer(&mut self.out, rec)?;
+            return self.out.write_all(b"\n");
+        }
+        match rec {
+            // Human mode says this on stderr (a log line); stdout is for findings.
+            Record::Started(_) => Ok(()),
+            Record::ConnectFailed(f) => self.failure("connect", f),
+            Record::BindFailed(f) => self.failure("bind", f),
+            Record::Exhaustion(e) => self.exhaustion(e),
+            Record::Summary(s) => self.summary(s),
+        }
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    pub fn into_inner(self) -> Result<W, io::IntoInnerError<BufWriter<W>>> {
+        self.out.into_inner()
+    }
+
+    fn failure(&mut self, what: &str, f: &Failure) -> io::Result<()> {
+        let (addr, port, dir) = match (&f.daddr, f.dport, &f.saddr, f.sport) {
+            (Some(a), Some(p), _, _) => (a.as_str(), p, "->"),
+            (_, _, Some(a), Some(p)) => (a.as_str(), p, "on"),
+            _ => ("?", 0, "->"),
+        };
+        writeln!(
+            self.out,
+            "{} {what}() FAILED {} ({})  {}[{}] {dir} {}  netns {}",
+            clock(f.ts),
+            f.error,
+            f.errno,
+            f.comm,
+            f.pid,
+            endpoint(addr, port),
+            f.netns
+        )
+    }
+
+    fn exhaustion(&mut self, e: &Exhaustion) -> io::Result<()> {
+        let what = match (&e.saddr, &e.daddr, e.dport) {
+            (Some(s), Some(d), Some(p)) => format!("{s} -> {}", endpoint(d, p)),
+            _ => "whole netns (bind)".to_string(),
+        };
+        writeln!(
+            self.out,
+            "{} PORTS EXHAUSTED netns {}  {what}  {} in use  {}",
+            clock(e.ts),
+            e.netns,
+            used(e.in_use, e.range, e.utilization),
+            states(&e.by_state)
+        )?;
+        if let (Some([lo, hi]), Some(reuse)) = (e.port_range, e.tw_reuse) {
+            writeln!(
+                self.out,
+                "           range {lo}-{hi}, tcp_tw_reuse={reuse}; {} failure(s) since last report",
+                e.failures
+            )?;
+        }
+        let victim = format!("{}[{}]", e.victim.comm, e.victim.pid);
+        writeln!(self.out, "           victim:  {victim}")?;
+        if e.holders.is_empty() {
+            writeln!(self.out, "           holders: none tracked")?;
+        }
+        for (i, h) in e.holders.iter().take(5).enumerate() {
+            let label = if i == 0 { "holders:" } else { "        " };
+            writeln!(self.out, "           {label} {}", holder(h))?;
+        }
+        if e.holders.len() > 5 {
+            writeln!(
+                self.out,
+                "                    … {} more",
+                e.holders.len() - 5
+            )?;
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "{} {}tracked {} ports, {} connect failures, lost {} events{}",
+            clock(s.ts),
+            if s.is_final { "FINAL: " } else { "" },
+            s.tracked,
+            s.connect_failures,
+            s.lost,
+            if s.decode_errors > 0 {
+                format!(", {} undecodable", s.decode_errors)
+            } else {
+                String::new()
+            }
+        )?;
+        if s.destinations.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            self.out,
+            "  {:<11} {:<40} {:>11} {:>5}  {:<28} TOP HOLDER",
+            "NETNS", "SOURCE -> DESTINATION", "USED/RANGE", "UTIL", "STATES"
+        )?;
+        for d in &s.destinations {
+            self.destination(d)?;
+        }
+        Ok(())
+    }
+
+    fn destination(&mut self, d: &DestRecord) -> io::Result<()> {
+        let range = d.range.map_or("?".to_string(), |r| r.to_string());
+        let util = d
+            .utilization
+            .map_or("?".to_string(), |u| format!("{:.0}%", u * 100.0));
+        writeln!(
+            self.out,
+            "  {:<11} {:<40} {:>11} {:>5}  {:<28} {}",
+            d.netns,
+            format!("{} -> {}", d.saddr, endpoint(&d.daddr, d.dport)),
+            format!("{}/{}", d.in_use, range),
+            util,
+            states(&d.by_state),
+            d.top_holder.as_ref().map_or(String::new(), holder)
+        )
+    }
+}
+
+fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn used(in_use: u32, range: Option<u32>, util: Option<f64>) -> String {
+    match (range, util) {
+        (Some(r), Some(u)) => format!("{in_use}/{r} ({:.0}%)", u * 100.0),
+        _ => format!("{in_use}/? (range unknown)"),
+    }
+}
+
+fn states(by_state: &std::collections::BTreeMap<&'static str, u32>) -> String {
+    by_state
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn holder(h: &HolderRecord) -> String {
+    let who = if h.pid == 0 {
+        h.comm.clone()
+    } else {
+        format!("{}[{}]", h.comm, h.pid)
+    };
+    if h.time_wait > 0 {
+        format!("{who} {} ports ({} TIME_WAIT)", h.ports, h.time_wait)
+    } else {
+        format!("{who} {} ports", h.ports)
+    }
+}
+
+/// `HH:MM:SS` UTC of a Unix-nanosecond timestamp.
+fn clock(ts_ns: u64) -> String {
+    let s = ts_ns / 1_000_000_000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Started, Victim};
+
+    fn failure() -> Failure {
+        Failure {
+            pid: 7,
+            tid: 7,
+            comm: "victim".into(),
+            errno: 99,
+            error: "EADDRNOTAVAIL",
+            family: "ipv4",
+            daddr: Some("10.1.2.3".into()),
+            dport: Some(443),
+            saddr: None,
+            sport: None,
+            netns: 1,
+            ts: 3_600_000_000_000 + 61_000_000_000,
+        }
+    }
+
+    fn render(json: bool, recs: &[Record]) -> String {
+        let mut o = Output::new(Vec::new(), json);
+        for r in recs {
+            o.record(r).unwrap();
+        }
+        String::from_utf8(o.into_inner().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn json_mode_is_one_object_per_line() {
+        let text = render(
+            true,
+            &[
+                Record::ConnectFailed(failure()),
+                Record::Started(Started {
+                    hooks: "tracepoint".into(),
+                    attached: vec![],
+                    seeded: 0,
+                    ts: 1,
+                }),
+            ],
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        for l in lines {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["type"].is_string());
+        }
+    }
+
+    #[test]
+    fn human_failure_line_names_process_and_destination() {
+        let text = render(false, &[Record::ConnectFailed(failure())]);
+        assert_eq!(
+            text,
+            "01:01:01 connect() FAILED EADDRNOTAVAIL (99)  victim[7] -> 10.1.2.3:443  netns 1\n"
+        );
+    }
+
+    #[test]
+    fn human_exhaustion_lists_victim_and_holders() {
+        let e = Exhaustion {
+            netns: 1,
+            saddr: Some("::1".into()),
+            daddr: Some("::1".into()),
+            dport: Some(9000),
+            range: Some(16),
+            in_use: 16,
+            utilization: Some(1.0),
+            by_state: [("ESTABLISHED", 16)].into_iter().collect(),
+            holders: vec![HolderRecord {
+                pid: 5,
+                comm: "hog".into(),
+                ports: 16,
+                time_wait: 0,
+            }],
+            victim: Victim {
+                pid: 7,
+                tid: 7,
+                comm: "victim".into(),
+            },
+            port_range: Some([40000, 40015]),
+            tw_reuse: Some(0),
+            failures: 1,
+            ts: 0,
+        };
+        let text = render(false, &[Record::Exhaustion(e)]);
+        assert!(
+            text.contains("::1 -> [::1]:9000  16/16 (100%) in use  ESTABLISHED 16"),
+            "{text}"
+        );
+        assert!(text.contains("victim:  victim[7]"), "{text}");
+        assert!(text.contains("holders: hog[5] 16 ports"), "{text}");
+    }
+}

@@ -1,0 +1,385 @@
+//! What the agent says: the records of `--json` (one object per line, `type` first) and the data
+//! the human output prints. Built from tracker state and per-netns port settings; no I/O here.
+//!
+//! `ts` is wall-clock time as integer nanoseconds since the Unix epoch.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::{
+    decoder::{SyscallFailure, Task},
+    sysctl::PortSettings,
+    tracker::{state_name, DestKey, DestStats, STATES},
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    Started(Started),
+    ConnectFailed(Failure),
+    BindFailed(Failure),
+    Exhaustion(Exhaustion),
+    Summary(Summary),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Started {
+    /// fentry, kprobe or tracepoint: how the port allocation is observed.
+    pub hooks: String,
+    /// Every program attached, as `kind:target`.
+    pub attached: Vec<String>,
+    /// Sockets found by sock_diag at start-up.
+    pub seeded: usize,
+    pub ts: u64,
+}
+
+/// A failed connect() (`daddr`/`dport`) or bind() (`saddr`/`sport`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Failure {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub errno: i32,
+    /// Symbolic errno, e.g. EADDRNOTAVAIL.
+    pub error: &'static str,
+    pub family: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daddr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saddr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    pub netns: u32,
+    pub ts: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HolderRecord {
+    /// 0 when the owner is unknown (a TIME_WAIT socket older than the agent).
+    pub pid: u32,
+    pub comm: String,
+    /// Ports held for this destination, TIME_WAIT included.
+    pub ports: u32,
+    pub time_wait: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Victim {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+/// Why a connect() (or bind()) failed: who holds the ports it needed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Exhaustion {
+    pub netns: u32,
+    /// Null for a bind() failure: then the whole netns range is the budget.
+    pub saddr: Option<String>,
+    pub daddr: Option<String>,
+    pub dport: Option<u16>,
+    /// Ports connect() may pick: the netns' `ip_local_port_range` minus reserved ports; null if
+    /// the netns could not be read.
+    pub range: Option<u32>,
+    pub in_use: u32,
+    pub utilization: Option<f64>,
+    pub by_state: BTreeMap<&'static str, u32>,
+    pub holders: Vec<HolderRecord>,
+    pub victim: Victim,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<[u16; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tw_reuse: Option<u8>,
+    /// Failures to this destination since the previous report (reports are rate-limited).
+    pub failures: u64,
+    pub ts: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DestRecord {
+    pub netns: u32,
+    pub saddr: String,
+    pub daddr: String,
+    pub dport: u16,
+    pub range: Option<u32>,
+    pub in_use: u32,
+    pub utilization: Option<f64>,
+    pub by_state: BTreeMap<&'static str, u32>,
+    /// The process holding most of these ports.
+    pub top_holder: Option<HolderRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub destinations: Vec<DestRecord>,
+    /// Sockets in the table (all destinations, TIME_WAIT included).
+    pub tracked: usize,
+    /// Records the kernel could not write (ring buffer full), since start.
+    pub lost: u64,
+    /// Records that could not be decoded, since start.
+    pub decode_errors: u64,
+    /// State changes of sockets the agent never saw connect (server side), since start.
+    pub untracked: u64,
+    /// connect() failures with EADDRNOTAVAIL since start.
+    pub connect_failures: u64,
+    /// True for the summary printed at exit.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub ts: u64,
+}
+
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::EINVAL => "EINVAL",
+        libc::EALREADY => "EALREADY",
+        libc::EISCONN => "EISCONN",
+        libc::EINTR => "EINTR",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::ENETDOWN => "ENETDOWN",
+        _ => "other",
+    }
+}
+
+pub fn family_name(ip: &IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "ipv4",
+        IpAddr::V6(_) => "ipv6",
+    }
+}
+
+pub fn by_state(stats: &DestStats) -> BTreeMap<&'static str, u32> {
+    (0..STATES)
+        .filter(|&s| stats.by_state[s] > 0)
+        .map(|s| (state_name(s as u32), stats.by_state[s]))
+        .collect()
+}
+
+fn holders(stats: &DestStats) -> Vec<HolderRecord> {
+    stats
+        .holders_ranked()
+        .into_iter()
+        .map(|(pid, h)| HolderRecord {
+            pid,
+            comm: if pid == 0 {
+                "(unknown)".into()
+            } else {
+                h.comm.to_string()
+            },
+            ports: h.ports,
+            time_wait: h.time_wait,
+        })
+        .collect()
+}
+
+fn utilization(in_use: u32, range: Option<u32>) -> Option<f64> {
+    range
+        .filter(|r| *r > 0)
+        .map(|r| (f64::from(in_use) / f64::from(r) * 1000.0).round() / 1000.0)
+}
+
+pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
+    let (addr, port) = (Some(f.addr.to_string()), Some(f.port));
+    Failure {
+        pid: f.task.pid,
+        tid: f.task.tid,
+        comm: f.task.comm.to_string(),
+        errno: f.errno,
+        error: errno_name(f.errno),
+        family: family_name(&f.addr),
+        daddr: if connect { addr.clone() } else { None },
+        dport: if connect { port } else { None },
+        saddr: if connect { None } else { addr },
+        sport: if connect { None } else { port },
+        netns: f.netns,
+        ts,
+    }
+}
+
+/// Exhaustion report for one destination (`dest` = Some) or a whole netns (`dest` = None).
+pub fn exhaustion(
+    netns: u32,
+    dest: Option<&DestKey>,
+    stats: &DestStats,
+    settings: Option<&PortSettings>,
+    victim: &Task,
+    failures: u64,
+    ts: u64,
+) -> Exhaustion {
+    let range = settings.map(PortSettings::usable);
+    Exhaustion {
+        netns,
+        saddr: dest.map(|d| d.saddr.to_string()),
+        daddr: dest.map(|d| d.daddr.to_string()),
+        dport: dest.map(|d| d.dport),
+        range,
+        in_use: stats.in_use,
+        utilization: utilization(stats.in_use, range),
+        by_state: by_state(stats),
+        holders: holders(stats),
+        victim: Victim {
+            pid: victim.pid,
+            tid: victim.tid,
+            comm: victim.comm.to_string(),
+        },
+        port_range: settings.map(|s| [s.range.0, s.range.1]),
+        tw_reuse: settings.map(|s| s.tw_reuse),
+        failures,
+        ts,
+    }
+}
+
+pub fn destination(
+    key: &DestKey,
+    stats: &DestStats,
+    settings: Option<&PortSettings>,
+) -> DestRecord {
+    let range = settings.map(PortSettings::usable);
+    DestRecord {
+        netns: key.netns,
+        saddr: key.saddr.to_string(),
+        daddr: key.daddr.to_string(),
+        dport: key.dport,
+        range,
+        in_use: stats.in_use,
+        utilization: utilization(stats.in_use, range),
+        by_state: by_state(stats),
+        top_holder: holders(stats).into_iter().next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decoder::Comm,
+        tracker::{DestStats, Holder},
+    };
+    use portx_common::tcp_state as st;
+
+    fn stats() -> DestStats {
+        let mut s = DestStats::default();
+        s.by_state[st::ESTABLISHED as usize] = 10;
+        s.by_state[st::TIME_WAIT as usize] = 6;
+        s.in_use = 16;
+        s.holders.insert(
+            42,
+            Holder {
+                comm: Comm::new("hog"),
+                ports: 10,
+                time_wait: 0,
+            },
+        );
+        s.holders.insert(
+            7,
+            Holder {
+                comm: Comm::new("churner"),
+                ports: 6,
+                time_wait: 6,
+            },
+        );
+        s
+    }
+
+    fn settings() -> PortSettings {
+        PortSettings {
+            range: (40000, 40015),
+            reserved: vec![],
+            tw_reuse: 0,
+            max_tw_buckets: None,
+        }
+    }
+
+    #[test]
+    fn exhaustion_json_has_the_contracted_shape() {
+        let key = DestKey {
+            netns: 5,
+            proto: 6,
+            saddr: "127.0.0.1".parse().unwrap(),
+            daddr: "127.0.0.1".parse().unwrap(),
+            dport: 9000,
+        };
+        let victim = Task {
+            pid: 99,
+            tid: 100,
+            comm: Comm::new("victim"),
+        };
+        let rec = Record::Exhaustion(exhaustion(
+            5,
+            Some(&key),
+            &stats(),
+            Some(&settings()),
+            &victim,
+            3,
+            123,
+        ));
+        let v: serde_json::Value = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["type"], "exhaustion");
+        assert_eq!(v["range"], 16);
+        assert_eq!(v["in_use"], 16);
+        assert_eq!(v["utilization"], 1.0);
+        assert_eq!(v["by_state"]["ESTABLISHED"], 10);
+        assert_eq!(v["by_state"]["TIME_WAIT"], 6);
+        assert_eq!(v["holders"][0]["comm"], "hog");
+        assert_eq!(v["holders"][1]["time_wait"], 6);
+        assert_eq!(v["victim"]["pid"], 99);
+        assert_eq!(v["daddr"], "127.0.0.1");
+        assert_eq!(v["dport"], 9000);
+        assert_eq!(v["failures"], 3);
+        assert_eq!(v["ts"], 123);
+    }
+
+    #[test]
+    fn connect_failure_json_names_destination_not_source() {
+        let f = SyscallFailure {
+            ts_ns: 0,
+            task: Task {
+                pid: 1,
+                tid: 2,
+                comm: Comm::new("curl"),
+            },
+            skaddr: 0,
+            netns: 9,
+            errno: 99,
+            addr: "::1".parse().unwrap(),
+            port: 443,
+        };
+        let v = serde_json::to_value(Record::ConnectFailed(failure(&f, true, 5))).unwrap();
+        assert_eq!(v["type"], "connect_failed");
+        assert_eq!(v["errno"], 99);
+        assert_eq!(v["error"], "EADDRNOTAVAIL");
+        assert_eq!(v["family"], "ipv6");
+        assert_eq!(v["daddr"], "::1");
+        assert_eq!(v["dport"], 443);
+        assert!(v.get("saddr").is_none());
+        let b = serde_json::to_value(Record::BindFailed(failure(&f, false, 5))).unwrap();
+        assert_eq!(b["type"], "bind_failed");
+        assert_eq!(b["sport"], 443);
+        assert!(b.get("daddr").is_none());
+    }
+
+    #[test]
+    fn unknown_range_gives_null_utilization_not_a_made_up_number() {
+        let key = DestKey {
+            netns: 5,
+            proto: 6,
+            saddr: "10.0.0.1".parse().unwrap(),
+            daddr: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+        };
+        let d = destination(&key, &stats(), None);
+        assert_eq!(d.range, None);
+        assert_eq!(d.utilization, None);
+    }
+}

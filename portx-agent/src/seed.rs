@@ -1,0 +1,271 @@
+//! The kernel's own truth folded into the tracker: at start-up (connections that already exist,
+//! so a culprit that connected before the agent started is still named) and periodically (the
+//! tracepoint cannot see a timewait socket die early, an RST in FIN_WAIT2, or
+//! `tcp_max_tw_buckets` refusing one; lost events would otherwise stay wrong forever).
+//!
+//! Each network namespace with a process (or a /run/netns bind mount) is dumped through sock_diag
+//! from a thread that entered it; live sockets are attributed to processes through the socket
+//! inodes in /proc/<pid>/fd. Timewait sockets have no inode: their owner is unknown unless the
+//! tracker already charged them to the process that closed them.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use portx_common::{tcp_state as st, IPPROTO_TCP};
+
+use crate::{
+    decoder::Comm,
+    netns::{self, NetnsId},
+    procfs::{self, ProcInfo},
+    sockdiag::{self, DiagSocket},
+    tracker::{DestKey, Owner, Tracker},
+};
+
+/// One netns as sock_diag saw it.
+pub struct Snapshot {
+    pub netns: NetnsId,
+    /// Client-side sockets: not listeners, not accepted by a local listener.
+    pub sockets: Vec<DiagSocket>,
+}
+
+/// The result of one pass over every netns.
+pub struct Pass {
+    pub snapshots: Vec<Snapshot>,
+    /// CLOCK_MONOTONIC (ns) before the first dump: tracker entries updated after it are newer
+    /// than the snapshot and left alone.
+    pub started_ns: u64,
+    /// socket inode -> process, only filled when a live socket needs an owner.
+    pub owners: HashMap<u64, ProcInfo>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Sockets added to the table.
+    pub added: usize,
+    /// Table entries the kernel no longer has.
+    pub removed: usize,
+}
+
+/// Sockets that hold a local port as a client: drops listeners and the accepted side of
+/// connections to a local listener (they share the listener's port, not an ephemeral one).
+pub fn client_side(all: Vec<DiagSocket>) -> Vec<DiagSocket> {
+    let listening: HashSet<u16> = all
+        .iter()
+        .filter(|s| u32::from(s.state) == st::LISTEN)
+        .map(|s| s.sport)
+        .collect();
+    all.into_iter()
+        .filter(|s| {
+            let state = u32::from(s.state);
+            state != st::LISTEN
+                && state != st::SYN_RECV
+                && state != st::NEW_SYN_RECV
+                && !listening.contains(&s.sport)
+        })
+        .collect()
+}
+
+/// Dumps every netns (or only `only`, when not empty). Blocking: run it off the event loop.
+pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
+    let mut snapshots = Vec::new();
+    let namespaces = match netns::discover() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("listing network namespaces: {e}");
+            Vec::new()
+        }
+    };
+    for ns in namespaces {
+        if !only.is_empty() && !only.contains(&ns.id) {
+            continue;
+        }
+        let states = sockdiag::ALL_BUT_LISTEN | (1 << st::LISTEN);
+        match netns::run_in(&ns.path, move || sockdiag::dump_tcp(states)) {
+            Ok(Ok(all)) => snapshots.push(Snapshot {
+                netns: ns.id,
+                sockets: client_side(all),
+            }),
+            Ok(Err(e)) => tracing::warn!("sock_diag in netns {} failed: {e}", ns.id),
+            Err(e) => tracing::debug!("entering netns {} ({}): {e}", ns.id, ns.path.display()),
+        }
+    }
+    let owners = if want_owners {
+        procfs::socket_owners().unwrap_or_else(|e| {
+            tracing::warn!("attributing sockets to processes: {e}");
+            HashMap::new()
+        })
+    } else {
+        HashMap::new()
+    };
+    Pass {
+        snapshots,
+        started_ns: now_ns,
+        owners,
+    }
+}
+
+fn dest_of(netns: NetnsId, s: &DiagSocket) -> DestKey {
+    let canon = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_canonical(),
+        v4 => v4,
+    };
+    DestKey {
+        netns,
+        proto: IPPROTO_TCP as u8,
+        saddr: canon(s.saddr),
+        daddr: canon(s.daddr),
+        dport: s.dport,
+    }
+}
+
+fn owner_of(s: &DiagSocket, owners: &HashMap<u64, ProcInfo>) -> Owner {
+    match owners.get(&s.inode) {
+        Some(p) if s.inode != 0 => Owner {
+            pid: p.pid,
+            comm: Comm::new(&p.comm),
+        },
+        _ => Owner::UNKNOWN,
+    }
+}
+
+/// Folds a pass into the tracker. Entries the kernel no longer has are removed, missing ones
+/// added, in the namespaces that were dumped; entries touched by an event after the pass began
+/// are newer than the snapshot and kept as they are.
+pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
+    let mut applied = Applied::default();
+    for snap in &pass.snapshots {
+        let mut kernel: HashSet<(DestKey, u16)> = HashSet::with_capacity(snap.sockets.len());
+        for s in &snap.sockets {
+            let dest = dest_of(snap.netns, s);
+            kernel.insert((dest, s.sport));
+            let tw_left = u64::from(s.expires_ms) * 1_000_000;
+            if tracker.seed(
+                dest,
+                s.sport,
+                s.state,
+                owner_of(s, &pass.owners),
+                pass.started_ns,
+                tw_left,
+            ) {
+                applied.added += 1;
+            }
+        }
+        let gone: Vec<(DestKey, u16)> = tracker
+            .conns_in(snap.netns)
+            .filter(|(d, p, _, updated)| *updated < pass.started_ns && !kernel.contains(&(*d, *p)))
+            .map(|(d, p, _, _)| (d, p))
+            .collect();
+        for (d, p) in gone {
+            if tracker.forget(&d, p) {
+                applied.removed += 1;
+            }
+        }
+    }
+    applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(state: u32, sport: u16, dport: u16, inode: u64) -> DiagSocket {
+        DiagSocket {
+            family: libc::AF_INET as u16,
+            state: state as u8,
+            saddr: "127.0.0.1".parse().unwrap(),
+            sport,
+            daddr: "127.0.0.1".parse().unwrap(),
+            dport,
+            inode,
+            uid: 0,
+            expires_ms: 0,
+            cookie: 0,
+        }
+    }
+
+    #[test]
+    fn accepted_and_listening_sockets_are_not_clients() {
+        let all = vec![
+            sock(st::LISTEN, 9000, 0, 1),
+            sock(st::ESTABLISHED, 9000, 40000, 2), // accepted side
+            sock(st::ESTABLISHED, 40000, 9000, 3), // client
+            sock(st::TIME_WAIT, 40002, 9000, 0),   // client TIME_WAIT
+        ];
+        let c = client_side(all);
+        assert_eq!(
+            c.iter().map(|s| s.sport).collect::<Vec<_>>(),
+            vec![40000, 40002]
+        );
+    }
+
+    #[test]
+    fn apply_seeds_with_owners_and_removes_what_the_kernel_lost() {
+        let mut t = Tracker::new();
+        let mut owners = HashMap::new();
+        owners.insert(
+            3,
+            ProcInfo {
+                pid: 77,
+                comm: "hog".into(),
+            },
+        );
+        let first = Pass {
+            snapshots: vec![Snapshot {
+                netns: 1,
+                sockets: vec![
+                    sock(st::ESTABLISHED, 40000, 9000, 3),
+                    sock(st::TIME_WAIT, 40002, 9000, 0),
+                ],
+            }],
+            started_ns: 10,
+            owners,
+        };
+        assert_eq!(
+            apply(&mut t, &first),
+            Applied {
+                added: 2,
+                removed: 0
+            }
+        );
+        let key = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        let d = t.dest(&key).unwrap();
+        let h = d.holders_ranked();
+        assert_eq!((h[0].0, h[0].1.ports), (0, 1), "TIME_WAIT has no owner");
+        assert!(h.iter().any(|(pid, _)| *pid == 77));
+        // Next pass: the ESTABLISHED socket is gone.
+        let second = Pass {
+            snapshots: vec![Snapshot {
+                netns: 1,
+                sockets: vec![sock(st::TIME_WAIT, 40002, 9000, 0)],
+            }],
+            started_ns: 20,
+            owners: HashMap::new(),
+        };
+        assert_eq!(
+            apply(&mut t, &second),
+            Applied {
+                added: 0,
+                removed: 1
+            }
+        );
+        assert_eq!(t.tracked(), 1);
+    }
+
+    #[test]
+    fn entries_newer_than_the_snapshot_are_kept() {
+        let mut t = Tracker::new();
+        let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        t.seed(dest, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 50, 0);
+        let pass = Pass {
+            snapshots: vec![Snapshot {
+                netns: 1,
+                sockets: vec![],
+            }],
+            started_ns: 40,
+            owners: HashMap::new(),
+        };
+        assert_eq!(apply(&mut t, &pass).removed, 0);
+        assert_eq!(t.tracked(), 1);
+    }
+}

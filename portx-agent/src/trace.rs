@@ -1,0 +1,425 @@
+//! `portx-agent trace`: the event loop. Kernel -> ring buffer -> decoder -> tracker -> report ->
+//! output, plus the periodic work (TIME_WAIT ageing, summary, sock_diag resync) and a clean exit
+//! on SIGINT/SIGTERM (final summary; dropping the `Ebpf` detaches every program).
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::oneshot,
+};
+
+use crate::{
+    btf, clock,
+    decoder::{self, Event, SyscallFailure},
+    loader::{self, HookChoice, LoadOptions},
+    output::Output,
+    privilege,
+    ranges::Ranges,
+    reader::Reader,
+    report::{self, Record, Started, Summary},
+    seed, tracefs,
+    tracker::{Target, Tracker},
+};
+
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    pub json: bool,
+    pub hooks: HookChoice,
+    /// Only these network namespaces (inode numbers); all when empty.
+    pub netns: Vec<u32>,
+    pub interval: Duration,
+    pub top: usize,
+    pub resync: Duration,
+    pub ring_bytes: Option<u32>,
+    pub duration: Option<Duration>,
+    pub seed: bool,
+    /// Minimum time between two exhaustion reports for one destination.
+    pub report_every: Duration,
+}
+
+/// Counters of the whole run.
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    decode_errors: u64,
+    connect_failures: u64,
+    lost: u64,
+}
+
+/// Rate limit of exhaustion reports, per destination.
+struct LastReport {
+    at_ns: u64,
+    failures_since: u64,
+}
+
+struct Session<W: io::Write> {
+    opts: TraceOptions,
+    filter: HashSet<u32>,
+    tracker: Tracker,
+    ranges: Ranges,
+    out: Output<W>,
+    counters: Counters,
+    reports: HashMap<Target, LastReport>,
+    bind_reports: HashMap<u32, LastReport>,
+    /// A write to stdout failed (reader gone): stop.
+    broken: Option<io::Error>,
+}
+
+impl<W: io::Write> Session<W> {
+    fn emit(&mut self, rec: &Record) {
+        if self.broken.is_none() {
+            if let Err(e) = self.out.record(rec) {
+                self.broken = Some(e);
+            }
+        }
+    }
+
+    fn wanted(&self, netns: u32) -> bool {
+        self.filter.is_empty() || self.filter.contains(&netns)
+    }
+
+    fn handle(&mut self, buf: &[u8]) {
+        self.counters.events += 1;
+        let event = match decoder::decode(buf) {
+            Ok(e) => e,
+            Err(e) => {
+                self.counters.decode_errors += 1;
+                if self.counters.decode_errors <= 10 {
+                    tracing::warn!("skipping an undecodable record: {e}");
+                }
+                return;
+            }
+        };
+        match event {
+            Event::State(s) if self.wanted(s.netns) => self.tracker.on_state(&s),
+            Event::Port(p) if self.wanted(p.netns) => self.tracker.on_port(&p),
+            Event::ConnectFailed(f) if self.wanted(f.netns) => self.connect_failed(&f),
+            Event::BindFailed(f) if self.wanted(f.netns) => self.bind_failed(&f),
+            _ => {}
+        }
+    }
+
+    fn connect_failed(&mut self, f: &SyscallFailure) {
+        let ts = clock::wall_ns(f.ts_ns);
+        self.emit(&Record::ConnectFailed(report::failure(f, true, ts)));
+        if f.errno != EADDRNOTAVAIL {
+            return;
+        }
+        self.counters.connect_failures += 1;
+        let target = Target {
+            netns: f.netns,
+            proto: portx_common::IPPROTO_TCP as u8,
+            daddr: f.addr,
+            dport: f.port,
+        };
+        let Some(failures) = due(&mut self.reports, target, f.ts_ns, self.opts.report_every) else {
+            return;
+        };
+        let settings = self.ranges.current(f.netns, Some(f.task.pid)).cloned();
+        let rec = match self.tracker.busiest_for(&target) {
+            Some((key, stats)) => report::exhaustion(
+                f.netns,
+                Some(&key),
+                stats,
+                settings.as_ref(),
+                &f.task,
+                failures,
+                ts,
+            ),
+            None => {
+                // Nothing tracked for this destination: say so rather than invent holders. The
+                // ports may be held by bind() or by sockets older than the agent.
+                let mut e = report::exhaustion(
+                    f.netns,
+                    None,
+                    &Default::default(),
+                    settings.as_ref(),
+                    &f.task,
+                    failures,
+                    ts,
+                );
+                e.daddr = Some(f.addr.to_string());
+                e.dport = Some(f.port);
+                e
+            }
+        };
+        self.emit(&Record::Exhaustion(rec));
+    }
+
+    fn bind_failed(&mut self, f: &SyscallFailure) {
+        let ts = clock::wall_ns(f.ts_ns);
+        self.emit(&Record::BindFailed(report::failure(f, false, ts)));
+        if f.errno != EADDRINUSE || f.port != 0 {
+            return;
+        }
+        let Some(failures) = due(
+            &mut self.bind_reports,
+            f.netns,
+            f.ts_ns,
+            self.opts.report_every,
+        ) else {
+            return;
+        };
+        let settings = self.ranges.current(f.netns, Some(f.task.pid)).cloned();
+        let usage = self.tracker.netns_usage(f.netns);
+        let rec = report::exhaustion(
+            f.netns,
+            None,
+            &usage,
+            settings.as_ref(),
+            &f.task,
+            failures,
+            ts,
+        );
+        self.emit(&Record::Exhaustion(rec));
+    }
+
+    fn summary(&mut self, is_final: bool) {
+        self.tracker.expire(clock::monotonic_ns());
+        let top: Vec<_> = self
+            .tracker
+            .top(self.opts.top)
+            .into_iter()
+            .map(|(k, s)| (k, s.clone()))
+            .collect();
+        let destinations = top
+            .iter()
+            .map(|(k, s)| {
+                let settings = self.ranges.get(k.netns, None).cloned();
+                report::destination(k, s, settings.as_ref())
+            })
+            .collect();
+        let rec = Record::Summary(Summary {
+            destinations,
+            tracked: self.tracker.tracked(),
+            lost: self.counters.lost,
+            decode_errors: self.counters.decode_errors,
+            untracked: self.tracker.counters.untracked,
+            connect_failures: self.counters.connect_failures,
+            is_final,
+            ts: clock::wall_ns(clock::monotonic_ns()),
+        });
+        self.emit(&rec);
+    }
+
+    fn flush(&mut self) {
+        if self.broken.is_none() {
+            if let Err(e) = self.out.flush() {
+                self.broken = Some(e);
+            }
+        }
+    }
+}
+
+/// Counts one failure; returns the count since the last report when a report is due.
+fn due<K: std::hash::Hash + Eq>(
+    reports: &mut HashMap<K, LastReport>,
+    key: K,
+    now_ns: u64,
+    every: Duration,
+) -> Option<u64> {
+    let every = every.as_nanos() as u64;
+    let entry = reports.entry(key).or_insert(LastReport {
+        at_ns: 0,
+        failures_since: 0,
+    });
+    entry.failures_since += 1;
+    if entry.at_ns != 0 && now_ns.saturating_sub(entry.at_ns) < every {
+        return None;
+    }
+    entry.at_ns = now_ns.max(1);
+    Some(std::mem::take(&mut entry.failures_since))
+}
+
+fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
+    match map.get(&0, 0) {
+        Ok(values) => values.iter().sum(),
+        Err(e) => {
+            tracing::warn!("reading the kernel's drop counter: {e}");
+            0
+        }
+    }
+}
+
+/// Runs the tracer until SIGINT/SIGTERM (or `duration`). `ready` is told once everything is
+/// attached and seeded.
+pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyhow::Result<()> {
+    privilege::check()?;
+    let tracefs_root = tracefs::ensure_mounted()?;
+    tracefs::verify_layouts(&tracefs_root)?;
+    let btf = btf::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let offsets = btf::kernel_offsets(&btf).context("finding kernel struct offsets in BTF")?;
+    tracing::debug!(?offsets, "kernel struct offsets");
+
+    let mut loaded = loader::load(&LoadOptions {
+        hooks: opts.hooks,
+        offsets,
+        ring_bytes: opts.ring_bytes,
+    })?;
+    let ring = RingBuf::try_from(
+        loaded
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?,
+    )?;
+    let drop_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+        loaded
+            .ebpf
+            .take_map(names::DROPS)
+            .ok_or_else(|| anyhow!("map {} missing", names::DROPS))?,
+    )?;
+    let mut reader = Reader::new(ring).context("registering the ring buffer with tokio")?;
+    let mut logger = match loaded.logger.take() {
+        Some(l) => Some(crate::reader::register(l).context("registering the kernel log buffer")?),
+        None => None,
+    };
+
+    let mut session = Session {
+        filter: opts.netns.iter().copied().collect(),
+        tracker: Tracker::new(),
+        ranges: Ranges::new(),
+        out: Output::stdout(opts.json),
+        counters: Counters::default(),
+        reports: HashMap::new(),
+        bind_reports: HashMap::new(),
+        broken: None,
+        opts,
+    };
+
+    // Seed after attaching: a connection made in between is seen by both, and the tracker keeps
+    // the event's version (newer than the snapshot).
+    let mut seeded = 0;
+    if session.opts.seed {
+        let only = session.opts.netns.clone();
+        let pass =
+            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns(), true))
+                .await
+                .context("seeding thread")?;
+        seeded = seed::apply(&mut session.tracker, &pass).added;
+        for snap in &pass.snapshots {
+            session.ranges.get(snap.netns, None);
+        }
+        tracing::info!(
+            "seeded {seeded} existing client sockets from {} network namespaces",
+            pass.snapshots.len()
+        );
+    }
+    let started = Started {
+        hooks: loaded.mode.to_string(),
+        attached: loaded.attached.clone(),
+        seeded,
+        ts: clock::wall_ns(clock::monotonic_ns()),
+    };
+    if !session.out.is_json() {
+        tracing::info!("tracing with {} hooks; Ctrl-C to stop", started.hooks);
+    }
+    session.emit(&Record::Started(started));
+    session.flush();
+    if let Some(tx) = ready {
+        let _ = tx.send(());
+    }
+
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut tick = tokio::time::interval(session.opts.interval);
+    tick.tick().await;
+    let mut resync = tokio::time::interval(session.opts.resync);
+    resync.tick().await;
+    let deadline = session
+        .opts
+        .duration
+        .map(|d| tokio::time::Instant::now() + d);
+    let mut resync_job: Option<tokio::task::JoinHandle<seed::Pass>> = None;
+
+    loop {
+        tokio::select! {
+            r = reader.drain(|buf| session.handle(buf)) => {
+                r.context("reading the ring buffer")?;
+                session.flush();
+            }
+            r = async {
+                match logger.as_mut() {
+                    Some(l) => l.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = r.context("kernel log buffer")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let lost = drops(&drop_map);
+                if lost > session.counters.lost {
+                    tracing::warn!(
+                        "the kernel dropped {} events (ring buffer full; {lost} since start): port counts may be low until the next resync",
+                        lost - session.counters.lost
+                    );
+                    session.counters.lost = lost;
+                }
+                session.ranges.refresh_all();
+                session.summary(false);
+                session.flush();
+            }
+            _ = resync.tick(), if resync_job.is_none() => {
+                let only = session.opts.netns.clone();
+                resync_job = Some(tokio::task::spawn_blocking(move || {
+                    seed::pass(&only, clock::monotonic_ns(), true)
+                }));
+            }
+            r = async { resync_job.as_mut().expect("guarded by if").await }, if resync_job.is_some() => {
+                resync_job = None;
+                let pass = r.context("resync thread")?;
+                let applied = seed::apply(&mut session.tracker, &pass);
+                if applied.added + applied.removed > 0 {
+                    tracing::debug!(?applied, "resync with sock_diag corrected the table");
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => break,
+        }
+        if let Some(e) = session.broken.take() {
+            tracing::info!("stdout closed ({e}); stopping");
+            return Ok(());
+        }
+    }
+    reader.drain_pending(|buf| session.handle(buf));
+    session.counters.lost = drops(&drop_map);
+    session.summary(true);
+    session.flush();
+    drop(loaded);
+    tracing::debug!("detached every program");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_rate_limited_per_destination_and_count_what_they_skip() {
+        let mut m: HashMap<u32, LastReport> = HashMap::new();
+        let sec = Duration::from_secs(1);
+        assert_eq!(due(&mut m, 1, 5, sec), Some(1));
+        assert_eq!(due(&mut m, 1, 6, sec), None);
+        assert_eq!(due(&mut m, 1, 7, sec), None);
+        assert_eq!(
+            due(&mut m, 2, 7, sec),
+            Some(1),
+            "other destination is independent"
+        );
+        assert_eq!(due(&mut m, 1, 5 + 1_000_000_000, sec), Some(3));
+    }
+}

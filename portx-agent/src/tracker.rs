@@ -1,0 +1,676 @@
+//! The live table: which ephemeral ports are in use, per destination, by state and by process.
+//!
+//! A connection's budget is the usable port range per (netns, protocol, source IP, destination IP,
+//! destination port) — the [`DestKey`] — because `connect()` only needs the 4-tuple to be unique.
+//! Per-destination counts and per-holder counts are updated incrementally on every transition, so
+//! an event costs O(1) and a report needs no scan.
+//!
+//! Ownership: `sock:inet_sock_set_state` often fires in softirq context, where the current task
+//! is unrelated to the socket. The owner is learned once, at CLOSE->SYN_SENT (inside connect(), in
+//! process context), and carried by socket address until the port is known, then by tuple.
+//!
+//! TIME_WAIT: the tracepoint never shows it — the socket goes FIN_WAIT2 (or CLOSING) -> CLOSE and
+//! a timewait socket takes over. Such a port is kept, still charged to its last owner, for
+//! `TCP_TIMEWAIT_LEN` (60 s), in a min-heap by expiry; [`crate::seed`] corrects the table against
+//! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
+use std::{
+    cmp::Reverse,
+    collections::{hash_map::Entry, BinaryHeap, HashMap},
+    net::IpAddr,
+};
+
+use portx_common::{tcp_state as st, IPPROTO_TCP};
+
+use crate::decoder::{Comm, PortAssigned, StateChange};
+
+/// `TCP_TIMEWAIT_LEN` (include/net/tcp.h): hard-coded 60 s on Linux.
+pub const TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
+
+/// Number of slots in per-state arrays (TCP states are 1..=12).
+pub const STATES: usize = 13;
+
+/// A destination: the scope within which source ports must be unique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestKey {
+    pub netns: u32,
+    pub proto: u8,
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+impl DestKey {
+    pub fn target(&self) -> Target {
+        Target {
+            netns: self.netns,
+            proto: self.proto,
+            daddr: self.daddr,
+            dport: self.dport,
+        }
+    }
+}
+
+/// What a `connect()` names: a destination without the source address routing will choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub netns: u32,
+    pub proto: u8,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+/// The process charged with a port. `pid == 0` means unknown (e.g. a TIME_WAIT socket that
+/// existed before the agent started: timewait sockets have no inode, hence no process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+impl Owner {
+    pub const UNKNOWN: Owner = Owner {
+        pid: 0,
+        comm: Comm([0; 16]),
+    };
+}
+
+/// Ports one process holds for one destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub comm: Comm,
+    /// All ports, TIME_WAIT included.
+    pub ports: u32,
+    pub time_wait: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestStats {
+    /// Ports in use by TCP state (index = state number).
+    pub by_state: [u32; STATES],
+    pub in_use: u32,
+    /// By pid.
+    pub holders: HashMap<u32, Holder>,
+}
+
+impl DestStats {
+    /// Holders, most ports first (ties: lower pid first, for stable output).
+    pub fn holders_ranked(&self) -> Vec<(u32, Holder)> {
+        let mut v: Vec<(u32, Holder)> = self.holders.iter().map(|(p, h)| (*p, *h)).collect();
+        v.sort_by_key(|(pid, h)| (Reverse(h.ports), *pid));
+        v
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    state: u8,
+    owner: Owner,
+    /// 0 for sockets learned from sock_diag.
+    skaddr: u64,
+    /// Distinguishes this incarnation of the tuple from earlier ones (TIME_WAIT reuse).
+    seq: u64,
+    updated_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    dest: DestKey,
+    owner: Owner,
+}
+
+/// Counters of events the tracker could not place; reported, never silently dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerCounters {
+    /// State changes of sockets never seen connecting (server side, or pre-existing and unseeded).
+    pub untracked: u64,
+    /// TIME_WAIT entries that aged out.
+    pub time_wait_expired: u64,
+}
+
+type ConnKey = (DestKey, u16);
+
+#[derive(Default)]
+pub struct Tracker {
+    conns: HashMap<ConnKey, Conn>,
+    /// connect()s in SYN_SENT whose port is not known yet, by socket address.
+    pending: HashMap<u64, Pending>,
+    dests: HashMap<DestKey, DestStats>,
+    /// Source addresses in use per target, to find the destination a failed connect() meant.
+    targets: HashMap<Target, Vec<IpAddr>>,
+    /// (expiry, seq, key) of TIME_WAIT entries, earliest first.
+    time_wait: BinaryHeap<Reverse<(u64, u64, ConnKey)>>,
+    seq: u64,
+    pub counters: TrackerCounters,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn on_state(&mut self, e: &StateChange) {
+        let dest = DestKey {
+            netns: e.netns,
+            proto: IPPROTO_TCP as u8,
+            saddr: e.saddr,
+            daddr: e.daddr,
+            dport: e.dport,
+        };
+        if e.old == st::CLOSE && e.new == st::SYN_SENT {
+            let owner = Owner {
+                pid: e.task.pid,
+                comm: e.task.comm,
+            };
+            if e.sport != 0 {
+                // bind() chose the port before connect().
+                self.open(dest, e.sport, st::SYN_SENT as u8, owner, e.skaddr, e.ts_ns);
+            } else {
+                self.pending.insert(e.skaddr, Pending { dest, owner });
+            }
+            return;
+        }
+        if let Some(p) = self.pending.remove(&e.skaddr) {
+            // First transition after connect() began: SYN_SENT->ESTABLISHED carries the port;
+            // SYN_SENT->CLOSE with port 0 is a failed allocation, with a port a refused connect.
+            if e.sport != 0 && e.new != st::CLOSE {
+                self.open(p.dest, e.sport, e.new as u8, p.owner, e.skaddr, e.ts_ns);
+            }
+            return;
+        }
+        let key = (dest, e.sport);
+        let Some(conn) = self.conns.get(&key).copied() else {
+            self.counters.untracked += 1;
+            return;
+        };
+        if conn.skaddr != 0 && conn.skaddr != e.skaddr {
+            // Another socket with this tuple (e.g. the accepting side of a loopback connection).
+            self.counters.untracked += 1;
+            return;
+        }
+        if conn.skaddr == 0 {
+            // Seeded from sock_diag: adopt the socket address now that an event names it.
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.skaddr = e.skaddr;
+            }
+        }
+        let new = if e.new == st::CLOSE {
+            match conn.state as u32 {
+                st::FIN_WAIT2 | st::CLOSING => st::TIME_WAIT,
+                _ => {
+                    self.close(&key);
+                    return;
+                }
+            }
+        } else {
+            e.new
+        };
+        self.set_state(&key, new as u8, e.ts_ns);
+    }
+
+    pub fn on_port(&mut self, e: &PortAssigned) {
+        if e.ret != 0 || e.sport == 0 {
+            // A failed allocation: the SYN_SENT->CLOSE that follows clears the pending entry.
+            return;
+        }
+        if let Some(p) = self.pending.remove(&e.skaddr) {
+            self.open(
+                p.dest,
+                e.sport,
+                st::SYN_SENT as u8,
+                p.owner,
+                e.skaddr,
+                e.ts_ns,
+            );
+        }
+    }
+
+    /// Ages TIME_WAIT entries out. Pops only expired heap entries: O(expired · log n).
+    pub fn expire(&mut self, now_ns: u64) {
+        while let Some(Reverse((expiry, seq, key))) = self.time_wait.peek().copied() {
+            if expiry > now_ns {
+                break;
+            }
+            self.time_wait.pop();
+            if let Some(c) = self.conns.get(&key) {
+                if c.seq == seq && c.state as u32 == st::TIME_WAIT {
+                    self.close(&key);
+                    self.counters.time_wait_expired += 1;
+                }
+            }
+        }
+    }
+
+    /// Adds a socket found by sock_diag, unless the table already has that tuple.
+    /// `time_wait_left_ns` is the kernel's remaining TIME_WAIT time (state TIME_WAIT only).
+    pub fn seed(
+        &mut self,
+        dest: DestKey,
+        sport: u16,
+        state: u8,
+        owner: Owner,
+        now_ns: u64,
+        time_wait_left_ns: u64,
+    ) -> bool {
+        if self.conns.contains_key(&(dest, sport)) {
+            return false;
+        }
+        self.open(dest, sport, state, owner, 0, now_ns);
+        if state as u32 == st::TIME_WAIT {
+            let key = (dest, sport);
+            if let Some(c) = self.conns.get(&key) {
+                let expiry = now_ns + time_wait_left_ns.min(TIME_WAIT_NS);
+                self.time_wait.push(Reverse((expiry, c.seq, key)));
+            }
+        }
+        true
+    }
+
+    /// Removes a tuple the kernel no longer has (see [`crate::seed`]).
+    pub fn forget(&mut self, dest: &DestKey, sport: u16) -> bool {
+        let key = (*dest, sport);
+        if self.conns.contains_key(&key) {
+            self.close(&key);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Tuples of one netns with their state and the time of their last update.
+    pub fn conns_in(&self, netns: u32) -> impl Iterator<Item = (DestKey, u16, u8, u64)> + '_ {
+        self.conns
+            .iter()
+            .filter(move |((d, _), _)| d.netns == netns)
+            .map(|((d, p), c)| (*d, *p, c.state, c.updated_ns))
+    }
+
+    pub fn dest(&self, key: &DestKey) -> Option<&DestStats> {
+        self.dests.get(key)
+    }
+
+    /// The busiest destination a failed connect() to `target` may have meant (routing picks the
+    /// source address, which the syscall does not say).
+    pub fn busiest_for(&self, target: &Target) -> Option<(DestKey, &DestStats)> {
+        let saddrs = self.targets.get(target)?;
+        saddrs
+            .iter()
+            .filter_map(|s| {
+                let key = DestKey {
+                    netns: target.netns,
+                    proto: target.proto,
+                    saddr: *s,
+                    daddr: target.daddr,
+                    dport: target.dport,
+                };
+                self.dests.get(&key).map(|d| (key, d))
+            })
+            .max_by_key(|(k, d)| (d.in_use, Reverse(*k)))
+    }
+
+    /// Destinations, most ports in use first.
+    pub fn top(&self, n: usize) -> Vec<(DestKey, &DestStats)> {
+        let mut v: Vec<(DestKey, &DestStats)> = self.dests.iter().map(|(k, d)| (*k, d)).collect();
+        v.sort_by_key(|(k, d)| (Reverse(d.in_use), *k));
+        v.truncate(n);
+        v
+    }
+
+    /// Everything one network namespace holds, each local port counted once (for bind() failures,
+    /// which exhaust the netns, not one destination).
+    pub fn netns_usage(&self, netns: u32) -> DestStats {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = DestStats::default();
+        for ((d, sport), c) in &self.conns {
+            if d.netns != netns || !seen.insert((d.saddr, *sport)) {
+                continue;
+            }
+            account(&mut out, c.owner, c.state, 1);
+        }
+        out
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn open(&mut self, dest: DestKey, sport: u16, state: u8, owner: Owner, skaddr: u64, ts: u64) {
+        let key = (dest, sport);
+        if self.conns.contains_key(&key) {
+            // The port was in TIME_WAIT (tcp_tw_reuse) or the old entry was stale.
+            self.close(&key);
+        }
+        self.seq += 1;
+        self.conns.insert(
+            key,
+            Conn {
+                state,
+                owner,
+                skaddr,
+                seq: self.seq,
+                updated_ns: ts,
+            },
+        );
+        let stats = match self.dests.entry(dest) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let list = self.targets.entry(dest.target()).or_default();
+                if !list.contains(&dest.saddr) {
+                    list.push(dest.saddr);
+                }
+                v.insert(DestStats::default())
+            }
+        };
+        account(stats, owner, state, 1);
+    }
+
+    fn set_state(&mut self, key: &ConnKey, new: u8, ts: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let (old, owner) = (conn.state, conn.owner);
+        conn.state = new;
+        conn.updated_ns = ts;
+        let seq = conn.seq;
+        if new as u32 == st::TIME_WAIT {
+            self.time_wait
+                .push(Reverse((ts.saturating_add(TIME_WAIT_NS), seq, *key)));
+        }
+        if let Some(stats) = self.dests.get_mut(&key.0) {
+            account(stats, owner, old, -1);
+            account(stats, owner, new, 1);
+        }
+    }
+
+    fn close(&mut self, key: &ConnKey) {
+        let Some(conn) = self.conns.remove(key) else {
+            return;
+        };
+        let dest = key.0;
+        let Some(stats) = self.dests.get_mut(&dest) else {
+            return;
+        };
+        account(stats, conn.owner, conn.state, -1);
+        if stats.in_use == 0 {
+            self.dests.remove(&dest);
+            let target = dest.target();
+            if let Some(list) = self.targets.get_mut(&target) {
+                list.retain(|s| *s != dest.saddr);
+                if list.is_empty() {
+                    self.targets.remove(&target);
+                }
+            }
+        }
+    }
+}
+
+fn account(stats: &mut DestStats, owner: Owner, state: u8, delta: i32) {
+    let tw = u32::from(state as u32 == st::TIME_WAIT);
+    if let Some(slot) = stats.by_state.get_mut(state as usize) {
+        *slot = slot.saturating_add_signed(delta);
+    }
+    stats.in_use = stats.in_use.saturating_add_signed(delta);
+    let holder = stats.holders.entry(owner.pid).or_insert(Holder {
+        comm: owner.comm,
+        ports: 0,
+        time_wait: 0,
+    });
+    holder.ports = holder.ports.saturating_add_signed(delta);
+    holder.time_wait = holder.time_wait.saturating_add_signed(delta * tw as i32);
+    if holder.ports == 0 {
+        stats.holders.remove(&owner.pid);
+    }
+}
+
+/// Name of a TCP state as `ss` and the kernel print it.
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        st::ESTABLISHED => "ESTABLISHED",
+        st::SYN_SENT => "SYN_SENT",
+        st::SYN_RECV => "SYN_RECV",
+        st::FIN_WAIT1 => "FIN_WAIT1",
+        st::FIN_WAIT2 => "FIN_WAIT2",
+        st::TIME_WAIT => "TIME_WAIT",
+        st::CLOSE => "CLOSE",
+        st::CLOSE_WAIT => "CLOSE_WAIT",
+        st::LAST_ACK => "LAST_ACK",
+        st::LISTEN => "LISTEN",
+        st::CLOSING => "CLOSING",
+        st::NEW_SYN_RECV => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decoder::Task;
+
+    const NS: u32 = 4026532000;
+    const SEC: u64 = 1_000_000_000;
+
+    fn task(pid: u32, comm: &str) -> Task {
+        Task {
+            pid,
+            tid: pid,
+            comm: Comm::new(comm),
+        }
+    }
+
+    fn ev(sk: u64, old: u32, new: u32, sport: u16, t: Task, ts: u64) -> StateChange {
+        StateChange {
+            ts_ns: ts,
+            task: t,
+            skaddr: sk,
+            netns: NS,
+            old,
+            new,
+            saddr: "10.0.0.1".parse().unwrap(),
+            sport,
+            daddr: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+        }
+    }
+
+    fn dest() -> DestKey {
+        DestKey {
+            netns: NS,
+            proto: 6,
+            saddr: "10.0.0.1".parse().unwrap(),
+            daddr: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+        }
+    }
+
+    /// connect() from `owner`, handshake completed in softirq while `irq` was current.
+    fn connect(t: &mut Tracker, sk: u64, port: u16, owner: Task, ts: u64) {
+        let irq = task(999, "ksoftirqd/0");
+        t.on_state(&ev(sk, st::CLOSE, st::SYN_SENT, 0, owner, ts));
+        t.on_state(&ev(sk, st::SYN_SENT, st::ESTABLISHED, port, irq, ts));
+    }
+
+    fn active_close(t: &mut Tracker, sk: u64, port: u16, ts: u64) {
+        let irq = task(999, "swapper/1");
+        t.on_state(&ev(sk, st::ESTABLISHED, st::FIN_WAIT1, port, irq, ts));
+        t.on_state(&ev(sk, st::FIN_WAIT1, st::FIN_WAIT2, port, irq, ts));
+        t.on_state(&ev(sk, st::FIN_WAIT2, st::CLOSE, port, irq, ts));
+    }
+
+    #[test]
+    fn owner_is_learned_at_connect_not_from_softirq() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(10, "hog"), 0);
+        let d = t.dest(&dest()).expect("destination tracked");
+        assert_eq!(d.in_use, 1);
+        assert_eq!(d.by_state[st::ESTABLISHED as usize], 1);
+        let holders = d.holders_ranked();
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].0, 10);
+        assert_eq!(holders[0].1.comm.as_str(), "hog");
+    }
+
+    #[test]
+    fn failed_allocation_and_refused_connect_hold_nothing() {
+        let mut t = Tracker::new();
+        let v = task(20, "victim");
+        t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
+        t.on_state(&ev(5, st::SYN_SENT, st::CLOSE, 0, v, 0));
+        t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
+        t.on_state(&ev(6, st::SYN_SENT, st::CLOSE, 40001, v, 0));
+        assert_eq!(t.tracked(), 0);
+        assert_eq!(t.pending(), 0);
+        assert!(t.dest(&dest()).is_none());
+    }
+
+    #[test]
+    fn port_event_gives_the_port_before_the_handshake() {
+        let mut t = Tracker::new();
+        t.on_state(&ev(7, st::CLOSE, st::SYN_SENT, 0, task(30, "nb"), 0));
+        t.on_port(&PortAssigned {
+            ts_ns: 0,
+            task: task(30, "nb"),
+            skaddr: 7,
+            netns: NS,
+            ret: 0,
+            sport: 40002,
+            source: 1,
+        });
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(d.by_state[st::SYN_SENT as usize], 1);
+        // The handshake completes later in softirq: same entry, now ESTABLISHED.
+        t.on_state(&ev(
+            7,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40002,
+            task(1, "x"),
+            1,
+        ));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.by_state[st::ESTABLISHED as usize]), (1, 1));
+    }
+
+    #[test]
+    fn active_close_leaves_time_wait_charged_to_the_closer_for_60s() {
+        let mut t = Tracker::new();
+        for i in 0..16u16 {
+            connect(&mut t, 100 + i as u64, 40000 + i, task(40, "churner"), 0);
+            active_close(&mut t, 100 + i as u64, 40000 + i, SEC);
+        }
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(d.in_use, 16);
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 16);
+        let h = d.holders_ranked();
+        assert_eq!((h[0].0, h[0].1.ports, h[0].1.time_wait), (40, 16, 16));
+        t.expire(SEC + TIME_WAIT_NS - 1);
+        assert_eq!(t.tracked(), 16, "nothing expires before 60 s");
+        t.expire(SEC + TIME_WAIT_NS);
+        assert_eq!(t.tracked(), 0);
+        assert!(t.dest(&dest()).is_none());
+        assert_eq!(t.counters.time_wait_expired, 16);
+    }
+
+    #[test]
+    fn passive_close_and_rst_free_the_port_at_once() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(1, "a"), 0);
+        let irq = task(0, "swapper/0");
+        t.on_state(&ev(1, st::ESTABLISHED, st::CLOSE_WAIT, 40000, irq, 1));
+        t.on_state(&ev(1, st::CLOSE_WAIT, st::LAST_ACK, 40000, irq, 2));
+        t.on_state(&ev(1, st::LAST_ACK, st::CLOSE, 40000, irq, 3));
+        connect(&mut t, 2, 40001, task(1, "a"), 4);
+        t.on_state(&ev(2, st::ESTABLISHED, st::CLOSE, 40001, irq, 5));
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn time_wait_reuse_replaces_the_old_entry() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(1, "old"), 0);
+        active_close(&mut t, 1, 40000, 1);
+        connect(&mut t, 2, 40000, task(2, "new"), 2 * SEC);
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(d.in_use, 1);
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 0);
+        assert_eq!(d.holders_ranked()[0].0, 2);
+        // The stale heap entry of the first incarnation must not close the new connection.
+        t.expire(1 + TIME_WAIT_NS);
+        assert_eq!(t.tracked(), 1);
+    }
+
+    #[test]
+    fn busiest_destination_for_a_failed_connect_and_ranking() {
+        let mut t = Tracker::new();
+        for i in 0..3u16 {
+            connect(&mut t, 10 + i as u64, 40000 + i, task(1, "big"), 0);
+        }
+        connect(&mut t, 20, 40010, task(2, "small"), 0);
+        let target = dest().target();
+        let (key, d) = t.busiest_for(&target).expect("found");
+        assert_eq!(key, dest());
+        let h = d.holders_ranked();
+        assert_eq!(
+            h.iter().map(|(p, h)| (*p, h.ports)).collect::<Vec<_>>(),
+            vec![(1, 3), (2, 1)]
+        );
+        assert_eq!(t.top(5).len(), 1);
+    }
+
+    #[test]
+    fn unknown_sockets_are_counted_not_tracked() {
+        let mut t = Tracker::new();
+        t.on_state(&ev(
+            77,
+            st::ESTABLISHED,
+            st::CLOSE_WAIT,
+            9000,
+            task(0, "x"),
+            0,
+        ));
+        assert_eq!(t.counters.untracked, 1);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn seeded_time_wait_uses_the_kernels_remaining_time() {
+        let mut t = Tracker::new();
+        assert!(t.seed(
+            dest(),
+            40000,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            0,
+            5 * SEC
+        ));
+        assert!(!t.seed(
+            dest(),
+            40000,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            0,
+            5 * SEC
+        ));
+        t.expire(5 * SEC - 1);
+        assert_eq!(t.tracked(), 1);
+        t.expire(5 * SEC);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn netns_usage_counts_each_local_port_once() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(1, "a"), 0);
+        let mut other = ev(2, st::CLOSE, st::SYN_SENT, 0, task(1, "a"), 0);
+        other.dport = 81;
+        t.on_state(&other);
+        other.old = st::SYN_SENT;
+        other.new = st::ESTABLISHED;
+        other.sport = 40000;
+        t.on_state(&other);
+        assert_eq!(t.tracked(), 2);
+        assert_eq!(t.netns_usage(NS).in_use, 1);
+    }
+}
