@@ -1,1 +1,506 @@
-//! (being written)
+//! A small BTF reader: just enough to find struct member offsets in `/sys/kernel/btf/vmlinux`.
+//!
+//! Rust eBPF has no CO-RE relocations, so the kernel programs read `struct sock`, `struct net`,
+//! `task_struct` and `nsproxy` fields at byte offsets the agent finds here at start-up and passes
+//! in as the `OFFSETS` global. Format: the kernel's Documentation/bpf/btf.rst. Every read is
+//! bounds-checked; garbage gives an error, never a panic.
+use std::collections::HashMap;
+
+use portx_common::KernelOffsets;
+use thiserror::Error;
+
+const MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BtfError {
+    #[error("kernel has no BTF ({path}: {reason}); portx needs CONFIG_DEBUG_INFO_BTF=y")]
+    Missing { path: String, reason: String },
+    #[error("malformed BTF: {0}")]
+    Malformed(String),
+    #[error("kernel BTF has no complete `struct {0}`")]
+    NoStruct(String),
+    #[error("kernel BTF has no member `{path}` in `struct {strukt}`")]
+    NoMember { strukt: String, path: String },
+    #[error("member `{path}` of `struct {strukt}` is a bitfield or not byte-aligned")]
+    NotByteAligned { strukt: String, path: String },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Type {
+    kind: u32,
+    vlen: u32,
+    kind_flag: bool,
+    /// `size` for structs/unions, `type` for typedefs and modifiers.
+    size_or_type: u32,
+    /// Byte offset of the kind-specific data in the type section.
+    extra: usize,
+}
+
+pub struct Btf {
+    types: Vec<Type>,
+    type_data: Vec<u8>,
+    strings: Vec<u8>,
+    /// Struct name -> type ids, in order.
+    structs: HashMap<String, Vec<u32>>,
+}
+
+fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
+    b.get(off..off + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| BtfError::Malformed(format!("read past the end at {off}")))
+}
+
+impl Btf {
+    pub fn from_sys_fs() -> Result<Btf, BtfError> {
+        let path = "/sys/kernel/btf/vmlinux";
+        let data = std::fs::read(path).map_err(|e| BtfError::Missing {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Btf::from_bytes(&data)
+    }
+
+    pub fn from_bytes(data: &[u8]) -> Result<Btf, BtfError> {
+        let magic = data
+            .get(0..2)
+            .map(|m| u16::from_le_bytes([m[0], m[1]]))
+            .ok_or_else(|| BtfError::Malformed("shorter than its header".into()))?;
+        if magic != MAGIC {
+            return Err(BtfError::Malformed(format!(
+                "bad magic {magic:#x} (big-endian BTF is not supported)"
+            )));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let section = |off: usize, len: usize, what: &str| -> Result<Vec<u8>, BtfError> {
+            let start = hdr_len.checked_add(off);
+            let end = start.and_then(|s| s.checked_add(len));
+            match (start, end) {
+                (Some(s), Some(e)) if e <= data.len() => Ok(data[s..e].to_vec()),
+                _ => Err(BtfError::Malformed(format!("{what} section out of bounds"))),
+            }
+        };
+        let type_data = section(
+            u32_at(data, 8)? as usize,
+            u32_at(data, 12)? as usize,
+            "type",
+        )?;
+        let strings = section(
+            u32_at(data, 16)? as usize,
+            u32_at(data, 20)? as usize,
+            "string",
+        )?;
+        let mut btf = Btf {
+            types: Vec::new(),
+            type_data,
+            strings,
+            structs: HashMap::new(),
+        };
+        btf.index()?;
+        Ok(btf)
+    }
+
+    fn index(&mut self) -> Result<(), BtfError> {
+        let mut off = 0usize;
+        // Type id 0 is void; ids start at 1 = types[0].
+        while off < self.type_data.len() {
+            let name_off = u32_at(&self.type_data, off)?;
+            let info = u32_at(&self.type_data, off + 4)?;
+            let size_or_type = u32_at(&self.type_data, off + 8)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = info & 0xffff;
+            let extra = off + 12;
+            let extra_len = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen as usize,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen as usize,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+                | KIND_TYPE_TAG => 0,
+                other => {
+                    return Err(BtfError::Malformed(format!(
+                        "unknown kind {other} at type offset {off}"
+                    )))
+                }
+            };
+            off = extra + extra_len;
+            if off > self.type_data.len() {
+                return Err(BtfError::Malformed(
+                    "type record runs past the section".into(),
+                ));
+            }
+            let t = Type {
+                kind,
+                vlen,
+                kind_flag: info >> 31 == 1,
+                size_or_type,
+                extra,
+            };
+            let id = self.types.len() as u32 + 1;
+            self.types.push(t);
+            if kind == KIND_STRUCT && vlen > 0 {
+                let name = self.name(name_off)?.to_string();
+                if !name.is_empty() {
+                    self.structs.entry(name).or_default().push(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self, off: u32) -> Result<&str, BtfError> {
+        let start = off as usize;
+        let tail = self
+            .strings
+            .get(start..)
+            .ok_or_else(|| BtfError::Malformed(format!("string offset {off} out of bounds")))?;
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        std::str::from_utf8(&tail[..end])
+            .map_err(|_| BtfError::Malformed(format!("string at {off} is not UTF-8")))
+    }
+
+    fn ty(&self, id: u32) -> Result<Type, BtfError> {
+        id.checked_sub(1)
+            .and_then(|i| self.types.get(i as usize))
+            .copied()
+            .ok_or_else(|| BtfError::Malformed(format!("type id {id} out of range")))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut id: u32) -> Result<Type, BtfError> {
+        for _ in 0..32 {
+            let t = self.ty(id)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Ok(t),
+            }
+        }
+        Err(BtfError::Malformed("typedef chain too long".into()))
+    }
+
+    /// Finds member `name` in a struct/union, looking through anonymous members. Returns
+    /// (bit offset, bitfield size, member type id).
+    fn find_member(
+        &self,
+        t: Type,
+        name: &str,
+        depth: u32,
+    ) -> Result<Option<(u32, u32, u32)>, BtfError> {
+        if depth > 16 {
+            return Err(BtfError::Malformed(
+                "anonymous members nested too deep".into(),
+            ));
+        }
+        for i in 0..t.vlen as usize {
+            let m = t.extra + 12 * i;
+            let m_name = u32_at(&self.type_data, m)?;
+            let m_type = u32_at(&self.type_data, m + 4)?;
+            let raw = u32_at(&self.type_data, m + 8)?;
+            let (bits, bitfield) = if t.kind_flag {
+                (raw & 0x00ff_ffff, raw >> 24)
+            } else {
+                (raw, 0)
+            };
+            let m_str = self.name(m_name)?;
+            if m_str == name {
+                return Ok(Some((bits, bitfield, m_type)));
+            }
+            if m_str.is_empty() {
+                let inner = self.resolve(m_type)?;
+                if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
+                    if let Some((b, bf, ty)) = self.find_member(inner, name, depth + 1)? {
+                        return Ok(Some((bits + b, bf, ty)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset of a dotted member path (e.g. `__sk_common.skc_num`) in `struct strukt`.
+    pub fn member_offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
+        let id = *self
+            .structs
+            .get(strukt)
+            .and_then(|ids| ids.first())
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let no_member = || BtfError::NoMember {
+            strukt: strukt.into(),
+            path: path.into(),
+        };
+        let mut t = self.ty(id)?;
+        let mut bits = 0u32;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+                return Err(no_member());
+            }
+            let (b, bitfield, ty) = self.find_member(t, part, 0)?.ok_or_else(no_member)?;
+            if bitfield != 0 {
+                return Err(BtfError::NotByteAligned {
+                    strukt: strukt.into(),
+                    path: path.into(),
+                });
+            }
+            bits = bits.checked_add(b).ok_or_else(no_member)?;
+            if parts.peek().is_some() {
+                t = self.resolve(ty)?;
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::NotByteAligned {
+                strukt: strukt.into(),
+                path: path.into(),
+            });
+        }
+        Ok(bits / 8)
+    }
+}
+
+/// The offsets the kernel programs need (see [`KernelOffsets`]).
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    Ok(KernelOffsets {
+        sock_num: btf.member_offset("sock", "__sk_common.skc_num")?,
+        sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
+        net_inum: btf.member_offset("net", "ns.inum")?,
+        task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
+        nsproxy_net: btf.member_offset("nsproxy", "net_ns")?,
+        _pad: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds BTF blobs for tests.
+    #[derive(Default)]
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self {
+                strings: vec![0],
+                next_id: 1,
+                ..Default::default()
+            }
+        }
+        fn s(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn rec(&mut self, name: &str, kind: u32, vlen: u32, kflag: bool, st: u32) -> u32 {
+            let n = self.s(name);
+            let info = (kind << 24) | vlen | if kflag { 1 << 31 } else { 0 };
+            for v in [n, info, st] {
+                self.types.extend_from_slice(&v.to_le_bytes());
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        }
+        fn int(&mut self, name: &str, size: u32) -> u32 {
+            let id = self.rec(name, KIND_INT, 0, false, size);
+            self.types.extend_from_slice(&(size * 8).to_le_bytes());
+            id
+        }
+        /// members: (name, type id, bit offset or (bitfield<<24 | offset) with kflag)
+        fn composite(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            kflag: bool,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
+            let id = self.rec(name, kind, members.len() as u32, kflag, size);
+            for &(m, ty, off) in members {
+                let n = self.s(m);
+                for v in [n, ty, off] {
+                    self.types.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            id
+        }
+        fn typedef(&mut self, name: &str, target: u32) -> u32 {
+            self.rec(name, KIND_TYPEDEF, 0, false, target)
+        }
+        fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&MAGIC.to_le_bytes());
+            out.extend_from_slice(&[1, 0]);
+            for v in [
+                24u32,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// struct sock_common { union { u64 pair; struct { u32 a; u32 b; }; }; u16 skc_num @ byte 14 ...
+    fn sample() -> Vec<u8> {
+        let mut b = Builder::new();
+        let u16_ = b.int("u16", 2);
+        let u32_ = b.int("u32", 4);
+        let inner = b.composite(
+            KIND_STRUCT,
+            "",
+            8,
+            false,
+            &[("skc_daddr", u32_, 0), ("skc_rcv_saddr", u32_, 32)],
+        );
+        let anon_union = b.composite(
+            KIND_UNION,
+            "",
+            8,
+            false,
+            &[("skc_addrpair", u32_, 0), ("", inner, 0)],
+        );
+        let ports = b.composite(
+            KIND_STRUCT,
+            "",
+            4,
+            false,
+            &[("skc_dport", u16_, 0), ("skc_num", u16_, 16)],
+        );
+        let net = b.composite(KIND_STRUCT, "possible_net_t", 8, false, &[("net", u32_, 0)]);
+        let net_t = b.typedef("possible_net_t_t", net);
+        let common = b.composite(
+            KIND_STRUCT,
+            "sock_common",
+            64,
+            true,
+            &[
+                ("", anon_union, 0),
+                ("", ports, 96),
+                ("flags", u32_, (1 << 24) | 130),
+                ("skc_net", net_t, 384),
+            ],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "sock",
+            128,
+            false,
+            &[("__sk_common", common, 0)],
+        );
+        // a forward-declared duplicate without members must not shadow the complete one
+        b.composite(KIND_STRUCT, "empty", 0, false, &[]);
+        b.build()
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_unions_and_typedefs() {
+        let btf = Btf::from_bytes(&sample()).unwrap();
+        assert_eq!(
+            btf.member_offset("sock", "__sk_common.skc_num").unwrap(),
+            14
+        );
+        assert_eq!(
+            btf.member_offset("sock_common", "skc_rcv_saddr").unwrap(),
+            4
+        );
+        assert_eq!(
+            btf.member_offset("sock", "__sk_common.skc_net.net")
+                .unwrap(),
+            48
+        );
+    }
+
+    #[test]
+    fn errors_name_what_is_missing() {
+        let btf = Btf::from_bytes(&sample()).unwrap();
+        assert_eq!(
+            btf.member_offset("net", "ns.inum"),
+            Err(BtfError::NoStruct("net".into()))
+        );
+        assert!(matches!(
+            btf.member_offset("sock", "__sk_common.nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("sock_common", "flags"),
+            Err(BtfError::NotByteAligned { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("sock", "__sk_common.skc_num.deeper"),
+            Err(BtfError::NoMember { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_or_garbled_blobs_are_errors_not_panics() {
+        let good = sample();
+        for len in 0..good.len() {
+            let _ = Btf::from_bytes(&good[..len]);
+        }
+        let mut state = 0x2545_f491u32;
+        for i in 0..2000 {
+            let mut bad = good.clone();
+            for _ in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let pos = state as usize % bad.len();
+                bad[pos] = (state >> 8) as u8;
+            }
+            if let Ok(btf) = Btf::from_bytes(&bad) {
+                let _ = btf.member_offset("sock", "__sk_common.skc_num");
+                let _ = kernel_offsets(&btf);
+            }
+            assert!(i < 2000);
+        }
+        assert!(Btf::from_bytes(&[0x9f, 0xeb]).is_err());
+        assert!(Btf::from_bytes(b"not btf at all").is_err());
+    }
+
+    #[test]
+    fn this_kernels_offsets() {
+        let btf = match Btf::from_sys_fs() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let o = kernel_offsets(&btf).expect("offsets of the running kernel");
+        eprintln!("this kernel: {o:?}");
+        // Plausible on any kernel: the port lives in the first cache line of sock_common.
+        assert!(o.sock_num > 0 && o.sock_num < 64, "{o:?}");
+        assert!(o.sock_net > o.sock_num && o.sock_net < 128, "{o:?}");
+        assert!(o.net_inum > 0 && o.net_inum < 1024, "{o:?}");
+        assert!(o.task_nsproxy > 0 && o.nsproxy_net > 0, "{o:?}");
+    }
+}

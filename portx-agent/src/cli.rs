@@ -1,16 +1,158 @@
-//! Command line (clap derive).
-use clap::{Parser, Subcommand};
+//! Command line (clap derive). Invalid values are refused by clap with exit code 2.
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::loader::HookChoice;
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+    sudo portx-agent trace                      watch every network namespace, table every 5 s
+    sudo portx-agent trace --json > events.jsonl   JSON Lines on stdout, logs on stderr
+    sudo portx-agent trace --netns 4026532281   one namespace (inode of /proc/<pid>/ns/net)
+    sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
+    sudo portx-agent demo                       see an exhaustion caught in a private namespace
+
+EXIT STATUS:
+    0 stopped by SIGINT/SIGTERM or --duration; 1 runtime error (missing capability, kernel
+    without BTF or ring buffers, attach failure); 2 invalid command line.";
 
 #[derive(Debug, Parser)]
-#[command(name = "portx-agent", version, about)]
+#[command(name = "portx-agent", version, about, after_help = EXAMPLES)]
 pub struct Cli {
+    /// More logging on stderr (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Trace port allocations, TCP state changes and connect()/bind() failures; report who holds
+    /// the ports when a connect() fails with EADDRNOTAVAIL.
+    Trace(TraceArgs),
+    /// Create a private network namespace with a 16-port range, exhaust it with a port hog and a
+    /// TIME_WAIT churner, and trace it live. Cleans up after itself.
+    Demo(DemoArgs),
     /// Test and demo workloads (connect storms, port hogs) — used by `demo` and the tests.
-    #[command(hide = true, subcommand)]
-    Workload(crate::workload::WorkloadCmd),
+    #[command(hide = true)]
+    Workload(crate::workload::WorkloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// JSON Lines on stdout (one object per line; `ts` in Unix nanoseconds).
+    #[arg(long)]
+    pub json: bool,
+    /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
+    #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
+    pub hooks: HookChoice,
+    /// Only this network namespace (inode number; repeatable). Default: all.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u32>,
+    /// Seconds between summaries.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = seconds)]
+    pub interval: Duration,
+    /// Destinations per summary.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
+    /// Seconds between corrections of the table against the kernel's sock_diag.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
+    pub resync: Duration,
+    /// Ring buffer size in KiB (power of two, 4 to 1048576). Default 4096.
+    #[arg(long, value_name = "KIB", value_parser = ring_kib)]
+    pub ring_buffer_kib: Option<u32>,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    pub duration: Option<Duration>,
+    /// Do not read existing connections from sock_diag at start-up.
+    #[arg(long)]
+    pub no_seed: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// JSON Lines instead of readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// How long the demo runs, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "8", value_parser = seconds)]
+    pub seconds: Duration,
+}
+
+/// Seconds, fractional allowed, from 0.1 to one day.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&v) {
+        return Err(format!("{v} s is out of range (0.1 to 86400)"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn ring_kib(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if !(4..=1 << 20).contains(&v) || !v.is_power_of_two() {
+        return Err(format!("{v} KiB: must be a power of two from 4 to 1048576"));
+    }
+    Ok(v)
+}
+
+impl TraceArgs {
+    pub fn options(&self) -> crate::trace::TraceOptions {
+        crate::trace::TraceOptions {
+            json: self.json,
+            hooks: self.hooks,
+            netns: self.netns.clone(),
+            interval: self.interval,
+            top: usize::from(self.top),
+            resync: self.resync,
+            ring_bytes: self.ring_buffer_kib.map(|k| k * 1024),
+            duration: self.duration,
+            seed: !self.no_seed,
+            report_every: Duration::from_secs(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["portx-agent", "trace", "--interval", "0"][..],
+            &["portx-agent", "trace", "--interval", "abc"],
+            &["portx-agent", "trace", "--top", "0"],
+            &["portx-agent", "trace", "--hooks", "uprobe"],
+            &["portx-agent", "trace", "--ring-buffer-kib", "3"],
+            &["portx-agent", "trace", "--netns", "-1"],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from(["portx-agent", "trace"]).unwrap();
+        let Command::Trace(t) = cli.command else {
+            panic!("not trace")
+        };
+        let o = t.options();
+        assert_eq!(o.hooks, HookChoice::Auto);
+        assert_eq!(o.interval, Duration::from_secs(5));
+        assert!(o.seed && !o.json && o.netns.is_empty());
+    }
 }

@@ -1,15 +1,28 @@
-//! portx agent (being assembled).
+//! portx agent: loads the eBPF programs, reads the ring buffer and keeps the live table of
+//! ephemeral-port use per destination.
+//!
+//! Event flow, one module a step:
+//! kernel ([`loader`]) -> ring buffer ([`reader`]) -> [`decoder`] -> [`tracker`] -> [`report`]
+//! -> [`output`]; [`trace`] runs the loop. The kernel's own truth comes from [`sockdiag`],
+//! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
+//! tracker by [`seed`]. Before anything loads: [`privilege`], [`tracefs`], [`btf`].
 pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod decoder;
+pub mod demo;
 pub mod loader;
 pub mod netns;
+pub mod output;
 pub mod privilege;
 pub mod procfs;
+pub mod ranges;
 pub mod reader;
+pub mod report;
+pub mod seed;
 pub mod sockdiag;
 pub mod sysctl;
+pub mod trace;
 pub mod tracefs;
 pub mod tracker;
 pub mod workload;

@@ -1,12 +1,29 @@
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use portx_agent::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        )
+        .init();
     let result = match cli.command {
-        Command::Workload(cmd) => portx_agent::workload::run(cmd),
+        Command::Trace(args) => {
+            runtime().and_then(|rt| rt.block_on(portx_agent::trace::run(args.options(), None)))
+        }
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portx_agent::demo::run(&args))),
+        Command::Workload(args) => portx_agent::workload::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -15,4 +32,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }

@@ -1,1 +1,221 @@
-//! (being written)
+//! Network namespaces: identified by the inode of their nsfs file (the kernel's `net->ns.inum`,
+//! which the eBPF programs report), found through /proc/<pid>/ns/net and /run/netns, and entered
+//! from a short-lived thread (setns affects only the calling thread) to read per-namespace state.
+use std::{
+    collections::HashSet,
+    fs,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+/// Inode number of a netns file == kernel `net->ns.inum`.
+pub type NetnsId = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetnsRef {
+    pub id: NetnsId,
+    /// `/proc/<pid>/ns/net` or `/run/netns/<name>`.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum NetnsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setns into {path}: {source}")]
+    Setns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the thread working in {0} panicked")]
+    Thread(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NetnsError + '_ {
+    move |source| NetnsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn id_of_path(path: &Path) -> Result<NetnsId, NetnsError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    Ok(meta.ino() as NetnsId)
+}
+
+/// The calling thread's netns.
+pub fn self_id() -> Result<NetnsId, NetnsError> {
+    id_of_path(Path::new("/proc/thread-self/ns/net"))
+}
+
+pub fn id_of_pid(pid: u32) -> Result<NetnsId, NetnsError> {
+    id_of_path(&PathBuf::from(format!("/proc/{pid}/ns/net")))
+}
+
+/// Every distinct netns with a process, plus those bind-mounted in /run/netns.
+pub fn discover() -> Result<Vec<NetnsRef>, NetnsError> {
+    let mut out = Vec::new();
+    scan(|r| {
+        out.push(r);
+        false
+    })?;
+    Ok(out)
+}
+
+/// A path to netns `id`, if anything still holds it.
+pub fn find(id: NetnsId) -> Result<Option<NetnsRef>, NetnsError> {
+    let mut found = None;
+    scan(|r| {
+        if r.id == id {
+            found = Some(r);
+            true
+        } else {
+            false
+        }
+    })?;
+    Ok(found)
+}
+
+/// Calls `f` once per distinct netns until it returns true.
+fn scan(mut f: impl FnMut(NetnsRef) -> bool) -> Result<(), NetnsError> {
+    let mut seen = HashSet::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        candidates.extend(dir.flatten().map(|e| e.path()));
+    }
+    let proc = Path::new("/proc");
+    let entries = fs::read_dir(proc).map_err(io_err(proc))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            candidates.push(e.path().join("ns/net"));
+        }
+    }
+    for path in candidates {
+        // Processes exit and mounts go away while we scan: skip what vanished.
+        let Ok(id) = id_of_path(&path) else { continue };
+        if seen.insert(id) && f(NetnsRef { id, path }) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread that has entered the netns at `path`; the caller is untouched.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NetnsError> {
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    let owned = path.to_path_buf();
+    let handle = std::thread::Builder::new()
+        .name("portx-netns".into())
+        .spawn(move || -> Result<T, NetnsError> {
+            // SAFETY: setns on a valid fd; it changes only this thread's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(NetnsError::Setns {
+                    path: owned,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .map_err(io_err(path))?;
+    handle
+        .join()
+        .map_err(|_| NetnsError::Thread(path.to_path_buf()))?
+}
+
+/// Sets `lo` up in the calling thread's netns (a new netns starts with it down).
+pub fn bring_lo_up() -> std::io::Result<()> {
+    // SAFETY: plain socket/ioctl calls on a struct we own; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into a new, empty netns with `lo` up. For tests and workloads.
+pub fn unshare_new() -> std::io::Result<NetnsId> {
+    // SAFETY: unshare affects only the calling thread (CLONE_NEWNET).
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    bring_lo_up()?;
+    self_id().map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let ok = unsafe { libc::geteuid() } == 0;
+        if !ok {
+            eprintln!("skipped: needs root (unshare/setns)");
+        }
+        ok
+    }
+
+    #[test]
+    fn own_netns_is_discovered() {
+        let me = id_of_pid(std::process::id()).unwrap();
+        let all = discover().unwrap();
+        assert!(all.iter().any(|r| r.id == me));
+        assert_eq!(find(me).unwrap().map(|r| r.id), Some(me));
+    }
+
+    #[test]
+    fn run_in_enters_another_netns_and_leaves_the_caller_alone() {
+        if !root() {
+            return;
+        }
+        let mine = self_id().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let id = unshare_new().unwrap();
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            tx.send((
+                id,
+                format!("/proc/{}/task/{tid}/ns/net", std::process::id()),
+            ))
+            .unwrap();
+            let _ = done_rx.recv();
+        });
+        let (new_id, path) = rx.recv().unwrap();
+        assert_ne!(new_id, mine);
+        let seen = run_in(Path::new(&path), || self_id().unwrap()).unwrap();
+        assert_eq!(seen, new_id);
+        assert_eq!(self_id().unwrap(), mine, "caller's netns changed");
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+    }
+}

@@ -1,1 +1,117 @@
-//! (being written)
+//! Who owns a socket: /proc/<pid>/fd links `socket:[inode]`, and process identity (comm, start
+//! time to tell a reused pid from the original). Used at start-up and on resync, never per event.
+use std::{collections::HashMap, fs, path::Path};
+
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Debug, Error)]
+pub enum ProcError {
+    #[error("reading /proc: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `socket:[123]` -> 123.
+pub fn parse_socket_link(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// Field 22 (starttime, clock ticks since boot) of a /proc/<pid>/stat line. comm (field 2) may
+/// hold spaces and parentheses, so fields are counted after the *last* `)`.
+pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn start_time(pid: u32) -> Option<u64> {
+    parse_stat_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Socket inode -> owning process, over every process. Processes and fds that vanish during
+/// the scan are skipped; the first owner found wins (a socket shared after fork() is charged to
+/// one process).
+pub fn socket_owners() -> Result<HashMap<u64, ProcInfo>, ProcError> {
+    let mut owners = HashMap::new();
+    let mut unreadable = 0usize;
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) else {
+            unreadable += 1;
+            continue;
+        };
+        let mut comm_cache: Option<String> = None;
+        for fd in fds.flatten() {
+            let Ok(link) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = link.to_str().and_then(parse_socket_link) else {
+                continue;
+            };
+            if owners.contains_key(&inode) {
+                continue;
+            }
+            let name = comm_cache.get_or_insert_with(|| comm(pid).unwrap_or_default());
+            owners.insert(
+                inode,
+                ProcInfo {
+                    pid,
+                    comm: name.clone(),
+                },
+            );
+        }
+    }
+    if unreadable > 0 {
+        tracing::debug!("{unreadable} processes' fds were unreadable or vanished");
+    }
+    Ok(owners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+
+    #[test]
+    fn parses_links_and_stat() {
+        assert_eq!(parse_socket_link("socket:[4026]"), Some(4026));
+        assert_eq!(parse_socket_link("pipe:[1]"), None);
+        assert_eq!(parse_socket_link("socket:[x]"), None);
+        let stat =
+            "42 (we ird) (name)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat_start_time(stat), Some(987654));
+        assert_eq!(parse_stat_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn finds_the_owner_of_our_own_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let owners = socket_owners().unwrap();
+        let me = owners.get(&inode).expect("our socket is found");
+        assert_eq!(me.pid, std::process::id());
+        assert!(start_time(me.pid).is_some());
+        assert_eq!(comm(me.pid).as_deref(), Some(me.comm.as_str()));
+    }
+}

@@ -1,1 +1,195 @@
-//! (being written)
+//! Port settings of a network namespace. `/proc/sys/net/...` shows the netns of the *reading
+//! thread*, so `read` reads the caller's own and `read_in` reads another through
+//! [`crate::netns::run_in`].
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::netns;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSettings {
+    /// `ip_local_port_range`, inclusive.
+    pub range: (u16, u16),
+    /// `ip_local_reserved_ports`, as inclusive ranges.
+    pub reserved: Vec<(u16, u16)>,
+    /// `tcp_tw_reuse`: 0 off, 1 on, 2 loopback only.
+    pub tw_reuse: u8,
+    /// `tcp_max_tw_buckets`.
+    pub max_tw_buckets: Option<u64>,
+}
+
+#[derive(Debug, Error)]
+pub enum SysctlError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse `{value}` from {what}")]
+    Parse { what: &'static str, value: String },
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+}
+
+const BASE: &str = "/proc/sys/net/ipv4";
+
+fn read_file(name: &str) -> Result<String, SysctlError> {
+    let path = Path::new(BASE).join(name);
+    std::fs::read_to_string(&path).map_err(|source| SysctlError::Read { path, source })
+}
+
+fn bad(what: &'static str, value: &str) -> SysctlError {
+    SysctlError::Parse {
+        what,
+        value: value.trim().to_string(),
+    }
+}
+
+/// `"32768\t60999\n"` -> (32768, 60999).
+pub fn parse_range(s: &str) -> Result<(u16, u16), SysctlError> {
+    let mut it = s.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) if lo <= hi => Ok((lo, hi)),
+        _ => Err(bad("ip_local_port_range", s)),
+    }
+}
+
+/// `""` or `"8080,9000-9010\n"` -> inclusive ranges.
+pub fn parse_reserved(s: &str) -> Result<Vec<(u16, u16)>, SysctlError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                (Ok(lo), Ok(hi)) if lo <= hi => Ok((lo, hi)),
+                _ => Err(bad("ip_local_reserved_ports", part)),
+            }
+        })
+        .collect()
+}
+
+impl PortSettings {
+    /// Settings of the calling thread's netns.
+    pub fn read() -> Result<Self, SysctlError> {
+        let range = parse_range(&read_file("ip_local_port_range")?)?;
+        let reserved = parse_reserved(&read_file("ip_local_reserved_ports")?)?;
+        let reuse = read_file("tcp_tw_reuse")?;
+        let tw_reuse = reuse
+            .trim()
+            .parse()
+            .map_err(|_| bad("tcp_tw_reuse", &reuse))?;
+        let max_tw_buckets = read_file("tcp_max_tw_buckets")
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+        Ok(Self {
+            range,
+            reserved,
+            tw_reuse,
+            max_tw_buckets,
+        })
+    }
+
+    /// Settings of the netns at `ns` (e.g. `/proc/<pid>/ns/net`).
+    pub fn read_in(ns: &Path) -> Result<Self, SysctlError> {
+        netns::run_in(ns, Self::read)?
+    }
+
+    /// Ports `connect()` can pick automatically: the inclusive range minus reserved ports in it.
+    pub fn usable(&self) -> u32 {
+        let (lo, hi) = self.range;
+        let total = u32::from(hi) - u32::from(lo) + 1;
+        let mut reserved = vec![false; total as usize];
+        for &(a, b) in &self.reserved {
+            for p in a.max(lo)..=b.min(hi) {
+                if let Some(slot) = reserved.get_mut(usize::from(p - lo)) {
+                    *slot = true;
+                }
+            }
+        }
+        total - reserved.iter().filter(|r| **r).count() as u32
+    }
+
+    pub fn in_range(&self, port: u16) -> bool {
+        (self.range.0..=self.range.1).contains(&port)
+    }
+
+    pub fn tw_reuse_meaning(&self) -> &'static str {
+        match self.tw_reuse {
+            0 => "off",
+            1 => "on",
+            2 => "loopback only",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_kernels_formats() {
+        assert_eq!(parse_range("32768\t60999\n").unwrap(), (32768, 60999));
+        assert!(parse_range("60999 32768").is_err());
+        assert!(parse_range("1").is_err());
+        assert!(parse_range("1 2 3").is_err());
+        assert!(parse_range("a b").is_err());
+        assert_eq!(parse_reserved("\n").unwrap(), vec![]);
+        assert_eq!(
+            parse_reserved("8080,9000-9010\n").unwrap(),
+            vec![(8080, 8080), (9000, 9010)]
+        );
+        assert!(parse_reserved("9010-9000").is_err());
+        assert!(parse_reserved("x").is_err());
+    }
+
+    #[test]
+    fn usable_is_range_minus_reserved_inside_it() {
+        let s = PortSettings {
+            range: (40000, 40015),
+            reserved: vec![(39990, 40001), (40010, 40010), (50000, 50010)],
+            tw_reuse: 0,
+            max_tw_buckets: None,
+        };
+        assert_eq!(s.usable(), 16 - 2 - 1);
+        assert!(s.in_range(40015) && !s.in_range(40016));
+        assert_eq!(s.tw_reuse_meaning(), "off");
+    }
+
+    #[test]
+    fn reads_another_netns_settings() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            netns::unshare_new().unwrap();
+            std::fs::write(format!("{BASE}/ip_local_port_range"), "40000 40015").unwrap();
+            std::fs::write(format!("{BASE}/tcp_tw_reuse"), "0").unwrap();
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            tx.send(format!("/proc/{}/task/{tid}/ns/net", std::process::id()))
+                .unwrap();
+            let _ = done_rx.recv();
+        });
+        let path = rx.recv().unwrap();
+        let s = PortSettings::read_in(Path::new(&path)).unwrap();
+        assert_eq!((s.range, s.tw_reuse, s.usable()), ((40000, 40015), 0, 16));
+        let host = PortSettings::read().unwrap();
+        assert_ne!(
+            host.range,
+            (40000, 40015),
+            "the host's own range was changed"
+        );
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+    }
+}

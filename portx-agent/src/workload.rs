@@ -1,9 +1,323 @@
-//! (being written)
-#[derive(Debug, clap::Subcommand)]
-pub enum WorkloadCmd {
-    /// Placeholder.
-    Park,
+//! Real workloads for `demo` and the end-to-end tests (hidden `portx-agent workload`): a process
+//! that holds a private network namespace, a server, a port hog, a TIME_WAIT churner, a single
+//! connect, a bind-before-connect hog. Each is a separate process so the tracer sees real pids
+//! and comms. Every line printed on stdout is machine-readable and flushed at once; every
+//! workload dies with its parent (PR_SET_PDEATHSIG) so a crashed test leaves nothing behind.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand};
+
+use crate::netns;
+
+#[derive(Debug, Args)]
+pub struct WorkloadArgs {
+    /// Enter this network namespace first (e.g. /proc/<pid>/ns/net).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
+    /// Process name (comm) to show up as.
+    #[arg(long, global = true, value_name = "COMM")]
+    pub name: Option<String>,
+    #[command(subcommand)]
+    pub cmd: WorkloadCmd,
 }
-pub fn run(_cmd: WorkloadCmd) -> anyhow::Result<()> {
-    anyhow::bail!("not written yet")
+
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCmd {
+    /// Create a network namespace (lo up), apply sysctls in it, print `ready netns=ID`, sleep.
+    Park {
+        /// KEY=VALUE, e.g. net.ipv4.ip_local_port_range="40000 40015" (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        sysctl: Vec<String>,
+    },
+    /// Listen on each address; read every accepted connection to EOF, then close it (so a
+    /// client that closes first ends in TIME_WAIT). Prints `ready`.
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Open COUNT connections and keep them. Prints `held N ports=a,b,..`; exits 3 if one fails.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// COUNT times: connect, then close first (TIME_WAIT) or with RST. Prints
+    /// `churned ok=X failed=Y`.
+    Churn {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Close with RST (SO_LINGER 0): no TIME_WAIT.
+        #[arg(long)]
+        rst: bool,
+    },
+    /// One connect(). Prints `connect ok sport=P` (exit 0) or `connect failed errno=E` (exit 3).
+    Connect {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Non-blocking connect (EINPROGRESS, then poll).
+        #[arg(long)]
+        nonblock: bool,
+    },
+    /// bind() COUNT sockets to port 0 without connecting, and keep them. Prints `bound N`, or
+    /// `bind failed errno=E` and exits 3.
+    BindHold {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: std::net::Ipv4Addr,
+    },
+}
+
+/// Exit status of a workload whose socket call failed as it reports on stdout.
+pub const EXIT_SOCKET_ERROR: i32 = 3;
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout only loses the line; the workload's effect on the kernel is what counts.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn prepare(args: &WorkloadArgs) -> anyhow::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if let Some(path) = &args.netns {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: valid fd; the process is still single-threaded, so the whole process moves.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setns into {}", path.display()));
+        }
+    }
+    if let Some(name) = &args.name {
+        let c = std::ffi::CString::new(name.as_str()).context("--name contains NUL")?;
+        // SAFETY: PR_SET_NAME copies at most 16 bytes from a valid C string.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
+    }
+    Ok(())
+}
+
+pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
+    prepare(&args)?;
+    match args.cmd {
+        WorkloadCmd::Park { sysctl } => park(&sysctl),
+        WorkloadCmd::Serve { listen } => serve(&listen),
+        WorkloadCmd::Hold { connect, count } => hold(connect, count),
+        WorkloadCmd::Churn {
+            connect,
+            count,
+            rst,
+        } => churn(connect, count, rst),
+        WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
+        WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
+    }
+}
+
+/// `net.ipv4.tcp_tw_reuse=0` -> (/proc/sys/net/ipv4/tcp_tw_reuse, "0").
+pub fn parse_sysctl(kv: &str) -> anyhow::Result<(PathBuf, String)> {
+    let (k, v) = kv
+        .split_once('=')
+        .ok_or_else(|| anyhow!("`{kv}`: expected KEY=VALUE"))?;
+    let k = k.trim();
+    if k.is_empty() || k.contains("..") || k.contains('/') {
+        bail!("`{k}` is not a sysctl name");
+    }
+    let path = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
+    Ok((path, v.trim().trim_matches('"').to_string()))
+}
+
+fn park(sysctls: &[String]) -> anyhow::Result<()> {
+    let id = netns::unshare_new().context("creating a network namespace")?;
+    for kv in sysctls {
+        let (path, value) = parse_sysctl(kv)?;
+        std::fs::write(&path, &value)
+            .with_context(|| format!("writing `{value}` to {}", path.display()))?;
+    }
+    say(&format!("ready netns={id}"));
+    sleep_forever()
+}
+
+fn serve(addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for a in addrs {
+        listeners.push(TcpListener::bind(a).with_context(|| format!("listening on {a}"))?);
+    }
+    for l in listeners {
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let mut buf = [0u8; 512];
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        });
+    }
+    say("ready");
+    sleep_forever()
+}
+
+fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        match TcpStream::connect(addr) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                say(&format!("connect failed errno={}", errno(&e)));
+                std::process::exit(EXIT_SOCKET_ERROR);
+            }
+        }
+    }
+    let ports: Vec<String> = held
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .map(|a| a.port().to_string())
+        .collect();
+    say(&format!("held {} ports={}", held.len(), ports.join(",")));
+    sleep_forever()
+}
+
+fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
+    let (mut ok, mut failed) = (0u32, 0u32);
+    for _ in 0..count {
+        match TcpStream::connect(addr) {
+            Ok(s) => {
+                ok += 1;
+                if rst {
+                    let linger = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    // SAFETY: valid fd and option struct for its size.
+                    unsafe {
+                        libc::setsockopt(
+                            s.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&linger as *const libc::linger).cast(),
+                            std::mem::size_of::<libc::linger>() as u32,
+                        )
+                    };
+                }
+                drop(s);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    say(&format!("churned ok={ok} failed={failed}"));
+    Ok(())
+}
+
+fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {
+    let result = if nonblock {
+        // std's connect_timeout is a non-blocking connect (EINPROGRESS) followed by poll.
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+    } else {
+        TcpStream::connect(addr)
+    };
+    match result {
+        Ok(s) => {
+            let sport = s.local_addr().map(|a| a.port()).unwrap_or(0);
+            say(&format!("connect ok sport={sport}"));
+            Ok(())
+        }
+        Err(e) => {
+            say(&format!("connect failed errno={}", errno(&e)));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+    }
+}
+
+fn bind_hold(count: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    let mut fds = Vec::new();
+    for _ in 0..count {
+        // SAFETY: plain socket/bind calls with a sockaddr_in we own; fds are kept open.
+        let rc = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                -1
+            } else {
+                fds.push(fd);
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(addr.octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            }
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            say(&format!("bind failed errno={}", errno(&e)));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+    }
+    say(&format!("bound {}", fds.len()));
+    sleep_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        w: WorkloadArgs,
+    }
+
+    #[test]
+    fn sysctl_names_map_to_proc_sys_and_refuse_traversal() {
+        let (p, v) = parse_sysctl("net.ipv4.ip_local_port_range=\"40000 40015\"").unwrap();
+        assert_eq!(p, PathBuf::from("/proc/sys/net/ipv4/ip_local_port_range"));
+        assert_eq!(v, "40000 40015");
+        assert!(parse_sysctl("net/../../etc=1").is_err());
+        assert!(parse_sysctl("novalue").is_err());
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let t = T::try_parse_from([
+            "w",
+            "hold",
+            "--connect",
+            "127.0.0.1:9000",
+            "--count",
+            "16",
+            "--name",
+            "hog",
+        ])
+        .unwrap();
+        assert_eq!(t.w.name.as_deref(), Some("hog"));
+        assert!(matches!(t.w.cmd, WorkloadCmd::Hold { count: 16, .. }));
+        assert!(T::try_parse_from(["w", "connect", "--connect", "nonsense"]).is_err());
+    }
 }
