@@ -1,1 +1,335 @@
+//! Support for portx's end-to-end tests: the real agent binary, real processes and real sockets,
+//! each test in its own network namespace (held by a `portx-agent workload park` process), as
+//! root. Every guard kills and reaps what it started when dropped, also when a test panics.
+//!
+//! Environment: `PORTX_AGENT` (agent binary; default `target/debug/portx-agent` of this
+//! workspace), `PORTX_HOOKS` (`--hooks` of the agent; default `auto`).
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        mpsc::{self, Receiver, RecvTimeoutError},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// How long any single wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Port range of a test namespace: 16 ports.
+pub const RANGE: &str = "40000 40015";
+
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("PORTX_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portx-agent")
+    });
+    assert!(
+        path.exists(),
+        "agent binary {} not found: build it first (cargo build -p portx-agent) or set PORTX_AGENT",
+        path.display()
+    );
+    path
+}
+
+pub fn hooks() -> String {
+    std::env::var("PORTX_HOOKS").unwrap_or_else(|_| "auto".into())
+}
+
+/// Tests share the kernel's tracepoints and a 2-core machine: one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// True if root; otherwise prints why the test is skipped.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        println!("skipped: {test} needs root (eBPF, network namespaces)");
+    }
+    root
+}
+
+fn lines_of(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A workload process (`portx-agent workload ...`).
+pub struct Workload {
+    child: Child,
+    lines: Receiver<String>,
+    what: String,
+}
+
+impl Workload {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line it prints.
+    pub fn line(&self) -> String {
+        match self.lines.recv_timeout(TIMEOUT) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => panic!("{}: no output within {TIMEOUT:?}", self.what),
+            Err(RecvTimeoutError::Disconnected) => panic!("{}: exited without output", self.what),
+        }
+    }
+
+    /// The next line, which must start with `prefix`.
+    pub fn expect(&self, prefix: &str) -> String {
+        let l = self.line();
+        assert!(l.starts_with(prefix), "{}: expected `{prefix}…`, got `{l}`", self.what);
+        l
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waiting for a workload") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.what);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn workload(args: &[&str]) -> Workload {
+    let child = Command::new(agent_bin())
+        .arg("workload")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting workload {args:?}: {e}"));
+    let mut child = child;
+    let lines = lines_of(child.stdout.take().expect("piped stdout"));
+    Workload {
+        child,
+        lines,
+        what: format!("workload {args:?}"),
+    }
+}
+
+/// A private network namespace with a 16-port range and `tcp_tw_reuse=0`, alive as long as this
+/// guard (its holder process is killed on drop; workloads are dropped before it).
+pub struct Netns {
+    /// Dropped (killed) before `park`: fields drop in declaration order.
+    workloads: Vec<Workload>,
+    park: Workload,
+    pub id: u32,
+    pub path: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        Self::with(&[
+            &format!("net.ipv4.ip_local_port_range={RANGE}"),
+            "net.ipv4.tcp_tw_reuse=0",
+        ])
+    }
+
+    pub fn with(sysctls: &[&str]) -> Netns {
+        let mut args = vec!["park"];
+        for s in sysctls {
+            args.extend(["--sysctl", s]);
+        }
+        let park = workload(&args);
+        let line = park.expect("ready netns=");
+        let id = line["ready netns=".len()..].parse().expect("netns id");
+        let path = format!("/proc/{}/ns/net", park.pid());
+        Netns {
+            workloads: Vec::new(),
+            park,
+            id,
+            path,
+        }
+    }
+
+    /// Starts a workload inside the namespace; `--name` sets its comm.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Workload {
+        let mut all = vec!["--netns", &self.path, "--name", name];
+        all.extend_from_slice(args);
+        workload(&all)
+    }
+
+    /// Starts a long-running workload owned by the namespace guard, waiting for its first line.
+    pub fn keep(&mut self, name: &str, args: &[&str], ready: &str) -> (u32, String) {
+        let w = self.spawn(name, args);
+        let line = w.expect(ready);
+        let pid = w.pid();
+        self.workloads.push(w);
+        (pid, line)
+    }
+
+    /// A server that reads each connection to EOF and then closes (client-first close => the
+    /// client side gets TIME_WAIT).
+    pub fn serve(&mut self, listen: &[&str]) {
+        let mut args = vec!["serve"];
+        for l in listen {
+            args.extend(["--listen", l]);
+        }
+        self.keep("server", &args, "ready");
+    }
+}
+
+/// The agent under test: `portx-agent trace --json --netns <id>`.
+pub struct Agent {
+    child: Option<Child>,
+    records: Receiver<String>,
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+    pub hooks: String,
+}
+
+impl Agent {
+    pub fn start(netns: u32) -> Agent {
+        Self::start_with(netns, &[])
+    }
+
+    pub fn start_with(netns: u32, extra: &[&str]) -> Agent {
+        let mut child = Command::new(agent_bin())
+            .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
+            .args(["--netns", &netns.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the agent");
+        let records = lines_of(child.stdout.take().expect("piped stdout"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            records,
+            seen: Vec::new(),
+            stderr,
+            hooks: String::new(),
+        };
+        let started = agent.wait_for("started", |v| v["type"] == "started");
+        agent.hooks = started["hooks"].as_str().unwrap_or("?").to_string();
+        println!("portx-e2e: agent hooks={}", agent.hooks);
+        agent
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn next(&mut self, deadline: Instant, what: &str) -> Value {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.records.recv_timeout(left) {
+            Ok(line) => {
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent stdout is not JSON Lines ({e}): {line}\nstderr:\n{}", self.stderr())
+                });
+                assert!(v["type"].is_string(), "record without type: {line}");
+                v
+            }
+            Err(_) => panic!(
+                "no `{what}` record from the agent within {TIMEOUT:?}; records so far: {:#?}\nagent stderr:\n{}",
+                self.seen,
+                self.stderr()
+            ),
+        }
+    }
+
+    /// The first record (seen before or arriving within the timeout) that matches `pred`.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let v = self.next(deadline, what);
+            self.seen.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Every record seen so far.
+    pub fn seen(&self) -> &[Value] {
+        &self.seen
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal`, waits for the exit, and returns the status with the remaining records.
+    pub fn stop(mut self, signal: i32) -> (ExitStatus, Vec<Value>) {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: kill with a pid we own.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("waiting for the agent") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent ignored signal {signal} for 10 s\nstderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut rest = Vec::new();
+        while let Ok(line) = self.records.recv_timeout(Duration::from_secs(2)) {
+            rest.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+        }
+        (status, rest)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Port exhaustion caught end to end: real agent, real processes, real sockets, each test in its
+//! own network namespace with a 16-port range and `tcp_tw_reuse=0`.
+use portx_e2e::{require_root, serial, Agent, Netns};
+use serde_json::Value;
+
+const V4: &str = "127.0.0.1:9000";
+const V4_OTHER: &str = "127.0.0.1:9001";
+const V6: &str = "[::1]:9000";
+
+fn victim_fails(ns: &Netns, dest: &str) -> u32 {
+    let mut victim = ns.spawn("victim", &["connect", "--connect", dest]);
+    victim.expect("connect failed errno=99");
+    assert_eq!(victim.wait().code(), Some(3));
+    victim.pid()
+}
+
+fn is_failure_of(v: &Value, pid: u32, dport: u64) -> bool {
+    v["type"] == "connect_failed" && v["pid"] == pid && v["dport"] == dport
+}
+
+fn exhaustion_for(agent: &mut Agent, victim: u32, dport: u64) -> Value {
+    agent.wait_for("exhaustion", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == victim && v["dport"] == dport
+    })
+}
+
+#[test]
+fn held_ports_name_the_hog() {
+    let _g = serial();
+    if !require_root("held_ports_name_the_hog") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let (hog, held) = ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    println!("hog {hog}: {held}");
+    let victim = victim_fails(&ns, V4);
+
+    let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, victim, 9000));
+    assert_eq!(failed["comm"], "victim");
+    assert_eq!(failed["errno"], 99);
+    assert_eq!(failed["daddr"], "127.0.0.1");
+    assert_eq!(failed["family"], "ipv4");
+    assert_eq!(failed["netns"], ns.id);
+
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["range"], 16, "{report:#}");
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    assert_eq!(report["by_state"]["ESTABLISHED"], 16, "{report:#}");
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["holders"][0]["comm"], "hog");
+    assert_eq!(report["holders"][0]["ports"], 16);
+    assert_eq!(report["victim"]["comm"], "victim");
+    assert_eq!(report["holders"].as_array().map(Vec::len), Some(1), "{report:#}");
+}
+
+#[test]
+fn time_wait_churn_names_the_churner() {
+    let _g = serial();
+    if !require_root("time_wait_churn_names_the_churner") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "16"]);
+    churner.expect("churned ok=16 failed=0");
+    assert!(churner.wait().success());
+    let churner_pid = churner.pid();
+    // The server closes after reading EOF; give the last FINs a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let victim = victim_fails(&ns, V4);
+
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    assert_eq!(report["by_state"]["TIME_WAIT"], 16, "{report:#}");
+    let top = &report["holders"][0];
+    assert_eq!(top["pid"], churner_pid, "the churner holds no live socket, yet is named: {report:#}");
+    assert_eq!(top["comm"], "churner");
+    assert_eq!(top["time_wait"], 16);
+}
+
+#[test]
+fn ipv6_exhaustion() {
+    let _g = serial();
+    if !require_root("ipv6_exhaustion") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V6]);
+    let mut agent = Agent::start(ns.id);
+    let (hog, _) = ns.keep("hog6", &["hold", "--connect", V6, "--count", "16"], "held 16");
+    let victim = victim_fails(&ns, V6);
+
+    let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, victim, 9000));
+    assert_eq!(failed["family"], "ipv6");
+    assert_eq!(failed["daddr"], "::1");
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["daddr"], "::1");
+    assert_eq!(report["saddr"], "::1");
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    assert_eq!(report["holders"][0]["pid"], hog);
+}
+
+#[test]
+fn second_destination_still_works() {
+    let _g = serial();
+    if !require_root("second_destination_still_works") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4, V4_OTHER]);
+    let mut agent = Agent::start(ns.id);
+    ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    let victim = victim_fails(&ns, V4);
+    exhaustion_for(&mut agent, victim, 9000);
+
+    // Exhaustion is per destination: another port on the same host still connects.
+    let mut other = ns.spawn("client", &["connect", "--connect", V4_OTHER]);
+    other.expect("connect ok sport=");
+    assert!(other.wait().success());
+
+    let summary = agent.wait_for("summary with 9000 full", |v| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter().any(|d| d["dport"] == 9000 && d["utilization"] == 1.0 && d["in_use"] == 16)
+            })
+    });
+    println!("{summary:#}");
+}
+
+#[test]
+fn bind_before_connect_exhausts_the_namespace() {
+    let _g = serial();
+    if !require_root("bind_before_connect_exhausts_the_namespace") {
+        return;
+    }
+    let mut ns = Netns::new();
+    let mut agent = Agent::start(ns.id);
+    ns.keep("binder", &["bind-hold", "--count", "16"], "bound 16");
+    let mut victim = ns.spawn("victim", &["bind-hold", "--count", "1"]);
+    victim.expect("bind failed errno=98");
+    let failed = agent.wait_for("bind_failed", |v| v["type"] == "bind_failed" && v["pid"] == victim.pid());
+    assert_eq!(failed["errno"], 98);
+    assert_eq!(failed["error"], "EADDRINUSE");
+    assert_eq!(failed["sport"], 0);
+    assert_eq!(failed["comm"], "victim");
+    let report = agent.wait_for("netns exhaustion", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == victim.pid()
+    });
+    assert!(report["daddr"].is_null(), "a bind failure exhausts the namespace, not a destination");
+    assert_eq!(report["range"], 16);
+}
+
+#[test]
+fn existing_connections_are_seeded_at_start() {
+    let _g = serial();
+    if !require_root("existing_connections_are_seeded_at_start") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    // The hog connects before the agent exists.
+    let (hog, _) = ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    let mut agent = Agent::start(ns.id);
+    let started = agent.wait_for("started", |v| v["type"] == "started");
+    assert_eq!(started["seeded"], 16, "{started:#}");
+    let victim = victim_fails(&ns, V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["holders"][0]["ports"], 16);
+}
