@@ -33,7 +33,11 @@ fn held_ports_name_the_hog() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
-    let (hog, held) = ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    let (hog, held) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
     println!("hog {hog}: {held}");
     let victim = victim_fails(&ns, V4);
 
@@ -52,7 +56,11 @@ fn held_ports_name_the_hog() {
     assert_eq!(report["holders"][0]["comm"], "hog");
     assert_eq!(report["holders"][0]["ports"], 16);
     assert_eq!(report["victim"]["comm"], "victim");
-    assert_eq!(report["holders"].as_array().map(Vec::len), Some(1), "{report:#}");
+    assert_eq!(
+        report["holders"].as_array().map(Vec::len),
+        Some(1),
+        "{report:#}"
+    );
 }
 
 #[test]
@@ -76,7 +84,10 @@ fn time_wait_churn_names_the_churner() {
     assert_eq!(report["in_use"], 16, "{report:#}");
     assert_eq!(report["by_state"]["TIME_WAIT"], 16, "{report:#}");
     let top = &report["holders"][0];
-    assert_eq!(top["pid"], churner_pid, "the churner holds no live socket, yet is named: {report:#}");
+    assert_eq!(
+        top["pid"], churner_pid,
+        "the churner holds no live socket, yet is named: {report:#}"
+    );
     assert_eq!(top["comm"], "churner");
     assert_eq!(top["time_wait"], 16);
 }
@@ -90,7 +101,11 @@ fn ipv6_exhaustion() {
     let mut ns = Netns::new();
     ns.serve(&[V6]);
     let mut agent = Agent::start(ns.id);
-    let (hog, _) = ns.keep("hog6", &["hold", "--connect", V6, "--count", "16"], "held 16");
+    let (hog, _) = ns.keep(
+        "hog6",
+        &["hold", "--connect", V6, "--count", "16"],
+        "held 16",
+    );
     let victim = victim_fails(&ns, V6);
 
     let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, victim, 9000));
@@ -112,7 +127,11 @@ fn second_destination_still_works() {
     let mut ns = Netns::new();
     ns.serve(&[V4, V4_OTHER]);
     let mut agent = Agent::start(ns.id);
-    ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
     let victim = victim_fails(&ns, V4);
     exhaustion_for(&mut agent, victim, 9000);
 
@@ -124,7 +143,8 @@ fn second_destination_still_works() {
     let summary = agent.wait_for("summary with 9000 full", |v| {
         v["type"] == "summary"
             && v["destinations"].as_array().is_some_and(|d| {
-                d.iter().any(|d| d["dport"] == 9000 && d["utilization"] == 1.0 && d["in_use"] == 16)
+                d.iter()
+                    .any(|d| d["dport"] == 9000 && d["utilization"] == 1.0 && d["in_use"] == 16)
             })
     });
     println!("{summary:#}");
@@ -141,7 +161,9 @@ fn bind_before_connect_exhausts_the_namespace() {
     ns.keep("binder", &["bind-hold", "--count", "16"], "bound 16");
     let mut victim = ns.spawn("victim", &["bind-hold", "--count", "1"]);
     victim.expect("bind failed errno=98");
-    let failed = agent.wait_for("bind_failed", |v| v["type"] == "bind_failed" && v["pid"] == victim.pid());
+    let failed = agent.wait_for("bind_failed", |v| {
+        v["type"] == "bind_failed" && v["pid"] == victim.pid()
+    });
     assert_eq!(failed["errno"], 98);
     assert_eq!(failed["error"], "EADDRINUSE");
     assert_eq!(failed["sport"], 0);
@@ -149,7 +171,10 @@ fn bind_before_connect_exhausts_the_namespace() {
     let report = agent.wait_for("netns exhaustion", |v| {
         v["type"] == "exhaustion" && v["victim"]["pid"] == victim.pid()
     });
-    assert!(report["daddr"].is_null(), "a bind failure exhausts the namespace, not a destination");
+    assert!(
+        report["daddr"].is_null(),
+        "a bind failure exhausts the namespace, not a destination"
+    );
     assert_eq!(report["range"], 16);
 }
 
@@ -162,7 +187,11 @@ fn existing_connections_are_seeded_at_start() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     // The hog connects before the agent exists.
-    let (hog, _) = ns.keep("hog", &["hold", "--connect", V4, "--count", "16"], "held 16");
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
     let mut agent = Agent::start(ns.id);
     let started = agent.wait_for("started", |v| v["type"] == "started");
     assert_eq!(started["seeded"], 16, "{started:#}");

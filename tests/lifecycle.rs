@@ -5,10 +5,18 @@ use std::process::Command;
 use portx_e2e::{agent_bin, require_root, serial, Agent, Netns};
 
 /// Names of the portx programs as the kernel shows them (truncated to 15 characters).
-const PROGRAMS: [&str; 4] = ["inet_sock_set_s", "sys_exit_connec", "sys_enter_conne", "sys_exit_bind"];
+const PROGRAMS: [&str; 4] = [
+    "inet_sock_set_s",
+    "sys_exit_connec",
+    "sys_enter_conne",
+    "sys_exit_bind",
+];
 
 fn loaded_portx_programs() -> Option<Vec<String>> {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().ok()?;
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     Some(
         text.lines()
@@ -30,12 +38,16 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
         let agent = Agent::start(ns.id);
         let pid = agent.pid();
         if let Some(during) = loaded_portx_programs() {
-            assert!(!during.is_empty(), "bpftool does not show the agent's programs");
+            assert!(
+                !during.is_empty(),
+                "bpftool does not show the agent's programs"
+            );
         }
         let (status, rest) = agent.stop(signal);
         assert_eq!(status.code(), Some(0), "exit status after signal {signal}");
         assert!(
-            rest.iter().any(|v| v["type"] == "summary" && v["final"] == true),
+            rest.iter()
+                .any(|v| v["type"] == "summary" && v["final"] == true),
             "no final summary after signal {signal}: {rest:?}"
         );
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -67,7 +79,11 @@ fn without_privileges_it_says_what_is_missing() {
     let out = cmd.output().expect("running the agent as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(out.stdout.is_empty(), "stdout must stay empty: {:?}", out.stdout);
+    assert!(
+        out.stdout.is_empty(),
+        "stdout must stay empty: {:?}",
+        out.stdout
+    );
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }

@@ -251,6 +251,10 @@ fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
 /// Runs the tracer until SIGINT/SIGTERM (or `duration`). `ready` is told once everything is
 /// attached and seeded.
 pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyhow::Result<()> {
+    // Before anything is attached or announced: a signal that arrives once `started` is out
+    // must reach the loop, not kill the process with the default action.
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     privilege::check()?;
     let tracefs_root = tracefs::ensure_mounted()?;
     tracefs::verify_layouts(&tracefs_root)?;
@@ -326,8 +330,6 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         let _ = tx.send(());
     }
 
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut tick = tokio::time::interval(session.opts.interval);
     tick.tick().await;
     let mut resync = tokio::time::interval(session.opts.resync);

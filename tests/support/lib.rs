@@ -24,9 +24,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 pub const RANGE: &str = "40000 40015";
 
 pub fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("PORTX_AGENT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portx-agent")
-    });
+    let path = std::env::var_os("PORTX_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/portx-agent")
+        });
     assert!(
         path.exists(),
         "agent binary {} not found: build it first (cargo build -p portx-agent) or set PORTX_AGENT",
@@ -91,7 +93,11 @@ impl Workload {
     /// The next line, which must start with `prefix`.
     pub fn expect(&self, prefix: &str) -> String {
         let l = self.line();
-        assert!(l.starts_with(prefix), "{}: expected `{prefix}…`, got `{l}`", self.what);
+        assert!(
+            l.starts_with(prefix),
+            "{}: expected `{prefix}…`, got `{l}`",
+            self.what
+        );
         l
     }
 
@@ -304,13 +310,18 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent ignored signal {signal} for 10 s\nstderr:\n{}", self.stderr());
+                panic!(
+                    "agent ignored signal {signal} for 10 s\nstderr:\n{}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let mut rest = Vec::new();
         while let Ok(line) = self.records.recv_timeout(Duration::from_secs(2)) {
-            rest.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+            rest.push(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+            );
         }
         (status, rest)
     }

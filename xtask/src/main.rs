@@ -1,1 +1,32 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | test | vm-test`.
+mod cmd;
+mod setup;
+mod test;
+mod vm;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "portx build, setup and test automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent): rust-src, bpf-linker, Debian packages.
+    Setup(setup::SetupArgs),
+    /// Every test: setup, unit tests, end-to-end tests on this kernel, the VM kernel matrix.
+    Test(test::TestArgs),
+    /// The end-to-end tests on Debian kernels in QEMU, once per hook mode.
+    VmTest(vm::VmArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(a) => setup::run(&a),
+        Command::Test(a) => test::run(&a),
+        Command::VmTest(a) => vm::run(&a).map(|_| ()),
+    }
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask test`: every test, in the order a failure is cheapest to find.
+use std::process::Command;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::{cmd, setup, vm};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Skip the QEMU kernel matrix.
+    #[arg(long)]
+    pub no_vm: bool,
+    /// The wider kernel matrix (5.10 and the newest backports kernel too).
+    #[arg(long)]
+    pub wide: bool,
+}
+
+pub fn run(args: &TestArgs) -> anyhow::Result<()> {
+    let root = cmd::root();
+    setup::run(&setup::SetupArgs { no_vm: args.no_vm })?;
+    let mut summary = Vec::new();
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "-p", "portx-agent"]),
+    )?;
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "portx-e2e",
+    ]))
+    .context("unit tests")?;
+    summary.push("unit tests: passed".to_string());
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "test",
+                "-p",
+                "portx-e2e",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("PORTX_AGENT", root.join("target/debug/portx-agent")),
+    )
+    .context("end-to-end tests on this kernel")?;
+    summary.push("end-to-end tests on this kernel: passed".to_string());
+    if !args.no_vm {
+        let matrix = vm::run(&vm::VmArgs::defaults(args.wide))?;
+        summary.push(format!("kernel matrix: {} VM runs passed", matrix.len()));
+    }
+    eprintln!("\nall tests passed:");
+    for s in summary {
+        eprintln!("  {s}");
+    }
+    Ok(())
+}

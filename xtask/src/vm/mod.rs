@@ -1,0 +1,280 @@
+//! `cargo xtask vm-test`: the end-to-end tests on Debian kernels under QEMU, once per hook mode,
+//! reported as a kernel × hook-mode matrix (also written to `target/vm/last-matrix.json`).
+mod initramfs;
+mod kernels;
+mod qemu;
+
+use std::{
+    fs,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::cmd;
+
+#[derive(Args, Clone)]
+pub struct VmArgs {
+    /// Kernel to test (repeatable): 6.1, 6.12, 5.10, backports. Default: 6.1 and 6.12.
+    #[arg(long = "kernel", value_name = "SPEC")]
+    pub kernels: Vec<String>,
+    /// Hook mode to force (repeatable): auto, fentry, kprobe, tracepoint. Default: the last three.
+    #[arg(long = "hooks", value_name = "MODE", value_parser = ["auto", "fentry", "kprobe", "tracepoint"])]
+    pub hooks: Vec<String>,
+    /// The wider kernel set: 5.10, 6.1, 6.12 and the newest trixie-backports kernel.
+    #[arg(long)]
+    pub wide: bool,
+    /// VMs at once (each gets one CPU).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Minutes before a guest is considered hung and killed.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_minutes: u64,
+    /// Keep serial logs of passing runs too.
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+impl VmArgs {
+    pub fn defaults(wide: bool) -> Self {
+        Self {
+            kernels: Vec::new(),
+            hooks: Vec::new(),
+            wide,
+            jobs: 2,
+            timeout_minutes: 10,
+            keep_logs: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub kernel: String,
+    pub package: String,
+    pub mode: String,
+    pub pass: bool,
+    pub hooks_reported: Vec<String>,
+    pub passed: u32,
+    pub failed: u32,
+    pub secs: f64,
+    pub log: Option<String>,
+    pub note: String,
+}
+
+/// Sums libtest's `test result:` lines and collects the hooks the tests saw the agent attach.
+fn parse_log(text: &str) -> (u32, u32, Vec<String>) {
+    let (mut passed, mut failed) = (0, 0);
+    let mut hooks: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.split("test result: ").nth(1) {
+            let num = |word: &str| -> u32 {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(word).map(str::trim))
+                    .and_then(|n| n.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+        if let Some(h) = line.split("portx-e2e: agent hooks=").nth(1) {
+            let h = h.trim().to_string();
+            if !hooks.contains(&h) {
+                hooks.push(h);
+            }
+        }
+    }
+    (passed, failed, hooks)
+}
+
+pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
+    let root = cmd::root();
+    let names: Vec<String> = if !args.kernels.is_empty() {
+        args.kernels.clone()
+    } else if args.wide {
+        kernels::WIDE.iter().map(|s| s.to_string()).collect()
+    } else {
+        kernels::DEFAULT.iter().map(|s| s.to_string()).collect()
+    };
+    let modes: Vec<String> = if args.hooks.is_empty() {
+        ["fentry", "kprobe", "tracepoint"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        args.hooks.clone()
+    };
+    let mut fetched = Vec::new();
+    for n in &names {
+        fetched.push(kernels::fetch(&root, kernels::spec(n)?)?);
+    }
+    let base = initramfs::build(&root)?;
+    let mut initrds = Vec::new();
+    for k in &fetched {
+        initrds.push(initramfs::with_modules(&root, &base, k.spec, &k.modules)?);
+    }
+    let logs = root.join("target/vm/logs");
+    fs::create_dir_all(&logs)?;
+    let accel = qemu::choose_accel(&fetched[0].vmlinuz, &base, &logs.join("kvm-probe.log"));
+
+    let jobs: Vec<(usize, usize)> = (0..fetched.len())
+        .flat_map(|k| (0..modes.len()).map(move |m| (k, m)))
+        .collect();
+    let queue = Arc::new(Mutex::new(jobs.into_iter()));
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let timeout = Duration::from_secs(args.timeout_minutes * 60);
+    std::thread::scope(|s| {
+        for _ in 0..args.jobs.max(1) {
+            let (queue, rows) = (Arc::clone(&queue), Arc::clone(&rows));
+            let (fetched, modes, initrds, logs) = (&fetched, &modes, &initrds, &logs);
+            s.spawn(move || loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some((k, m)) = next else { break };
+                let (kernel, mode) = (&fetched[k], &modes[m]);
+                let log = logs.join(format!("{}-{mode}.log", kernel.spec));
+                eprintln!(
+                    "vm: booting {} ({}) with --hooks {mode}",
+                    kernel.spec, kernel.package
+                );
+                let row = match qemu::boot(
+                    accel,
+                    &kernel.vmlinuz,
+                    &initrds[k],
+                    &format!("portx.hooks={mode}"),
+                    &log,
+                    timeout,
+                    initramfs::MARKER,
+                ) {
+                    Ok(b) => {
+                        let text = fs::read_to_string(&log).unwrap_or_default();
+                        let (passed, failed, hooks_reported) = parse_log(&text);
+                        let hooks_ok = mode == "auto"
+                            || (!hooks_reported.is_empty()
+                                && hooks_reported.iter().all(|h| h == mode));
+                        let pass = b.rc == Some(0) && failed == 0 && passed > 0 && hooks_ok;
+                        let note = if b.timed_out {
+                            "timed out".to_string()
+                        } else if b.rc.is_none() {
+                            "no result marker".to_string()
+                        } else if !hooks_ok {
+                            format!("agent attached {hooks_reported:?}, not {mode}")
+                        } else {
+                            String::new()
+                        };
+                        Row {
+                            kernel: kernel.spec.to_string(),
+                            package: kernel.package.clone(),
+                            mode: mode.clone(),
+                            pass,
+                            hooks_reported,
+                            passed,
+                            failed,
+                            secs: b.secs,
+                            log: Some(log.display().to_string()),
+                            note,
+                        }
+                    }
+                    Err(e) => Row {
+                        kernel: kernel.spec.to_string(),
+                        package: kernel.package.clone(),
+                        mode: mode.clone(),
+                        pass: false,
+                        hooks_reported: Vec::new(),
+                        passed: 0,
+                        failed: 0,
+                        secs: 0.0,
+                        log: None,
+                        note: format!("{e:#}"),
+                    },
+                };
+                if let Ok(mut r) = rows.lock() {
+                    r.push(row);
+                }
+            });
+        }
+    });
+    let mut rows = Arc::try_unwrap(rows)
+        .ok()
+        .and_then(|m| m.into_inner().ok())
+        .unwrap_or_default();
+    rows.sort_by(|a, b| {
+        (names.iter().position(|n| *n == a.kernel), &a.mode)
+            .cmp(&(names.iter().position(|n| *n == b.kernel), &b.mode))
+    });
+    for r in &mut rows {
+        if r.pass && !args.keep_logs {
+            if let Some(l) = r.log.take() {
+                let _ = fs::remove_file(l);
+            }
+        }
+    }
+    print_matrix(&rows, accel);
+    let json: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "kernel": r.kernel, "package": r.package, "hooks": r.mode, "pass": r.pass,
+                "hooks_reported": r.hooks_reported, "tests_passed": r.passed,
+                "tests_failed": r.failed, "seconds": (r.secs * 10.0).round() / 10.0,
+                "log": r.log, "note": r.note,
+            })
+        })
+        .collect();
+    fs::write(
+        root.join("target/vm/last-matrix.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let failed: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
+    if !failed.is_empty() {
+        for r in &failed {
+            eprintln!(
+                "vm: FAIL {} --hooks {}: {} (log: {})",
+                r.kernel,
+                r.mode,
+                r.note,
+                r.log.as_deref().unwrap_or("-")
+            );
+        }
+        bail!("{} of {} VM runs failed", failed.len(), rows.len());
+    }
+    Ok(rows)
+}
+
+fn print_matrix(rows: &[Row], accel: qemu::Accel) {
+    eprintln!("\nkernel matrix ({accel:?}):");
+    eprintln!(
+        "  {:<10} {:<40} {:<11} {:<5} {:<12} {:>6} {:>7}  NOTE",
+        "KERNEL", "PACKAGE", "HOOKS", "", "ATTACHED", "TESTS", "SECS"
+    );
+    for r in rows {
+        eprintln!(
+            "  {:<10} {:<40} {:<11} {:<5} {:<12} {:>6} {:>7.1}  {}",
+            r.kernel,
+            r.package,
+            r.mode,
+            if r.pass { "PASS" } else { "FAIL" },
+            r.hooks_reported.join(","),
+            format!("{}/{}", r.passed, r.passed + r.failed),
+            r.secs,
+            r.note
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_libtest_results_and_reported_hooks() {
+        let log = "portx-e2e: agent hooks=fentry\r\n\
+                   test result: ok. 6 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+                   portx-e2e: agent hooks=fentry\n\
+                   test result: FAILED. 2 passed; 1 failed; 0 ignored\n";
+        let (p, f, h) = parse_log(log);
+        assert_eq!((p, f), (8, 1));
+        assert_eq!(h, vec!["fentry".to_string()]);
+    }
+}
