@@ -76,8 +76,15 @@ fn time_wait_churn_names_the_churner() {
     churner.expect("churned ok=16 failed=0");
     assert!(churner.wait().success());
     let churner_pid = churner.pid();
-    // The server closes after reading EOF; give the last FINs a moment.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The server closes after reading EOF; on a slow (emulated) machine the last sockets may
+    // still be in FIN_WAIT for a moment. Wait until all 16 are in TIME_WAIT.
+    agent.wait_for("summary with 16 ports in TIME_WAIT", |v| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["dport"] == 9000 && d["by_state"]["TIME_WAIT"] == 16)
+            })
+    });
     let victim = victim_fails(&ns, V4);
 
     let report = exhaustion_for(&mut agent, victim, 9000);
@@ -197,6 +204,54 @@ fn existing_connections_are_seeded_at_start() {
     assert_eq!(started["seeded"], 16, "{started:#}");
     let victim = victim_fails(&ns, V4);
     let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["holders"][0]["ports"], 16);
+}
+
+#[test]
+fn syn_sent_ports_are_charged_at_allocation() {
+    let _g = serial();
+    if !require_root("syn_sent_ports_are_charged_at_allocation") {
+        return;
+    }
+    let mut ns = Netns::new();
+    // A server that never accepts: after backlog+1 connections the kernel drops SYNs, so the
+    // hog's connects stay in SYN_SENT. Their ports are known only from the allocation itself
+    // (inet_hash_connect, or the socket read when connect() returns EINPROGRESS), never from a
+    // later state change.
+    ns.keep(
+        "server",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:9002",
+            "--no-accept",
+            "--backlog",
+            "1",
+        ],
+        "ready",
+    );
+    let mut agent = Agent::start(ns.id);
+    let (hog, _) = ns.keep(
+        "hog",
+        &[
+            "hold",
+            "--nonblock",
+            "--connect",
+            "127.0.0.1:9002",
+            "--count",
+            "16",
+        ],
+        "held 16",
+    );
+    let victim = victim_fails(&ns, "127.0.0.1:9002");
+    let report = exhaustion_for(&mut agent, victim, 9002);
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    let syn_sent = report["by_state"]["SYN_SENT"].as_u64().unwrap_or(0);
+    assert!(
+        syn_sent >= 10,
+        "most ports are still in SYN_SENT: {report:#}"
+    );
     assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
     assert_eq!(report["holders"][0]["ports"], 16);
 }

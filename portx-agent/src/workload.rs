@@ -41,6 +41,12 @@ pub enum WorkloadCmd {
     Serve {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
+        /// Never accept: once the accept queue (backlog + 1) is full, the kernel drops further
+        /// SYNs and clients stay in SYN_SENT.
+        #[arg(long)]
+        no_accept: bool,
+        #[arg(long, default_value_t = 128)]
+        backlog: i32,
     },
     /// Open COUNT connections and keep them. Prints `held N ports=a,b,..`; exits 3 if one fails.
     Hold {
@@ -48,6 +54,9 @@ pub enum WorkloadCmd {
         connect: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Non-blocking connects, not waited for: ports are held from SYN_SENT on.
+        #[arg(long)]
+        nonblock: bool,
     },
     /// COUNT times: connect, then close first (TIME_WAIT) or with RST. Prints
     /// `churned ok=X failed=Y`.
@@ -121,8 +130,21 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
     prepare(&args)?;
     match args.cmd {
         WorkloadCmd::Park { sysctl } => park(&sysctl),
-        WorkloadCmd::Serve { listen } => serve(&listen),
-        WorkloadCmd::Hold { connect, count } => hold(connect, count),
+        WorkloadCmd::Serve {
+            listen,
+            no_accept,
+            backlog,
+        } => serve(&listen, !no_accept, backlog),
+        WorkloadCmd::Hold {
+            connect,
+            count,
+            nonblock: false,
+        } => hold(connect, count),
+        WorkloadCmd::Hold {
+            connect,
+            count,
+            nonblock: true,
+        } => hold_nonblocking(connect, count),
         WorkloadCmd::Churn {
             connect,
             count,
@@ -157,10 +179,20 @@ fn park(sysctls: &[String]) -> anyhow::Result<()> {
     sleep_forever()
 }
 
-fn serve(addrs: &[SocketAddr]) -> anyhow::Result<()> {
+fn serve(addrs: &[SocketAddr], accept: bool, backlog: i32) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for a in addrs {
-        listeners.push(TcpListener::bind(a).with_context(|| format!("listening on {a}"))?);
+        let l = TcpListener::bind(a).with_context(|| format!("listening on {a}"))?;
+        // Calling listen() again on a listening socket sets its backlog.
+        // SAFETY: valid listening fd.
+        if unsafe { libc::listen(l.as_raw_fd(), backlog) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setting the backlog");
+        }
+        listeners.push(l);
+    }
+    if !accept {
+        say("ready");
+        sleep_forever()
     }
     for l in listeners {
         std::thread::spawn(move || {
@@ -194,6 +226,55 @@ fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
         .map(|a| a.port().to_string())
         .collect();
     say(&format!("held {} ports={}", held.len(), ports.join(",")));
+    sleep_forever()
+}
+
+fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
+    let SocketAddr::V4(v4) = addr else {
+        bail!("--nonblock supports IPv4 destinations only");
+    };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut ports = Vec::new();
+    for _ in 0..count {
+        // SAFETY: plain socket calls on fds we own (kept open until we are killed).
+        let (rc, fd) = unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("socket");
+            }
+            let rc = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            (rc, fd)
+        };
+        let err = std::io::Error::last_os_error();
+        if rc != 0 && errno(&err) != libc::EINPROGRESS {
+            say(&format!("connect failed errno={}", errno(&err)));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+        // SAFETY: getsockname into a sockaddr_in we own.
+        let port = unsafe {
+            let mut local: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            libc::getsockname(fd, (&mut local as *mut libc::sockaddr_in).cast(), &mut len);
+            u16::from_be(local.sin_port)
+        };
+        ports.push(port.to_string());
+    }
+    say(&format!("held {} ports={}", ports.len(), ports.join(",")));
     sleep_forever()
 }
 

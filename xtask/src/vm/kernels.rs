@@ -232,6 +232,12 @@ pub fn fetch(root: &Path, spec: &'static Spec) -> anyhow::Result<Kernel> {
         .ok_or_else(|| anyhow!("no vmlinuz found in {image}"))?;
     fs::copy(&found, &vmlinuz).with_context(|| format!("copying {}", found.display()))?;
     fs::create_dir_all(cache.join("modules"))?;
+    if copy_module(&work.join("extract"), MODULES[0], &cached_modules(&cache)[0]).is_err() {
+        // Newer packages keep modules in linux-modules-<version>.
+        let modules = depends(dir, &image, "linux-modules-")?
+            .ok_or_else(|| anyhow!("{image} has no modules and no linux-modules dependency"))?;
+        download_and_extract(dir, &modules, &work)?;
+    }
     for (name, dest) in MODULES.iter().zip(cached_modules(&cache)) {
         copy_module(&work.join("extract"), name, &dest)?;
     }
