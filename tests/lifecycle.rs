@@ -1,6 +1,10 @@
 //! The agent's life: clean exit with a final summary on SIGINT/SIGTERM and nothing left
 //! attached; a clear one-line error without privileges.
-use std::process::Command;
+use std::{
+    collections::HashSet,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use portx_e2e::{agent_bin, require_root, serial, Agent, Netns};
 
@@ -12,16 +16,20 @@ const PROGRAMS: [&str; 4] = [
     "sys_exit_bind",
 ];
 
-fn loaded_portx_programs() -> Option<Vec<String>> {
+/// IDs of loaded programs with portx's names, or None without bpftool.
+fn portx_program_ids() -> Option<HashSet<u32>> {
     let out = Command::new("bpftool")
         .args(["prog", "show"])
         .output()
         .ok()?;
+    if !out.status.success() {
+        return None;
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     Some(
         text.lines()
             .filter(|l| PROGRAMS.iter().any(|p| l.contains(&format!("name {p}"))))
-            .map(str::to_string)
+            .filter_map(|l| l.split(':').next()?.trim().parse().ok())
             .collect(),
     )
 }
@@ -32,16 +40,18 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
     if !require_root("sigterm_and_sigint_end_cleanly_and_detach_everything") {
         return;
     }
-    let before = loaded_portx_programs();
     let ns = Netns::new();
     for signal in [libc::SIGTERM, libc::SIGINT] {
+        let before = portx_program_ids();
         let agent = Agent::start(ns.id);
         let pid = agent.pid();
-        if let Some(during) = loaded_portx_programs() {
-            assert!(
-                !during.is_empty(),
-                "bpftool does not show the agent's programs"
-            );
+        // The programs this agent loaded: present while it runs.
+        let mine: Option<HashSet<u32>> = match (&before, portx_program_ids()) {
+            (Some(b), Some(now)) => Some(now.difference(b).copied().collect()),
+            _ => None,
+        };
+        if let Some(m) = &mine {
+            assert!(!m.is_empty(), "bpftool does not show the agent's programs");
         }
         let (status, rest) = agent.stop(signal);
         assert_eq!(status.code(), Some(0), "exit status after signal {signal}");
@@ -51,10 +61,28 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
             "no final summary after signal {signal}: {rest:?}"
         );
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
-    }
-    match (before, loaded_portx_programs()) {
-        (Some(before), Some(after)) => assert_eq!(before, after, "programs left loaded"),
-        _ => println!("skipped the bpftool check: bpftool is not installed"),
+        match mine {
+            Some(mine) => {
+                // The kernel frees programs asynchronously once their last fd and link are gone.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let left: Vec<u32> = portx_program_ids()
+                        .unwrap_or_default()
+                        .intersection(&mine)
+                        .copied()
+                        .collect();
+                    if left.is_empty() {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "programs {left:?} still loaded after exit"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            None => println!("skipped the bpftool check: bpftool is not installed"),
+        }
     }
 }
 

@@ -276,13 +276,21 @@ impl Btf {
 
 /// The offsets the kernel programs need (see [`KernelOffsets`]).
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    let sk = |path: &str| btf.member_offset("sock", path);
     Ok(KernelOffsets {
+        sock_family: sk("__sk_common.skc_family")?,
+        sock_protocol: sk("sk_protocol")?,
+        sock_dport: sk("__sk_common.skc_dport")?,
+        sock_rcv_saddr: sk("__sk_common.skc_rcv_saddr")?,
+        sock_daddr: sk("__sk_common.skc_daddr")?,
+        sock_v6_rcv_saddr: sk("__sk_common.skc_v6_rcv_saddr")?,
+        sock_v6_daddr: sk("__sk_common.skc_v6_daddr")?,
         sock_num: btf.member_offset("sock", "__sk_common.skc_num")?,
+        inet_sport: btf.member_offset("inet_sock", "inet_sport")?,
         sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
         net_inum: btf.member_offset("net", "ns.inum")?,
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net: btf.member_offset("nsproxy", "net_ns")?,
-        _pad: 0,
     })
 }
 

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod output;
 pub mod privilege;
 pub mod procfs;
+pub mod prog_stats;
 pub mod ranges;
 pub mod reader;
 pub mod report;

@@ -10,7 +10,7 @@ use std::fmt;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    programs::{FExit, KProbe, TracePoint},
+    programs::{FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use portx_common::{hook_mode, names, KernelOffsets};
@@ -82,9 +82,11 @@ pub struct LoadOptions {
     pub ring_bytes: Option<u32>,
 }
 
+/// Raw tracepoint attached in every mode: TCP state changes.
+const STATE_TP: &str = "inet_sock_set_state";
+
 /// Tracepoints attached in every mode: (program, category, event).
-const TRACEPOINTS: [(&str, &str, &str); 5] = [
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+const TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("sys_enter_connect", "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_bind", "syscalls", "sys_enter_bind"),
@@ -160,6 +162,12 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         }
         HookMode::Tracepoint => {}
     }
+    let prog: &mut RawTracePoint = program(&mut ebpf, STATE_TP)?;
+    prog.load()
+        .with_context(|| format!("loading raw tracepoint {STATE_TP}"))?;
+    prog.attach(STATE_TP)
+        .with_context(|| format!("attaching raw tracepoint {STATE_TP}"))?;
+    attached.push(format!("raw_tracepoint:{STATE_TP}"));
     for (name, category, event) in TRACEPOINTS {
         let prog: &mut TracePoint = program(&mut ebpf, name)?;
         prog.load()

@@ -112,12 +112,13 @@ impl<W: Write> Output<W> {
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         writeln!(
             self.out,
-            "{} {}tracked {} ports, {} connect failures, lost {} events{}",
+            "{} {}tracked {} ports, {} connect failures, lost {} events, missed {}{}",
             clock(s.ts),
             if s.is_final { "FINAL: " } else { "" },
             s.tracked,
             s.connect_failures,
             s.lost,
+            s.missed,
             if s.decode_errors > 0 {
                 format!(", {} undecodable", s.decode_errors)
             } else {

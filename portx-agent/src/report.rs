@@ -118,6 +118,9 @@ pub struct Summary {
     pub tracked: usize,
     /// Records the kernel could not write (ring buffer full), since start.
     pub lost: u64,
+    /// Program runs the kernel skipped (another BPF program was running on that CPU), since
+    /// start; 0 before Linux 5.12, which does not count them.
+    pub missed: u64,
     /// Records that could not be decoded, since start.
     pub decode_errors: u64,
     /// State changes of sockets the agent never saw connect (server side), since start.

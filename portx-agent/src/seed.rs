@@ -45,6 +45,8 @@ pub struct Applied {
     pub added: usize,
     /// Table entries the kernel no longer has.
     pub removed: usize,
+    /// Table entries whose state the kernel reports differently (a missed transition).
+    pub corrected: usize,
 }
 
 /// Sockets that hold a local port as a client: drops listeners and the accepted side of
@@ -149,6 +151,8 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
                 tw_left,
             ) {
                 applied.added += 1;
+            } else if tracker.correct(dest, s.sport, s.state, pass.started_ns, tw_left) {
+                applied.corrected += 1;
             }
         }
         let gone: Vec<(DestKey, u16)> = tracker
@@ -225,7 +229,8 @@ mod tests {
             apply(&mut t, &first),
             Applied {
                 added: 2,
-                removed: 0
+                removed: 0,
+                corrected: 0
             }
         );
         let key = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
@@ -246,7 +251,8 @@ mod tests {
             apply(&mut t, &second),
             Applied {
                 added: 0,
-                removed: 1
+                removed: 1,
+                corrected: 0
             }
         );
         assert_eq!(t.tracked(), 1);

@@ -20,7 +20,7 @@ use crate::{
     decoder::{self, Event, SyscallFailure},
     loader::{self, HookChoice, LoadOptions},
     output::Output,
-    privilege,
+    privilege, prog_stats,
     ranges::Ranges,
     reader::Reader,
     report::{self, Record, Started, Summary},
@@ -51,6 +51,7 @@ struct Counters {
     decode_errors: u64,
     connect_failures: u64,
     lost: u64,
+    missed: u64,
 }
 
 /// Rate limit of exhaustion reports, per destination.
@@ -200,6 +201,7 @@ impl<W: io::Write> Session<W> {
             destinations,
             tracked: self.tracker.tracked(),
             lost: self.counters.lost,
+            missed: self.counters.missed,
             decode_errors: self.counters.decode_errors,
             untracked: self.tracker.counters.untracked,
             connect_failures: self.counters.connect_failures,
@@ -365,6 +367,14 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                     );
                     session.counters.lost = lost;
                 }
+                let missed = prog_stats::missed_runs(&loaded.ebpf);
+                if missed > session.counters.missed {
+                    tracing::warn!(
+                        "the kernel skipped portx programs {} times (recursion; {missed} since start): port counts may be off until the next resync",
+                        missed - session.counters.missed
+                    );
+                    session.counters.missed = missed;
+                }
                 session.ranges.refresh_all();
                 session.summary(false);
                 session.flush();
@@ -379,8 +389,11 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                 resync_job = None;
                 let pass = r.context("resync thread")?;
                 let applied = seed::apply(&mut session.tracker, &pass);
-                if applied.added + applied.removed > 0 {
-                    tracing::debug!(?applied, "resync with sock_diag corrected the table");
+                if applied.added + applied.removed + applied.corrected > 0 {
+                    tracing::info!(
+                        "sock_diag resync: {} sockets added, {} removed, {} corrected",
+                        applied.added, applied.removed, applied.corrected
+                    );
                 }
             }
             _ = sigint.recv() => break,
@@ -399,6 +412,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
     }
     reader.drain_pending(|buf| session.handle(buf));
     session.counters.lost = drops(&drop_map);
+    session.counters.missed = prog_stats::missed_runs(&loaded.ebpf);
     session.summary(true);
     session.flush();
     drop(loaded);

@@ -1,14 +1,14 @@
 //! Tracepoints need tracefs: aya reads each tracepoint's id from it. Many hosts (this project's
 //! CI among them) boot without it mounted, so the agent mounts it where the kernel expects it.
-//! The kernel programs read `sock:inet_sock_set_state` fields at fixed offsets; the tracepoint's
-//! `format` file is checked against them before load, so a kernel with another layout is refused
-//! with a clear error instead of producing garbage.
+//! The syscall programs read `sys_enter_*`/`sys_exit_*` records at fixed offsets; the
+//! tracepoints' `format` files are checked against them before load, so a kernel with another
+//! layout is refused with a clear error instead of producing garbage.
 use std::{
     ffi::CString,
     path::{Path, PathBuf},
 };
 
-use portx_common::{set_state_tp as tp, syscall_tp};
+use portx_common::syscall_tp;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -105,23 +105,6 @@ fn check(
 
 /// Checks every tracepoint layout the kernel programs rely on.
 pub fn verify_layouts(root: &Path) -> Result<(), TracefsError> {
-    check(
-        root,
-        "sock/inet_sock_set_state",
-        &[
-            ("skaddr", tp::SKADDR),
-            ("oldstate", tp::OLDSTATE),
-            ("newstate", tp::NEWSTATE),
-            ("sport", tp::SPORT),
-            ("dport", tp::DPORT),
-            ("family", tp::FAMILY),
-            ("protocol", tp::PROTOCOL),
-            ("saddr", tp::SADDR),
-            ("daddr", tp::DADDR),
-            ("saddr_v6", tp::SADDR_V6),
-            ("daddr_v6", tp::DADDR_V6),
-        ],
-    )?;
     for (event, fields) in [
         (
             "syscalls/sys_enter_connect",

@@ -204,7 +204,12 @@ impl Tracker {
         } else {
             e.new
         };
-        self.set_state(&key, new as u8, e.ts_ns);
+        self.set_state(
+            &key,
+            new as u8,
+            e.ts_ns,
+            e.ts_ns.saturating_add(TIME_WAIT_NS),
+        );
     }
 
     pub fn on_port(&mut self, e: &PortAssigned) {
@@ -263,6 +268,27 @@ impl Tracker {
             }
         }
         true
+    }
+
+    /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
+    /// `snapshot_ns` (then the event is newer than the kernel's snapshot). The owner is kept.
+    pub fn correct(
+        &mut self,
+        dest: DestKey,
+        sport: u16,
+        state: u8,
+        snapshot_ns: u64,
+        time_wait_left_ns: u64,
+    ) -> bool {
+        let key = (dest, sport);
+        match self.conns.get(&key) {
+            Some(c) if c.updated_ns < snapshot_ns && c.state != state => {
+                let expiry = snapshot_ns + time_wait_left_ns.min(TIME_WAIT_NS);
+                self.set_state(&key, state, snapshot_ns, expiry);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Removes a tuple the kernel no longer has (see [`crate::seed`]).
@@ -367,7 +393,7 @@ impl Tracker {
         account(stats, owner, state, 1);
     }
 
-    fn set_state(&mut self, key: &ConnKey, new: u8, ts: u64) {
+    fn set_state(&mut self, key: &ConnKey, new: u8, ts: u64, time_wait_expiry: u64) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -376,8 +402,7 @@ impl Tracker {
         conn.updated_ns = ts;
         let seq = conn.seq;
         if new as u32 == st::TIME_WAIT {
-            self.time_wait
-                .push(Reverse((ts.saturating_add(TIME_WAIT_NS), seq, *key)));
+            self.time_wait.push(Reverse((time_wait_expiry, seq, *key)));
         }
         if let Some(stats) = self.dests.get_mut(&key.0) {
             account(stats, owner, old, -1);
@@ -656,6 +681,33 @@ mod tests {
         t.expire(5 * SEC - 1);
         assert_eq!(t.tracked(), 1);
         t.expire(5 * SEC);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn correction_follows_the_kernel_unless_an_event_is_newer() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(1, "a"), 0);
+        t.on_state(&ev(
+            1,
+            st::ESTABLISHED,
+            st::FIN_WAIT1,
+            40000,
+            task(0, "x"),
+            SEC,
+        ));
+        // The kernel says TIME_WAIT (a transition the tracepoint missed), 50 s left.
+        assert!(
+            !t.correct(dest(), 40000, st::TIME_WAIT as u8, SEC, 50 * SEC),
+            "not older"
+        );
+        assert!(t.correct(dest(), 40000, st::TIME_WAIT as u8, 2 * SEC, 50 * SEC));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 1);
+        assert_eq!(d.holders_ranked()[0].1.time_wait, 1, "owner kept");
+        t.expire(52 * SEC - 1);
+        assert_eq!(t.tracked(), 1);
+        t.expire(52 * SEC);
         assert_eq!(t.tracked(), 0);
     }
 

@@ -68,23 +68,6 @@ pub const EINPROGRESS: i32 = 115;
 pub const EADDRNOTAVAIL: i32 = 99;
 pub const EADDRINUSE: i32 = 98;
 
-/// Offsets of the `sock:inet_sock_set_state` tracepoint fields the kernel program reads. The agent
-/// checks them against the tracepoint's `format` file before loading and refuses to run on a kernel
-/// whose layout differs.
-pub mod set_state_tp {
-    pub const SKADDR: usize = 8;
-    pub const OLDSTATE: usize = 16;
-    pub const NEWSTATE: usize = 20;
-    pub const SPORT: usize = 24;
-    pub const DPORT: usize = 26;
-    pub const FAMILY: usize = 28;
-    pub const PROTOCOL: usize = 30;
-    pub const SADDR: usize = 32;
-    pub const DADDR: usize = 36;
-    pub const SADDR_V6: usize = 40;
-    pub const DADDR_V6: usize = 56;
-}
-
 /// Offsets in `syscalls:sys_enter_*` / `sys_exit_*` records (stable since the syscall tracepoints
 /// exist; also checked by the agent).
 pub mod syscall_tp {
@@ -179,12 +162,30 @@ pub struct SyscallArgs {
 }
 
 /// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
-/// `OFFSETS` global before load (Rust eBPF has no CO-RE relocations).
+/// `OFFSETS` global before load (Rust eBPF has no CO-RE relocations). All `struct sock` offsets
+/// are from the start of `struct sock` (`__sk_common` is its first member).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelOffsets {
-    /// `struct sock` -> `__sk_common.skc_num` (u16, local port, host order).
+    /// `skc_family` (u16).
+    pub sock_family: u32,
+    /// `sk_protocol` (u16 since Linux 5.6).
+    pub sock_protocol: u32,
+    /// `skc_dport` (__be16).
+    pub sock_dport: u32,
+    /// `skc_rcv_saddr` (__be32): IPv4 local address.
+    pub sock_rcv_saddr: u32,
+    /// `skc_daddr` (__be32): IPv4 destination.
+    pub sock_daddr: u32,
+    /// `skc_v6_rcv_saddr` (struct in6_addr).
+    pub sock_v6_rcv_saddr: u32,
+    /// `skc_v6_daddr` (struct in6_addr).
+    pub sock_v6_daddr: u32,
+    /// `skc_num` (u16, local port, host order). Zeroed by `inet_put_port()` before the state
+    /// change to CLOSE is traced: use `inet_sport` there.
     pub sock_num: u32,
+    /// `struct inet_sock` -> `inet_sport` (__be16): the local port, kept through CLOSE.
+    pub inet_sport: u32,
     /// `struct sock` -> `__sk_common.skc_net.net` (`struct net *`).
     pub sock_net: u32,
     /// `struct net` -> `ns.inum` (u32).
@@ -193,7 +194,6 @@ pub struct KernelOffsets {
     pub task_nsproxy: u32,
     /// `struct nsproxy` -> `net_ns` (`struct net *`).
     pub nsproxy_net: u32,
-    pub _pad: u32,
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 40);
@@ -201,7 +201,7 @@ const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 80);
 const _: () = assert!(size_of::<SyscallArgs>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 24);
+const _: () = assert!(size_of::<KernelOffsets>() == 52);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -14,12 +14,19 @@ static HOOK_MODE: u32 = 0;
 /// Kernel struct offsets from BTF.
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets {
+    sock_family: 0,
+    sock_protocol: 0,
+    sock_dport: 0,
+    sock_rcv_saddr: 0,
+    sock_daddr: 0,
+    sock_v6_rcv_saddr: 0,
+    sock_v6_daddr: 0,
     sock_num: 0,
+    inet_sport: 0,
     sock_net: 0,
     net_inum: 0,
     task_nsproxy: 0,
     nsproxy_net: 0,
-    _pad: 0,
 };
 
 #[inline(always)]

@@ -47,3 +47,13 @@ pub fn sock_port(sk: u64) -> u16 {
     }
     unsafe { bpf_probe_read_kernel((sk + off as u64) as *const u16).unwrap_or(0) }
 }
+
+/// A field of type `T` at `off` bytes into `sk`; `None` if unreadable. 0 is a valid offset here
+/// (`skc_daddr` is the first field of `struct sock`); the agent always sets every offset.
+#[inline(always)]
+pub fn sock_field<T>(sk: u64, off: u32) -> Option<T> {
+    if sk == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((sk + off as u64) as *const T).ok() }
+}

@@ -20,7 +20,9 @@ pub struct Spec {
     pub name: &'static str,
     /// Extra apt source (a private APT_CONFIG is used when set).
     source: Option<&'static str>,
-    /// Meta package that depends on the newest image of that line.
+    /// Meta package that depends on the newest image of that line, or — where the suite has
+    /// no meta package per line — a `line:` prefix such as `line:linux-image-6.18.`, resolved to
+    /// the newest `<prefix>*-cloud-amd64` by version order.
     meta: &'static str,
 }
 
@@ -41,6 +43,11 @@ pub const SPECS: &[Spec] = &[
         meta: "linux-image-cloud-amd64",
     },
     Spec {
+        name: "6.18",
+        source: Some("http://deb.debian.org/debian trixie-backports main"),
+        meta: "line:linux-image-6.18.",
+    },
+    Spec {
         name: "backports",
         source: Some("http://deb.debian.org/debian trixie-backports main"),
         meta: "linux-image-cloud-amd64",
@@ -48,7 +55,7 @@ pub const SPECS: &[Spec] = &[
 ];
 
 pub const DEFAULT: &[&str] = &["6.1", "6.12"];
-pub const WIDE: &[&str] = &["5.10", "6.1", "6.12", "backports"];
+pub const WIDE: &[&str] = &["5.10", "6.1", "6.12", "6.18", "backports"];
 
 pub fn spec(name: &str) -> anyhow::Result<&'static Spec> {
     SPECS.iter().find(|s| s.name == name).ok_or_else(|| {
@@ -154,6 +161,25 @@ fn depends(dir: Option<&Path>, package: &str, prefix: &str) -> anyhow::Result<Op
         .map(str::to_string))
 }
 
+/// The newest `<prefix>*-cloud-amd64` image package (Debian versions sort like `sort -V`).
+fn newest(dir: Option<&Path>, prefix: &str) -> anyhow::Result<String> {
+    let pattern = format!("^{}[0-9.]+\\+deb[0-9]+-cloud-amd64$", prefix.replace('.', "\\."));
+    let found = cmd::output(&mut apt(dir, &["apt-cache", "search", "--names-only", &pattern]))?;
+    let mut names: Vec<&str> = found.lines().filter_map(|l| l.split(' ').next()).collect();
+    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names
+        .last()
+        .map(|s| s.to_string())
+        .ok_or_else(|| anyhow!("no package matches {pattern}"))
+}
+
+/// Numeric parts of a package name, for version ordering (6.18.9 < 6.18.15).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
     let boot = dir.join("boot");
     if let Ok(rd) = fs::read_dir(&boot) {
@@ -219,8 +245,11 @@ pub fn fetch(root: &Path, spec: &'static Spec) -> anyhow::Result<Kernel> {
         cmd::run(Command::new("apt-get").args(["update", "-qq"]))?;
     }
     let dir = private.as_deref();
-    let image = depends(dir, spec.meta, "linux-image-")?
-        .ok_or_else(|| anyhow!("{} has no linux-image dependency", spec.meta))?;
+    let image = match spec.meta.strip_prefix("line:") {
+        Some(prefix) => newest(dir, prefix)?,
+        None => depends(dir, spec.meta, "linux-image-")?
+            .ok_or_else(|| anyhow!("{} has no linux-image dependency", spec.meta))?,
+    };
     download_and_extract(dir, &image, &work)?;
     if find_vmlinuz(&work.join("extract")).is_none() {
         // Newer packages keep the image in linux-binary-<version>.
