@@ -88,15 +88,16 @@ fn time_wait_churn_names_the_churner() {
     let victim = victim_fails(&ns, V4);
 
     let report = exhaustion_for(&mut agent, victim, 9000);
-    assert_eq!(report["in_use"], 16, "{report:#}");
-    assert_eq!(report["by_state"]["TIME_WAIT"], 16, "{report:#}");
+    let ctx = format!("{report:#}\n{}", agent.context());
+    assert_eq!(report["in_use"], 16, "{ctx}");
+    assert_eq!(report["by_state"]["TIME_WAIT"], 16, "{ctx}");
     let top = &report["holders"][0];
     assert_eq!(
         top["pid"], churner_pid,
-        "the churner holds no live socket, yet is named: {report:#}"
+        "the churner holds no live socket, yet is named: {ctx}"
     );
-    assert_eq!(top["comm"], "churner");
-    assert_eq!(top["time_wait"], 16);
+    assert_eq!(top["comm"], "churner", "{ctx}");
+    assert_eq!(top["time_wait"], 16, "{ctx}");
 }
 
 #[test]
@@ -166,7 +167,7 @@ fn bind_before_connect_exhausts_the_namespace() {
     let mut ns = Netns::new();
     let mut agent = Agent::start(ns.id);
     ns.keep("binder", &["bind-hold", "--count", "16"], "bound 16");
-    let mut victim = ns.spawn("victim", &["bind-hold", "--count", "1"]);
+    let victim = ns.spawn("victim", &["bind-hold", "--count", "1"]);
     victim.expect("bind failed errno=98");
     let failed = agent.wait_for("bind_failed", |v| {
         v["type"] == "bind_failed" && v["pid"] == victim.pid()

@@ -41,10 +41,11 @@ fn recursion_misses(fd: i32) -> std::io::Result<u64> {
     Ok(info.recursion_misses)
 }
 
-/// Sum of `recursion_misses` over every loaded program of `ebpf` (0 before Linux 5.12).
-pub fn missed_runs(ebpf: &Ebpf) -> u64 {
+/// `recursion_misses` of every loaded program of `ebpf` that has any (none before Linux 5.12).
+pub fn missed_runs(ebpf: &Ebpf) -> Vec<(String, u64)> {
     ebpf.programs()
-        .filter_map(|(_, p)| p.fd().ok())
-        .filter_map(|fd| recursion_misses(fd.as_fd().as_raw_fd()).ok())
-        .sum()
+        .filter_map(|(name, p)| Some((name.to_string(), p.fd().ok()?)))
+        .filter_map(|(name, fd)| Some((name, recursion_misses(fd.as_fd().as_raw_fd()).ok()?)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }

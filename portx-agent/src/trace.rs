@@ -367,11 +367,15 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                     );
                     session.counters.lost = lost;
                 }
-                let missed = prog_stats::missed_runs(&loaded.ebpf);
+                let by_program = prog_stats::missed_runs(&loaded.ebpf);
+                let missed: u64 = by_program.iter().map(|(_, n)| n).sum();
                 if missed > session.counters.missed {
+                    let detail: Vec<String> =
+                        by_program.iter().map(|(p, n)| format!("{p} {n}")).collect();
                     tracing::warn!(
-                        "the kernel skipped portx programs {} times (recursion; {missed} since start): port counts may be off until the next resync",
-                        missed - session.counters.missed
+                        "the kernel skipped portx programs {} times (recursion; since start: {}): port counts may be off until the next resync",
+                        missed - session.counters.missed,
+                        detail.join(", ")
                     );
                     session.counters.missed = missed;
                 }
@@ -412,7 +416,10 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
     }
     reader.drain_pending(|buf| session.handle(buf));
     session.counters.lost = drops(&drop_map);
-    session.counters.missed = prog_stats::missed_runs(&loaded.ebpf);
+    session.counters.missed = prog_stats::missed_runs(&loaded.ebpf)
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     session.summary(true);
     session.flush();
     drop(loaded);

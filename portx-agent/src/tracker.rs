@@ -29,6 +29,9 @@ pub const TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
 /// Number of slots in per-state arrays (TCP states are 1..=12).
 pub const STATES: usize = 13;
 
+/// Cap of [`Tracker`]'s owners-without-tuple map; past it the map is cleared (counted).
+pub const MAX_ORPHAN_OWNERS: usize = 4096;
+
 /// A destination: the scope within which source ports must be unique.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DestKey {
@@ -125,6 +128,9 @@ pub struct TrackerCounters {
     pub untracked: u64,
     /// TIME_WAIT entries that aged out.
     pub time_wait_expired: u64,
+    /// Sockets placed through an owner from a port event because their CLOSE->SYN_SENT was not
+    /// seen.
+    pub recovered: u64,
 }
 
 type ConnKey = (DestKey, u16);
@@ -134,6 +140,10 @@ pub struct Tracker {
     conns: HashMap<ConnKey, Conn>,
     /// connect()s in SYN_SENT whose port is not known yet, by socket address.
     pending: HashMap<u64, Pending>,
+    /// Owners learned from a port event (process context) for sockets whose CLOSE->SYN_SENT the
+    /// kernel skipped (a program cannot nest in itself on one CPU): the next state change, which
+    /// carries the tuple, places the socket. Bounded by [`MAX_ORPHAN_OWNERS`].
+    orphan_owners: HashMap<u64, Owner>,
     dests: HashMap<DestKey, DestStats>,
     /// Source addresses in use per target, to find the destination a failed connect() meant.
     targets: HashMap<Target, Vec<IpAddr>>,
@@ -179,6 +189,13 @@ impl Tracker {
         }
         let key = (dest, e.sport);
         let Some(conn) = self.conns.get(&key).copied() else {
+            if let Some(owner) = self.orphan_owners.remove(&e.skaddr) {
+                if e.sport != 0 && e.new != st::CLOSE {
+                    self.counters.recovered += 1;
+                    self.open(dest, e.sport, e.new as u8, owner, e.skaddr, e.ts_ns);
+                    return;
+                }
+            }
             self.counters.untracked += 1;
             return;
         };
@@ -225,6 +242,19 @@ impl Tracker {
                 p.owner,
                 e.skaddr,
                 e.ts_ns,
+            );
+        } else {
+            // CLOSE->SYN_SENT was not seen; this event comes from connect() in process context,
+            // so its task is the owner.
+            if self.orphan_owners.len() >= MAX_ORPHAN_OWNERS {
+                self.orphan_owners.clear();
+            }
+            self.orphan_owners.insert(
+                e.skaddr,
+                Owner {
+                    pid: e.task.pid,
+                    comm: e.task.comm,
+                },
             );
         }
     }
@@ -642,6 +672,33 @@ mod tests {
             vec![(1, 3), (2, 1)]
         );
         assert_eq!(t.top(5).len(), 1);
+    }
+
+    #[test]
+    fn owner_from_the_port_event_places_a_socket_whose_connect_was_not_seen() {
+        let mut t = Tracker::new();
+        // No CLOSE->SYN_SENT (the kernel skipped it); fexit/kretprobe saw the allocation.
+        t.on_port(&PortAssigned {
+            ts_ns: 0,
+            task: task(50, "client"),
+            skaddr: 9,
+            netns: NS,
+            ret: 0,
+            sport: 40005,
+            source: 2,
+        });
+        t.on_state(&ev(
+            9,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40005,
+            task(0, "swapper/0"),
+            1,
+        ));
+        let d = t.dest(&dest()).expect("placed");
+        assert_eq!(d.holders_ranked()[0].0, 50);
+        assert_eq!(t.counters.recovered, 1);
+        assert_eq!(t.counters.untracked, 0);
     }
 
     #[test]

@@ -143,7 +143,8 @@ fn workload(args: &[&str]) -> Workload {
 pub struct Netns {
     /// Dropped (killed) before `park`: fields drop in declaration order.
     workloads: Vec<Workload>,
-    park: Workload,
+    /// Holds the namespace; killed on drop.
+    _park: Workload,
     pub id: u32,
     pub path: String,
 }
@@ -167,7 +168,7 @@ impl Netns {
         let path = format!("/proc/{}/ns/net", park.pid());
         Netns {
             workloads: Vec::new(),
-            park,
+            _park: park,
             id,
             path,
         }
@@ -294,6 +295,17 @@ impl Agent {
         &self.seen
     }
 
+    /// Context for an assertion message: the last summary (counters: lost, missed, untracked)
+    /// and the agent's stderr so far.
+    pub fn context(&self) -> String {
+        let last = self.seen.iter().rev().find(|v| v["type"] == "summary");
+        format!(
+            "last summary: {}\nagent stderr:\n{}",
+            last.map_or("none".to_string(), |v| v.to_string()),
+            self.stderr()
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
@@ -329,6 +341,12 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // Corrections and losses the agent reported: shown in every run, passing or not.
+        for line in self.stderr().lines() {
+            if line.contains("WARN") || line.contains("resync") {
+                println!("portx-e2e: agent said: {line}");
+            }
+        }
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill with a pid we own.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

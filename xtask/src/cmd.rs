@@ -34,21 +34,9 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs and captures; error (with stderr) on non-zero exit.
+/// Runs and captures stdout as text; error (with stderr) on non-zero exit.
 pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let line = show(cmd);
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().with_context(|| format!("starting `{line}`"))?;
-    if !status.success() {
-        bail!(
-            "`{line}` failed ({status}): {}",
-            String::from_utf8_lossy(&stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&stdout).into_owned())
+    output_bytes(cmd).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// True if the command runs and exits 0 (output discarded).

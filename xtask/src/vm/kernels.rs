@@ -163,8 +163,14 @@ fn depends(dir: Option<&Path>, package: &str, prefix: &str) -> anyhow::Result<Op
 
 /// The newest `<prefix>*-cloud-amd64` image package (Debian versions sort like `sort -V`).
 fn newest(dir: Option<&Path>, prefix: &str) -> anyhow::Result<String> {
-    let pattern = format!("^{}[0-9.]+\\+deb[0-9]+-cloud-amd64$", prefix.replace('.', "\\."));
-    let found = cmd::output(&mut apt(dir, &["apt-cache", "search", "--names-only", &pattern]))?;
+    let pattern = format!(
+        "^{}[0-9.]+\\+deb[0-9]+-cloud-amd64$",
+        prefix.replace('.', "\\.")
+    );
+    let found = cmd::output(&mut apt(
+        dir,
+        &["apt-cache", "search", "--names-only", &pattern],
+    ))?;
     let mut names: Vec<&str> = found.lines().filter_map(|l| l.split(' ').next()).collect();
     names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
     names
@@ -200,7 +206,13 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
 }
 
 fn download_and_extract(dir: Option<&Path>, package: &str, into: &Path) -> anyhow::Result<()> {
-    cmd::run(apt(dir, &["apt-get", "download", "-qq", package]).current_dir(into))?;
+    let download =
+        || cmd::run(apt(dir, &["apt-get", "download", "-qq", package]).current_dir(into));
+    if download().is_err() {
+        // Stale package lists name versions the archive no longer has: refresh once.
+        cmd::run(&mut apt(dir, &["apt-get", "update", "-qq"]))?;
+        download()?;
+    }
     let deb = fs::read_dir(into)?
         .flatten()
         .map(|e| e.path())
@@ -261,7 +273,13 @@ pub fn fetch(root: &Path, spec: &'static Spec) -> anyhow::Result<Kernel> {
         .ok_or_else(|| anyhow!("no vmlinuz found in {image}"))?;
     fs::copy(&found, &vmlinuz).with_context(|| format!("copying {}", found.display()))?;
     fs::create_dir_all(cache.join("modules"))?;
-    if copy_module(&work.join("extract"), MODULES[0], &cached_modules(&cache)[0]).is_err() {
+    if copy_module(
+        &work.join("extract"),
+        MODULES[0],
+        &cached_modules(&cache)[0],
+    )
+    .is_err()
+    {
         // Newer packages keep modules in linux-modules-<version>.
         let modules = depends(dir, &image, "linux-modules-")?
             .ok_or_else(|| anyhow!("{image} has no modules and no linux-modules dependency"))?;

@@ -133,7 +133,8 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                 let next = queue.lock().ok().and_then(|mut q| q.next());
                 let Some((k, m)) = next else { break };
                 let (kernel, mode) = (&fetched[k], &modes[m]);
-                let log = logs.join(format!("{}-{mode}.log", kernel.spec));
+                // The index keeps repeated rows (`--hooks kprobe --hooks kprobe`) apart.
+                let log = logs.join(format!("{}-{mode}-{m}.log", kernel.spec));
                 eprintln!(
                     "vm: booting {} ({}) with --hooks {mode}",
                     kernel.spec, kernel.package
