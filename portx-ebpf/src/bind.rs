@@ -6,13 +6,9 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{kind, syscall_tp, SyscallArgs, SyscallEvent};
+use portx_common::{kind, syscall_tp, SyscallArgs};
 
-use crate::{
-    emit::{emit, header},
-    kernel::current_netns,
-    sockaddr,
-};
+use crate::sockaddr;
 
 #[map(name = "BIND_ARGS")]
 static BIND_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
@@ -39,16 +35,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     };
     let ret = ret as i32;
     if ret < 0 {
-        emit(SyscallEvent {
-            hdr: header(kind::BIND_FAIL, 0),
-            skaddr: 0,
-            netns: current_netns(),
-            ret,
-            family: args.family,
-            port: args.port,
-            fd: args.fd,
-            addr: args.addr,
-        });
+        sockaddr::emit_failure(kind::BIND_FAIL, 0, ret, &args);
     }
     0
 }

@@ -7,14 +7,12 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     programs::TracePointContext,
 };
-use portx_common::{
-    hook_mode, kind, syscall_tp, PortEvent, SyscallArgs, SyscallEvent, EINPROGRESS,
-};
+use portx_common::{hook_mode, kind, syscall_tp, PortEvent, SyscallArgs, EINPROGRESS};
 
 use crate::{
     emit::{emit, header},
     globals::hook_mode,
-    kernel::{current_netns, sock_netns, sock_port},
+    kernel::{sock_netns, sock_port},
     sockaddr,
 };
 
@@ -75,16 +73,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     if ret < 0 && ret != -EINPROGRESS {
-        emit(SyscallEvent {
-            hdr: header(kind::CONNECT_FAIL, 0),
-            skaddr,
-            netns: current_netns(),
-            ret,
-            family: args.family,
-            port: args.port,
-            fd: args.fd,
-            addr: args.addr,
-        });
+        sockaddr::emit_failure(kind::CONNECT_FAIL, skaddr, ret, &args);
     }
     Ok(())
 }

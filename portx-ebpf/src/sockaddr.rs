@@ -5,9 +5,13 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{syscall_tp, SyscallArgs, AF_INET, AF_INET6};
+use portx_common::{syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
 
-use crate::globals::agent_tgid;
+use crate::{
+    emit::{emit, header},
+    globals::agent_tgid,
+    kernel::current_netns,
+};
 
 /// Reads the syscall's fd and sockaddr; `None` for the agent itself and for non-IP families.
 #[inline(always)]
@@ -48,4 +52,19 @@ pub fn take(map: &HashMap<u64, SyscallArgs>, pid_tgid: u64) -> Option<SyscallArg
         let _ = map.remove(&pid_tgid);
     }
     args
+}
+
+/// Emits a failed connect()/bind() with the arguments it was called with.
+#[inline(always)]
+pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, args: &SyscallArgs) {
+    emit(SyscallEvent {
+        hdr: header(kind, 0),
+        skaddr,
+        netns: current_netns(),
+        ret,
+        family: args.family,
+        port: args.port,
+        fd: args.fd,
+        addr: args.addr,
+    });
 }
