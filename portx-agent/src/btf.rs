@@ -264,7 +264,7 @@ impl Btf {
                 t = self.resolve(ty)?;
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::NotByteAligned {
                 strukt: strukt.into(),
                 path: path.into(),

@@ -149,6 +149,12 @@ pub struct Netns {
     pub path: String,
 }
 
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Netns {
     pub fn new() -> Netns {
         Self::with(&[

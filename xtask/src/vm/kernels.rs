@@ -172,7 +172,7 @@ fn newest(dir: Option<&Path>, prefix: &str) -> anyhow::Result<String> {
         &["apt-cache", "search", "--names-only", &pattern],
     ))?;
     let mut names: Vec<&str> = found.lines().filter_map(|l| l.split(' ').next()).collect();
-    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names.sort_by_key(|n| version_key(n));
     names
         .last()
         .map(|s| s.to_string())
