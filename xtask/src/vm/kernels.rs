@@ -206,8 +206,16 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
 }
 
 fn download_and_extract(dir: Option<&Path>, package: &str, into: &Path) -> anyhow::Result<()> {
-    let download =
-        || cmd::run(apt(dir, &["apt-get", "download", "-qq", package]).current_dir(into));
+    // The cache under target/ belongs to root: download as root, not as apt's sandbox user.
+    let args = [
+        "apt-get",
+        "download",
+        "-qq",
+        "-o",
+        "APT::Sandbox::User=root",
+        package,
+    ];
+    let download = || cmd::run(apt(dir, &args).current_dir(into));
     if download().is_err() {
         // Stale package lists name versions the archive no longer has: refresh once.
         cmd::run(&mut apt(dir, &["apt-get", "update", "-qq"]))?;
