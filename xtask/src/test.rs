@@ -53,8 +53,10 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         summary.push(format!("kernel matrix: {} VM runs passed", matrix.len()));
     }
     eprintln!("\nall tests passed:");
-    for s in summary {
+    for s in &summary {
         eprintln!("  {s}");
     }
+    // A plain closing line for CI, which reads the last one (each stage fails fast, so none failed).
+    println!("stages: {} passed, 0 failed", summary.len());
     Ok(())
 }
