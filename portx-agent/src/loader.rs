@@ -95,6 +95,9 @@ const TRACEPOINTS: [(&str, &str, &str); 4] = [
 
 const HASH_CONNECT: &str = "inet_hash_connect";
 
+/// Size of `EVENTS` in the eBPF object (4 MiB) unless `--ring-buffer-kib` overrides it.
+const DEFAULT_RING_BYTES: u32 = 1 << 22;
+
 /// Loads and attaches the first hook mode of `opts.hooks` that works on this kernel.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let mut failures = Vec::new();
@@ -118,11 +121,14 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
 fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let pid = std::process::id();
     let raw_mode = mode.raw();
+    // Wake the agent once an eighth of the ring buffer is waiting (failures always wake it).
+    let wakeup_bytes = opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES) / 8;
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::AGENT_TGID, &pid, true)
         .override_global(names::HOOK_MODE, &raw_mode, true)
-        .override_global(names::OFFSETS, &opts.offsets, true);
+        .override_global(names::OFFSETS, &opts.offsets, true)
+        .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true);
     if let Some(bytes) = opts.ring_bytes {
         loader.map_max_entries(names::EVENTS, bytes);
     }

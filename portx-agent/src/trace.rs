@@ -200,6 +200,7 @@ impl<W: io::Write> Session<W> {
         let rec = Record::Summary(Summary {
             destinations,
             tracked: self.tracker.tracked(),
+            events: self.counters.events,
             lost: self.counters.lost,
             missed: self.counters.missed,
             decode_errors: self.counters.decode_errors,
@@ -359,6 +360,9 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                // State changes do not wake the agent one by one (see portx-ebpf emit.rs):
+                // read what is waiting before summarizing.
+                reader.drain_pending(|buf| session.handle(buf));
                 let lost = drops(&drop_map);
                 if lost > session.counters.lost {
                     tracing::warn!(

@@ -18,6 +18,7 @@ pub mod names {
     pub const AGENT_TGID: &str = "AGENT_TGID";
     pub const HOOK_MODE: &str = "HOOK_MODE";
     pub const OFFSETS: &str = "OFFSETS";
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 }
 
 /// Record kinds (`EventHeader::kind`).

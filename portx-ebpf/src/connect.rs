@@ -10,7 +10,7 @@ use aya_ebpf::{
 use portx_common::{hook_mode, kind, syscall_tp, PortEvent, SyscallArgs, EINPROGRESS};
 
 use crate::{
-    emit::{emit, header},
+    emit::{emit, header, Wake},
     globals::hook_mode,
     kernel::{sock_netns, sock_port},
     sockaddr,
@@ -61,14 +61,17 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
             // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a failed one's with
             // SYN_SENT->CLOSE; only a connect still in progress needs the port read here.
             if ret == -EINPROGRESS {
-                emit(PortEvent {
-                    hdr: header(kind::PORT, hook_mode::TRACEPOINT),
-                    skaddr,
-                    netns: sock_netns(skaddr),
-                    ret: 0,
-                    sport: sock_port(skaddr),
-                    _pad: [0; 3],
-                });
+                emit(
+                    PortEvent {
+                        hdr: header(kind::PORT, hook_mode::TRACEPOINT),
+                        skaddr,
+                        netns: sock_netns(skaddr),
+                        ret: 0,
+                        sport: sock_port(skaddr),
+                        _pad: [0; 3],
+                    },
+                    Wake::Batch,
+                );
             }
         }
     }

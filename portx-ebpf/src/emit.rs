@@ -6,6 +6,8 @@ use aya_ebpf::{
 };
 use portx_common::{EventHeader, TASK_COMM_LEN};
 
+use crate::globals::wakeup_bytes;
+
 /// Default size; the agent may override it (`--ring-buffer-kib`).
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -27,13 +29,35 @@ pub fn header(kind: u32, flags: u32) -> EventHeader {
     }
 }
 
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// How urgently the agent must see a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Failures: wake the agent now (the failure report's latency depends on it). The ring is
+    /// ordered, so every state change written before it is read first.
+    Now,
+    /// State changes and ports: wake only once `wakeup_bytes` are waiting. Waking the agent for
+    /// every record costs a context switch per connection; it drains on failures, on this
+    /// threshold and before each summary.
+    Batch,
+}
+
 /// Writes one record, or counts it as lost.
 #[inline(always)]
-pub fn emit<T: 'static>(event: T) {
+pub fn emit<T: 'static>(event: T, wake: Wake) {
+    let flags = if wake == Wake::Now || EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(wakeup_bytes())
+    {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(event);
-            entry.submit(0);
+            entry.submit(flags);
         }
         None => {
             if let Some(count) = DROPS.get_ptr_mut(0) {

@@ -11,6 +11,10 @@ static AGENT_TGID: u32 = 0;
 #[no_mangle]
 static HOOK_MODE: u32 = 0;
 
+/// Bytes waiting in the ring buffer that force a wake-up of the agent (an eighth of the buffer).
+#[no_mangle]
+static WAKEUP_BYTES: u32 = 1 << 19;
+
 /// Kernel struct offsets from BTF.
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -42,4 +46,9 @@ pub fn hook_mode() -> u32 {
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+pub fn wakeup_bytes() -> u32 {
+    unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) }
 }

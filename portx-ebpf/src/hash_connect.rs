@@ -11,7 +11,7 @@ use aya_ebpf::{
 use portx_common::{hook_mode, kind, PortEvent};
 
 use crate::{
-    emit::{emit, header},
+    emit::{emit, header, Wake},
     globals::agent_tgid,
     kernel::{sock_netns, sock_port},
 };
@@ -26,14 +26,17 @@ fn is_agent(pid_tgid: u64) -> bool {
 
 #[inline(always)]
 fn emit_port(sk: u64, ret: i32, mode: u32) {
-    emit(PortEvent {
-        hdr: header(kind::PORT, mode),
-        skaddr: sk,
-        netns: sock_netns(sk),
-        ret,
-        sport: if ret == 0 { sock_port(sk) } else { 0 },
-        _pad: [0; 3],
-    });
+    emit(
+        PortEvent {
+            hdr: header(kind::PORT, mode),
+            skaddr: sk,
+            netns: sock_netns(sk),
+            ret,
+            sport: if ret == 0 { sock_port(sk) } else { 0 },
+            _pad: [0; 3],
+        },
+        Wake::Batch,
+    );
 }
 
 #[fexit(function = "inet_hash_connect")]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use portx_common::{syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
 
 use crate::{
-    emit::{emit, header},
+    emit::{emit, header, Wake},
     globals::agent_tgid,
     kernel::current_netns,
 };
@@ -57,14 +57,17 @@ pub fn take(map: &HashMap<u64, SyscallArgs>, pid_tgid: u64) -> Option<SyscallArg
 /// Emits a failed connect()/bind() with the arguments it was called with.
 #[inline(always)]
 pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, args: &SyscallArgs) {
-    emit(SyscallEvent {
-        hdr: header(kind, 0),
-        skaddr,
-        netns: current_netns(),
-        ret,
-        family: args.family,
-        port: args.port,
-        fd: args.fd,
-        addr: args.addr,
-    });
+    emit(
+        SyscallEvent {
+            hdr: header(kind, 0),
+            skaddr,
+            netns: current_netns(),
+            ret,
+            family: args.family,
+            port: args.port,
+            fd: args.fd,
+            addr: args.addr,
+        },
+        Wake::Now,
+    );
 }

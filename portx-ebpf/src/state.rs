@@ -13,7 +13,7 @@ use portx_common::{hook_mode, kind, tcp_state, StateEvent, AF_INET, AF_INET6, IP
 
 use crate::{
     connect::CONNECT_SK,
-    emit::{emit, header},
+    emit::{emit, header, Wake},
     globals::{agent_tgid, hook_mode, offsets},
     kernel::{sock_field, sock_netns},
 };
@@ -84,19 +84,22 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     let dport: u16 = sock_field(sk, o.sock_dport).ok_or(())?;
     // inet_sport, not skc_num: on ->CLOSE, inet_put_port() has already zeroed skc_num.
     let sport: u16 = sock_field(sk, o.inet_sport).ok_or(())?;
-    emit(StateEvent {
-        hdr: header(kind::STATE, 0),
-        skaddr: sk,
-        netns,
-        oldstate: old,
-        newstate: new,
-        family,
-        protocol,
-        sport: u16::from_be(sport),
-        dport: u16::from_be(dport),
-        _pad: 0,
-        saddr,
-        daddr,
-    });
+    emit(
+        StateEvent {
+            hdr: header(kind::STATE, 0),
+            skaddr: sk,
+            netns,
+            oldstate: old,
+            newstate: new,
+            family,
+            protocol,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            _pad: 0,
+            saddr,
+            daddr,
+        },
+        Wake::Batch,
+    );
     Ok(())
 }
