@@ -77,6 +77,22 @@ pub enum WorkloadCmd {
         #[arg(long)]
         nonblock: bool,
     },
+    /// Connect storm for benchmarks: each of THREADS threads has its own listener on
+    /// 127.0.0.1:(BASE_PORT + i) and loops connect + accept + close in the same thread (a
+    /// cross-thread accept loop is itself the bottleneck). Prints `storm ok=N failed=M secs=S`.
+    Storm {
+        #[arg(long, default_value_t = 2)]
+        threads: u16,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// rst: SO_LINGER 0, no TIME_WAIT; close: client closes first (TIME_WAIT churn);
+        /// fail: first hold 16 connections per thread, then connect() in a loop, each failing
+        /// with EADDRNOTAVAIL in a 16-port namespace.
+        #[arg(long, value_parser = ["rst", "close", "fail"], default_value = "rst")]
+        close: String,
+        #[arg(long, default_value_t = 20000)]
+        base_port: u16,
+    },
     /// bind() COUNT sockets to port 0 without connecting, and keep them. Prints `bound N`, or
     /// `bind failed errno=E` and exits 3.
     BindHold {
@@ -152,6 +168,12 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         } => churn(connect, count, rst),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
+        WorkloadCmd::Storm {
+            threads,
+            seconds,
+            close,
+            base_port,
+        } => storm(threads, seconds, &close, base_port),
     }
 }
 
@@ -278,6 +300,81 @@ fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     sleep_forever()
 }
 
+fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option struct for its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
+/// One storm thread: returns (ok, failed).
+fn storm_thread(port: u16, deadline: std::time::Instant, mode: &str) -> anyhow::Result<(u64, u64)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut held = Vec::new();
+    if mode == "fail" {
+        for _ in 0..16 {
+            let c = TcpStream::connect(addr)?;
+            held.push((c, listener.accept()?.0));
+        }
+    }
+    while std::time::Instant::now() < deadline {
+        for _ in 0..64 {
+            match TcpStream::connect(addr) {
+                Ok(c) => {
+                    let (s, _) = listener.accept()?;
+                    if mode == "rst" {
+                        set_linger_zero(&c);
+                    }
+                    // The client closes first: RST, or FIN and TIME_WAIT on the client side.
+                    drop(c);
+                    drop(s);
+                    ok += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    // Free the held ports at once (RST, no TIME_WAIT) so the next storm can hold them again.
+    for (c, _) in &held {
+        set_linger_zero(c);
+    }
+    Ok((ok, failed))
+}
+
+fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let mode = mode.to_string();
+            std::thread::spawn(move || storm_thread(base_port + i, deadline, &mode))
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for h in handles {
+        let (o, f) = h.join().map_err(|_| anyhow!("storm thread panicked"))??;
+        ok += o;
+        failed += f;
+    }
+    say(&format!(
+        "storm ok={ok} failed={failed} secs={:.3}",
+        start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
 fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0u32, 0u32);
     for _ in 0..count {
@@ -285,20 +382,7 @@ fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
             Ok(s) => {
                 ok += 1;
                 if rst {
-                    let linger = libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    };
-                    // SAFETY: valid fd and option struct for its size.
-                    unsafe {
-                        libc::setsockopt(
-                            s.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            (&linger as *const libc::linger).cast(),
-                            std::mem::size_of::<libc::linger>() as u32,
-                        )
-                    };
+                    set_linger_zero(&s);
                 }
                 drop(s);
             }
@@ -323,7 +407,12 @@ fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            say(&format!("connect failed errno={}", errno(&e)));
+            // When connect() returned, in Unix ns: the benchmark's latency reference.
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            say(&format!("connect failed errno={} at={at}", errno(&e)));
             std::process::exit(EXIT_SOCKET_ERROR);
         }
     }

@@ -1,4 +1,5 @@
 //! Project automation: `cargo xtask setup | test | vm-test`.
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -21,6 +22,8 @@ enum Command {
     Test(test::TestArgs),
     /// The end-to-end tests on Debian kernels in QEMU, once per hook mode.
     VmTest(vm::VmArgs),
+    /// Measure portx's overhead against nothing, tcpstates and bpftrace (not a test).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(a) => setup::run(&a),
         Command::Test(a) => test::run(&a),
         Command::VmTest(a) => vm::run(&a).map(|_| ()),
+        Command::Bench(a) => bench::run(&a),
     }
 }

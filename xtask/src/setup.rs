@@ -111,7 +111,7 @@ fn missing(packages: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing = missing(packages);
     if missing.is_empty() {
         return Ok(());

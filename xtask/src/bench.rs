@@ -1,0 +1,552 @@
+//! `cargo xtask bench`: portx's cost, measured side by side in one run inside a private network
+//! namespace. For each close mode (rst, close, fail) and round, the same connect storm runs with
+//! nothing attached, with `portx-agent trace`, with bcc's CO-RE `tcpstates` (libbpf-tools) and with
+//! a bpftrace script counting the same tracepoints — in a rotated order each round. Reported: the
+//! rate each keeps relative to nothing attached (median, min–max over rounds), the agent's CPU per
+//! 100k connections and peak RSS, lost/missed events, loss with an undersized ring buffer, the
+//! latency from a failing connect() to its record, and the tracker's scale on synthetic events.
+//! Not a test: it asserts nothing, it measures.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::{cmd, setup};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per storm.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 2)]
+    pub threads: u16,
+    /// Failing connect()s whose latency to the agent's record is measured.
+    #[arg(long, default_value_t = 20)]
+    pub latency_samples: usize,
+    /// Only these close modes (default: all of rst, close, fail).
+    #[arg(long = "mode", value_parser = MODES)]
+    pub modes: Vec<String>,
+}
+
+const TOOLS: [&str; 4] = ["none", "portx", "tcpstates", "bpftrace"];
+const MODES: [&str; 3] = ["rst", "close", "fail"];
+const BPFTRACE: &str = "tracepoint:sock:inet_sock_set_state { @states[args->newstate] = count(); }
+tracepoint:syscalls:sys_exit_connect { @connects = count(); }
+";
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A process killed (SIGINT, then SIGKILL) on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn interrupt(&mut self) {
+        // SAFETY: kill with a pid we own.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.interrupt();
+        }
+    }
+}
+
+/// A private network namespace held by `portx-agent workload park`.
+struct Netns {
+    park: Proc,
+    id: u64,
+}
+
+impl Netns {
+    fn new(agent: &Path, sysctls: &[&str]) -> anyhow::Result<Netns> {
+        let mut c = Command::new(agent);
+        c.args(["workload", "park"]);
+        for s in sysctls {
+            c.args(["--sysctl", s]);
+        }
+        let mut child = c.stdout(Stdio::piped()).spawn().context("starting park")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?)
+            .read_line(&mut line)?;
+        let id = line
+            .trim()
+            .strip_prefix("ready netns=")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("park said `{line}`"))?;
+        Ok(Netns {
+            park: Proc(child),
+            id,
+        })
+    }
+    fn path(&self) -> String {
+        format!("/proc/{}/ns/net", self.park.pid())
+    }
+}
+
+fn wait_for_file(path: &Path, needle: &str, secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} never said `{needle}`", path.display())
+}
+
+fn proc_cpu_secs(pid: u32, tick: f64) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / tick
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Started {
+    proc: Option<Proc>,
+    out: PathBuf,
+    cpu0: f64,
+}
+
+fn start_tool(
+    tool: &str,
+    agent: &Path,
+    ns: &Netns,
+    dir: &Path,
+    extra: &[&str],
+    tick: f64,
+) -> anyhow::Result<Started> {
+    let out = dir.join(format!("{tool}.out"));
+    let err = dir.join(format!("{tool}.err"));
+    let (mut c, ready) = match tool {
+        "none" => {
+            return Ok(Started {
+                proc: None,
+                out,
+                cpu0: 0.0,
+            })
+        }
+        "portx" => {
+            let mut c = Command::new(agent);
+            c.args([
+                "trace",
+                "--json",
+                "--interval",
+                "1",
+                "--netns",
+                &ns.id.to_string(),
+            ])
+            .args(extra);
+            (c, "\"started\"")
+        }
+        // tcpstates' header stays in its stdout buffer when writing to a file: no line to wait
+        // for, so it gets a fixed settle time below.
+        "tcpstates" => (Command::new("/usr/sbin/tcpstates"), ""),
+        "bpftrace" => {
+            let script = dir.join("count.bt");
+            fs::write(&script, BPFTRACE)?;
+            let mut c = Command::new("bpftrace");
+            c.arg(script);
+            (c, "Attaching")
+        }
+        other => bail!("unknown tool {other}"),
+    };
+    let child = c
+        .stdout(fs::File::create(&out)?)
+        .stderr(fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("starting {tool}"))?;
+    let p = Proc(child);
+    if ready.is_empty() {
+        std::thread::sleep(Duration::from_secs(3));
+    } else {
+        wait_for_file(&out, ready, 60)
+            .with_context(|| format!("{tool}: {}", fs::read_to_string(&err).unwrap_or_default()))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = proc_cpu_secs(p.pid(), tick);
+    Ok(Started {
+        proc: Some(p),
+        out,
+        cpu0,
+    })
+}
+
+/// Runs the storm in the namespace; returns (connections or failures, seconds).
+fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Result<(u64, f64)> {
+    let out = cmd::output(Command::new(agent).args([
+        "workload",
+        "--netns",
+        &ns.path(),
+        "storm",
+        "--threads",
+        &args.threads.to_string(),
+        "--seconds",
+        &args.seconds.to_string(),
+        "--close",
+        mode,
+    ]))?;
+    let field = |k: &str| -> Option<f64> {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}="))?.parse().ok())
+    };
+    let n = if mode == "fail" {
+        field("failed")
+    } else {
+        field("ok")
+    }
+    .ok_or_else(|| anyhow!("storm said `{out}`"))?;
+    Ok((n as u64, field("secs").unwrap_or(args.seconds)))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn sysctls(mode: &str) -> Vec<&'static str> {
+    match mode {
+        "fail" => vec![
+            "net.ipv4.ip_local_port_range=40000 40015",
+            "net.ipv4.tcp_tw_reuse=0",
+        ],
+        _ => vec![
+            "net.ipv4.ip_local_port_range=32768 60999",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    }
+}
+
+fn last_summary(out: &Path) -> Option<Value> {
+    fs::read_to_string(out)
+        .ok()?
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let root = cmd::root();
+    setup::ensure_packages(&["libbpf-tools", "bpftrace"])?;
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "portx-agent",
+    ]))?;
+    let agent = root.join("target/release/portx-agent");
+    let dir = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let tick: f64 = cmd::output(Command::new("getconf").arg("CLK_TCK"))?
+        .trim()
+        .parse()
+        .unwrap_or(100.0);
+
+    let modes: Vec<&str> = MODES
+        .into_iter()
+        .filter(|m| args.modes.is_empty() || args.modes.iter().any(|a| a == m))
+        .collect();
+    let mut samples: Vec<Value> = Vec::new();
+    for &mode in &modes {
+        let ns = Netns::new(&agent, &sysctls(mode))?;
+        for round in 0..args.rounds {
+            let mut order = TOOLS.to_vec();
+            order.rotate_left(round % TOOLS.len());
+            for tool in order {
+                let mut t = start_tool(tool, &agent, &ns, &dir, &[], tick)?;
+                let (n, secs) = storm(&agent, &ns, mode, args)?;
+                let (mut cpu, mut hwm) = (0.0, 0);
+                if let Some(p) = &t.proc {
+                    cpu = proc_cpu_secs(p.pid(), tick) - t.cpu0;
+                    hwm = vm_hwm_kib(p.pid());
+                }
+                if let Some(mut p) = t.proc.take() {
+                    p.interrupt();
+                }
+                let summary = if tool == "portx" {
+                    last_summary(&t.out)
+                } else {
+                    None
+                };
+                eprintln!(
+                    "bench: {mode} round {round} {tool}: {:.0}/s",
+                    n as f64 / secs
+                );
+                samples.push(json!({
+                    "mode": mode, "round": round, "tool": tool, "rate": n as f64 / secs, "count": n,
+                    "cpu_s": cpu, "hwm_kib": hwm,
+                    "events": summary.as_ref().map(|s| s["events"].clone()),
+                    "lost": summary.as_ref().map(|s| s["lost"].clone()),
+                    "missed": summary.as_ref().map(|s| s["missed"].clone()),
+                }));
+            }
+        }
+    }
+
+    // Undersized ring buffer: the loss must be reported, not silent.
+    let small = {
+        let ns = Netns::new(&agent, &sysctls("rst"))?;
+        let mut t = start_tool(
+            "portx",
+            &agent,
+            &ns,
+            &dir,
+            &["--ring-buffer-kib", "4"],
+            tick,
+        )?;
+        let (n, _) = storm(&agent, &ns, "rst", args)?;
+        if let Some(mut p) = t.proc.take() {
+            p.interrupt();
+        }
+        let s = last_summary(&t.out).unwrap_or(Value::Null);
+        let warned = fs::read_to_string(dir.join("portx.err"))
+            .unwrap_or_default()
+            .contains("dropped");
+        json!({"connections": n, "events": s["events"], "lost": s["lost"], "missed": s["missed"], "warned_on_stderr": warned})
+    };
+
+    let latency = latency(&agent, args)?;
+    let tracker: Value = {
+        let out = cmd::output(Command::new("cargo").current_dir(&root).args([
+            "bench",
+            "-q",
+            "-p",
+            "portx-agent",
+            "--bench",
+            "tracker",
+        ]))?;
+        out.lines()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null)
+    };
+    report(&modes, &samples, &small, &latency, &tracker, args, &dir)
+}
+
+/// Time from a failing connect() returning to the agent's `connect_failed` (and `exhaustion`)
+/// line arriving on its stdout. Victims are spaced just over a second apart so that every one of
+/// them also gets an exhaustion report (rate-limited to one a second per destination).
+fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
+    let ns = Netns::new(agent, &sysctls("fail"))?;
+    let path = ns.path();
+    let _server = Proc(
+        Command::new(agent)
+            .args([
+                "workload",
+                "--netns",
+                &path,
+                "serve",
+                "--listen",
+                "127.0.0.1:9000",
+            ])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _hog = Proc(
+        Command::new(agent)
+            .args([
+                "workload",
+                "--netns",
+                &path,
+                "hold",
+                "--connect",
+                "127.0.0.1:9000",
+                "--count",
+                "16",
+            ])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let mut child = Command::new(agent)
+        .args([
+            "trace",
+            "--json",
+            "--interval",
+            "5",
+            "--netns",
+            &ns.id.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let _agent = Proc(child);
+    let (tx, rx) = mpsc::channel::<(u128, Value)>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let at = now_ns();
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if tx.send((at, v)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let wait = |pred: &dyn Fn(&Value) -> bool| -> Option<u128> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok((at, v)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if pred(&v) {
+                return Some(at);
+            }
+        }
+        None
+    };
+    wait(&|v| v["type"] == "started").ok_or_else(|| anyhow!("agent did not start"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut failed_ms, mut report_ms) = (Vec::new(), Vec::new());
+    for _ in 0..args.latency_samples {
+        let out = Command::new(agent)
+            .args([
+                "workload",
+                "--netns",
+                &path,
+                "--name",
+                "victim",
+                "connect",
+                "--connect",
+                "127.0.0.1:9000",
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let returned: u128 = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("at=")?.parse().ok())
+            .ok_or_else(|| anyhow!("victim said `{text}`"))?;
+        if let Some(at) = wait(&|v| v["type"] == "connect_failed") {
+            failed_ms.push(at.saturating_sub(returned) as f64 / 1e6);
+        }
+        if let Some(at) = wait(&|v| v["type"] == "exhaustion") {
+            report_ms.push(at.saturating_sub(returned) as f64 / 1e6);
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    Ok(json!({
+        "samples": failed_ms.len(),
+        "connect_failed_p50_ms": pct(&mut failed_ms, 0.5), "connect_failed_p99_ms": pct(&mut failed_ms, 0.99),
+        "exhaustion_p50_ms": pct(&mut report_ms, 0.5), "exhaustion_p99_ms": pct(&mut report_ms, 0.99),
+    }))
+}
+
+fn report(
+    modes: &[&'static str],
+    samples: &[Value],
+    small: &Value,
+    latency: &Value,
+    tracker: &Value,
+    args: &BenchArgs,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let mut table = Vec::new();
+    println!("\nportx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
+    println!(
+        "{:<6} {:<10} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
+        "MODE", "TOOL", "RATE/s", "RATIO", "MIN-MAX", "CPU s/100k", "RSS MiB", "LOST/MISSED"
+    );
+    for &mode in modes {
+        let of = |tool: &'static str| {
+            samples
+                .iter()
+                .filter(move |s| s["mode"] == mode && s["tool"] == tool)
+        };
+        for tool in TOOLS {
+            let mut ratios: Vec<f64> = of(tool)
+                .filter_map(|s| {
+                    let base = of("none").find(|b| b["round"] == s["round"])?["rate"].as_f64()?;
+                    Some(s["rate"].as_f64()? / base)
+                })
+                .collect();
+            let mut rates: Vec<f64> = of(tool).filter_map(|s| s["rate"].as_f64()).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+            let ratio = median(&mut ratios);
+            let rate = median(&mut rates);
+            let mut cpu: Vec<f64> = of(tool)
+                .filter_map(|s| Some(s["cpu_s"].as_f64()? / (s["count"].as_f64()? / 100_000.0)))
+                .collect();
+            let cpu = median(&mut cpu);
+            let hwm = of(tool)
+                .filter_map(|s| s["hwm_kib"].as_u64())
+                .max()
+                .unwrap_or(0) as f64
+                / 1024.0;
+            let lost: u64 = of(tool).filter_map(|s| s["lost"].as_u64()).sum();
+            let missed: u64 = of(tool).filter_map(|s| s["missed"].as_u64()).sum();
+            let loss = if tool == "portx" {
+                format!("{lost}/{missed}")
+            } else {
+                "-".into()
+            };
+            let (cpu_s, hwm_s) = if tool == "none" {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (format!("{cpu:.3}"), format!("{hwm:.1}"))
+            };
+            println!("{mode:<6} {tool:<10} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
+            table.push(json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu, "peak_rss_mib": hwm, "lost": lost, "missed": missed}));
+        }
+    }
+    println!("undersized ring buffer (4 KiB, rst storm): {small}");
+    println!("latency failing connect() -> record on stdout: {latency}");
+    println!("tracker on synthetic events (one core): {tracker}");
+    let all = json!({"table": table, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
+    let path = dir.join("last.json");
+    fs::write(&path, serde_json::to_string_pretty(&all)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
