@@ -61,6 +61,16 @@ fn held_ports_name_the_hog() {
         Some(1),
         "{report:#}"
     );
+
+    // Failed allocations leave nothing behind: each victim's socket ended its pending connect
+    // (by its failure record, or by SYN_SENT->CLOSE), so a later summary has none pending.
+    for _ in 0..3 {
+        victim_fails(&ns, V4);
+    }
+    let summary = agent.wait_for("a summary with no connect pending", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(4) && v["pending"] == 0
+    });
+    assert_eq!(summary["tracked"], 16, "{summary:#}");
 }
 
 #[test]

@@ -116,6 +116,8 @@ pub struct Summary {
     pub destinations: Vec<DestRecord>,
     /// Sockets in the table (all destinations, TIME_WAIT included).
     pub tracked: usize,
+    /// connect()s under way whose port the agent has not seen yet.
+    pub pending: usize,
     /// Records read from the ring buffer, since start.
     pub events: u64,
     /// Records the kernel could not write (ring buffer full), since start.

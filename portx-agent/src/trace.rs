@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL};
+use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL, FAILURE_WAKE_GAP_NS};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::oneshot,
@@ -48,6 +48,8 @@ pub struct TraceOptions {
 #[derive(Default)]
 struct Counters {
     events: u64,
+    /// connect()/bind() failure records (any errno).
+    failure_records: u64,
     decode_errors: u64,
     connect_failures: u64,
     lost: u64,
@@ -101,8 +103,19 @@ impl<W: io::Write> Session<W> {
         match event {
             Event::State(s) if self.wanted(s.netns) => self.tracker.on_state(&s),
             Event::Port(p) if self.wanted(p.netns) => self.tracker.on_port(&p),
-            Event::ConnectFailed(f) if self.wanted(f.netns) => self.connect_failed(&f),
-            Event::BindFailed(f) if self.wanted(f.netns) => self.bind_failed(&f),
+            Event::ConnectFailed(f) => {
+                self.counters.failure_records += 1;
+                self.tracker.on_connect_failed(&f);
+                if self.wanted(f.netns) {
+                    self.connect_failed(&f);
+                }
+            }
+            Event::BindFailed(f) => {
+                self.counters.failure_records += 1;
+                if self.wanted(f.netns) {
+                    self.bind_failed(&f);
+                }
+            }
             _ => {}
         }
     }
@@ -200,6 +213,7 @@ impl<W: io::Write> Session<W> {
         let rec = Record::Summary(Summary {
             destinations,
             tracked: self.tracker.tracked(),
+            pending: self.tracker.pending(),
             events: self.counters.events,
             lost: self.counters.lost,
             missed: self.counters.missed,
@@ -342,11 +356,26 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         .duration
         .map(|d| tokio::time::Instant::now() + d);
     let mut resync_job: Option<tokio::task::JoinHandle<seed::Pass>> = None;
+    // A failure wakes the agent at most once per FAILURE_WAKE_GAP_NS per CPU (portx-ebpf
+    // emit.rs); after reading one, read again that long later for those that did not wake it.
+    let follow_up_gap = Duration::from_nanos(FAILURE_WAKE_GAP_NS);
+    let mut follow_up: Option<tokio::time::Instant> = None;
+    let mut failures_seen = 0;
 
     loop {
         tokio::select! {
             r = reader.drain(|buf| session.handle(buf)) => {
                 r.context("reading the ring buffer")?;
+                session.flush();
+            }
+            _ = async {
+                match follow_up {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                follow_up = None;
+                reader.drain_pending(|buf| session.handle(buf));
                 session.flush();
             }
             r = async {
@@ -416,6 +445,10 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         if let Some(e) = session.broken.take() {
             tracing::info!("stdout closed ({e}); stopping");
             return Ok(());
+        }
+        if session.counters.failure_records != failures_seen {
+            failures_seen = session.counters.failure_records;
+            follow_up = Some(tokio::time::Instant::now() + follow_up_gap);
         }
     }
     reader.drain_pending(|buf| session.handle(buf));

@@ -19,9 +19,13 @@ use std::{
     net::IpAddr,
 };
 
+/// The tracker's maps hash with foldhash (randomly seeded per map): several lookups per event
+/// make std's SipHash a measurable share of the agent's cost under a connect storm.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use portx_common::{tcp_state as st, IPPROTO_TCP};
 
-use crate::decoder::{Comm, PortAssigned, StateChange};
+use crate::decoder::{Comm, PortAssigned, StateChange, SyscallFailure};
 
 /// `TCP_TIMEWAIT_LEN` (include/net/tcp.h): hard-coded 60 s on Linux.
 pub const TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
@@ -92,7 +96,7 @@ pub struct DestStats {
     pub by_state: [u32; STATES],
     pub in_use: u32,
     /// By pid.
-    pub holders: HashMap<u32, Holder>,
+    pub holders: Map<u32, Holder>,
 }
 
 impl DestStats {
@@ -137,16 +141,16 @@ type ConnKey = (DestKey, u16);
 
 #[derive(Default)]
 pub struct Tracker {
-    conns: HashMap<ConnKey, Conn>,
+    conns: Map<ConnKey, Conn>,
     /// connect()s in SYN_SENT whose port is not known yet, by socket address.
-    pending: HashMap<u64, Pending>,
+    pending: Map<u64, Pending>,
     /// Owners learned from a port event (process context) for sockets whose CLOSE->SYN_SENT the
     /// kernel skipped (a program cannot nest in itself on one CPU): the next state change, which
     /// carries the tuple, places the socket. Bounded by [`MAX_ORPHAN_OWNERS`].
-    orphan_owners: HashMap<u64, Owner>,
-    dests: HashMap<DestKey, DestStats>,
+    orphan_owners: Map<u64, Owner>,
+    dests: Map<DestKey, DestStats>,
     /// Source addresses in use per target, to find the destination a failed connect() meant.
-    targets: HashMap<Target, Vec<IpAddr>>,
+    targets: Map<Target, Vec<IpAddr>>,
     /// (expiry, seq, key) of TIME_WAIT entries, earliest first.
     time_wait: BinaryHeap<Reverse<(u64, u64, ConnKey)>>,
     seq: u64,
@@ -256,6 +260,15 @@ impl Tracker {
                     comm: e.task.comm,
                 },
             );
+        }
+    }
+
+    /// A connect() failed. The kernel side does not report SYN_SENT->CLOSE for a port allocation
+    /// that failed inside connect(): this record, which names the socket, ends its pending
+    /// connect instead. (A socket that got a port has already left pending.)
+    pub fn on_connect_failed(&mut self, f: &SyscallFailure) {
+        if f.skaddr != 0 {
+            self.pending.remove(&f.skaddr);
         }
     }
 
@@ -578,6 +591,31 @@ mod tests {
         assert_eq!(t.tracked(), 0);
         assert_eq!(t.pending(), 0);
         assert!(t.dest(&dest()).is_none());
+    }
+
+    #[test]
+    fn a_connect_failure_record_ends_the_pending_connect_of_its_socket() {
+        let mut t = Tracker::new();
+        let v = task(20, "victim");
+        let failure = |sk| SyscallFailure {
+            ts_ns: 0,
+            task: v,
+            skaddr: sk,
+            netns: NS,
+            errno: 99,
+            addr: "10.0.0.2".parse().unwrap(),
+            port: 80,
+        };
+        t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
+        t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
+        // The kernel skipped SYN_SENT->CLOSE for socket 5: its failure record names it.
+        t.on_connect_failed(&failure(0));
+        assert_eq!(t.pending(), 2, "a record without a socket ends nothing");
+        t.on_connect_failed(&failure(5));
+        assert_eq!(t.pending(), 1);
+        t.on_state(&ev(6, st::SYN_SENT, st::ESTABLISHED, 40002, v, 0));
+        assert_eq!(t.pending(), 0);
+        assert_eq!(t.tracked(), 1);
     }
 
     #[test]

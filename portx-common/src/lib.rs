@@ -11,6 +11,11 @@ use core::mem::size_of;
 /// Length of `task_struct::comm`.
 pub const TASK_COMM_LEN: usize = 16;
 
+/// Failure records wake the agent at most once per this interval per CPU; the agent drains again
+/// this long after reading a failure, so a failure that did not wake it waits at most about
+/// twice this long.
+pub const FAILURE_WAKE_GAP_NS: u64 = 5_000_000;
+
 /// Names of the maps and globals in the eBPF object; the agent looks them up by these names.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
@@ -86,9 +91,10 @@ pub mod syscall_tp {
 pub struct EventHeader {
     /// One of [`kind`].
     pub kind: u32,
-    /// Process id (`tgid`) of the current task. For [`kind::STATE`] events from softirq context
-    /// this is whatever task was interrupted: the agent only trusts it where the transition
-    /// happens in process context (CLOSE->SYN_SENT).
+    /// Process id (`tgid`) of the current task. [`kind::STATE`] records carry a task (pid, tid,
+    /// comm) only for CLOSE->SYN_SENT, inside connect() in process context; for every other
+    /// transition the current task is unrelated to the socket (softirq, timers) and these fields
+    /// are 0.
     pub tgid: u32,
     /// Thread id of the current task.
     pub tid: u32,

@@ -6,36 +6,32 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{kind, syscall_tp, SyscallArgs};
+use portx_common::{kind, syscall_tp};
 
-use crate::sockaddr;
+use crate::sockaddr::{self, InFlight};
 
 #[map(name = "BIND_ARGS")]
-static BIND_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+static BIND_ARGS: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
 #[tracepoint]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    match sockaddr::read_args(&ctx) {
-        Ok(Some(args)) => {
-            let _ = BIND_ARGS.insert(&bpf_get_current_pid_tgid(), &args, 0);
-            0
-        }
-        Ok(None) => 0,
+    match sockaddr::enter(&ctx, &BIND_ARGS) {
+        Ok(()) => 0,
         Err(_) => 1,
     }
 }
 
 #[tracepoint]
 pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
-    let Some(args) = sockaddr::take(&BIND_ARGS, bpf_get_current_pid_tgid()) else {
+    let Some(call) = sockaddr::take(&BIND_ARGS, bpf_get_current_pid_tgid()) else {
         return 0;
     };
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(syscall_tp::RET) }) else {
         return 1;
     };
     let ret = ret as i32;
-    if ret < 0 {
-        sockaddr::emit_failure(kind::BIND_FAIL, 0, ret, &args);
+    if ret < 0 && sockaddr::emit_failure(kind::BIND_FAIL, 0, ret, &call).is_err() {
+        return 1;
     }
     0
 }

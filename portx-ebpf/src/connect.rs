@@ -4,37 +4,27 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap},
+    maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{hook_mode, kind, syscall_tp, PortEvent, SyscallArgs, EINPROGRESS};
+use portx_common::{hook_mode, kind, syscall_tp, PortEvent, EINPROGRESS};
 
 use crate::{
     emit::{emit, header, Wake},
     globals::hook_mode,
     kernel::{sock_netns, sock_port},
-    sockaddr,
+    sockaddr::{self, InFlight},
 };
 
-/// connect() arguments by thread, between entry and exit.
+/// connect() calls in flight, by thread. In tracepoint mode `state` also notes in the entry the
+/// socket the call put into SYN_SENT: one map, one insert and one delete per connect().
 #[map(name = "CONNECT_ARGS")]
-static CONNECT_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
-
-/// Tracepoint mode: the socket a thread's connect() put into SYN_SENT (set by `state`). LRU so that
-/// connects that never return through the syscall (kernel sockets, io_uring) cannot fill it.
-#[map(name = "CONNECT_SK")]
-pub static CONNECT_SK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static CONNECT_ARGS: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = CONNECT_SK.remove(&pid_tgid);
-    match sockaddr::read_args(&ctx) {
-        Ok(Some(args)) => {
-            let _ = CONNECT_ARGS.insert(&pid_tgid, &args, 0);
-            0
-        }
-        Ok(None) => 0,
+    match sockaddr::enter(&ctx, &CONNECT_ARGS) {
+        Ok(()) => 0,
         Err(_) => 1,
     }
 }
@@ -49,34 +39,30 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(args) = sockaddr::take(&CONNECT_ARGS, pid_tgid) else {
+    let Some(call) = sockaddr::take(&CONNECT_ARGS, pid_tgid) else {
         return Ok(());
     };
     let ret = unsafe { ctx.read_at::<i64>(syscall_tp::RET)? } as i32;
-    let mut skaddr = 0u64;
-    if hook_mode() == hook_mode::TRACEPOINT {
-        if let Some(sk) = unsafe { CONNECT_SK.get(&pid_tgid) }.copied() {
-            let _ = CONNECT_SK.remove(&pid_tgid);
-            skaddr = sk;
-            // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a failed one's with
-            // SYN_SENT->CLOSE; only a connect still in progress needs the port read here.
-            if ret == -EINPROGRESS {
-                emit(
-                    PortEvent {
-                        hdr: header(kind::PORT, hook_mode::TRACEPOINT),
-                        skaddr,
-                        netns: sock_netns(skaddr),
-                        ret: 0,
-                        sport: sock_port(skaddr),
-                        _pad: [0; 3],
-                    },
-                    Wake::Batch,
-                );
-            }
-        }
+    // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
+    // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port read
+    // here (the other modes have it from inet_hash_connect).
+    if ret == -EINPROGRESS && call.sk != 0 && hook_mode() == hook_mode::TRACEPOINT {
+        emit(
+            PortEvent {
+                hdr: header(kind::PORT, hook_mode::TRACEPOINT),
+                skaddr: call.sk,
+                netns: sock_netns(call.sk),
+                ret: 0,
+                sport: sock_port(call.sk),
+                _pad: [0; 3],
+            },
+            Wake::Batch,
+        );
     }
+    // `call.sk` is the socket this call put into SYN_SENT (0 if none): for a failed port
+    // allocation the agent ends that socket's pending connect on this record (see `state`).
     if ret < 0 && ret != -EINPROGRESS {
-        sockaddr::emit_failure(kind::CONNECT_FAIL, skaddr, ret, &args);
+        sockaddr::emit_failure(kind::CONNECT_FAIL, call.sk, ret, &call)?;
     }
     Ok(())
 }

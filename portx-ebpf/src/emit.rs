@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use portx_common::{EventHeader, TASK_COMM_LEN};
+use portx_common::{EventHeader, FAILURE_WAKE_GAP_NS, TASK_COMM_LEN};
 
 use crate::globals::wakeup_bytes;
 
@@ -15,6 +15,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Records that could not be written because the ring buffer was full, per CPU.
 #[map(name = "DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// When a failure record last woke the agent, per CPU (`bpf_ktime_get_ns`).
+#[map(name = "LAST_WAKE")]
+static LAST_WAKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn header(kind: u32, flags: u32) -> EventHeader {
@@ -29,6 +33,20 @@ pub fn header(kind: u32, flags: u32) -> EventHeader {
     }
 }
 
+/// A header for records whose current task means nothing (state changes outside process
+/// context): pid, tid and comm stay 0.
+#[inline(always)]
+pub fn header_without_task(kind: u32, flags: u32) -> EventHeader {
+    EventHeader {
+        kind,
+        tgid: 0,
+        tid: 0,
+        flags,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: [0u8; TASK_COMM_LEN],
+    }
+}
+
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -36,8 +54,11 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// How urgently the agent must see a record.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
-    /// Failures: wake the agent now (the failure report's latency depends on it). The ring is
-    /// ordered, so every state change written before it is read first.
+    /// Failures: wake the agent now (the failure report's latency depends on it), unless a
+    /// failure on this CPU woke it less than `FAILURE_WAKE_GAP_NS` ago: a retry loop failing
+    /// 200k times a second must not cost 200k context switches. The agent drains again that
+    /// long after reading a failure, so none waits long. The ring is ordered, so every state
+    /// change written before a failure is read before it.
     Now,
     /// State changes and ports: wake only once `wakeup_bytes` are waiting. Waking the agent for
     /// every record costs a context switch per connection; it drains on failures, on this
@@ -48,7 +69,8 @@ pub enum Wake {
 /// Writes one record, or counts it as lost.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T, wake: Wake) {
-    let flags = if wake == Wake::Now || EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(wakeup_bytes())
+    let flags = if (wake == Wake::Now && failure_wake_due())
+        || EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(wakeup_bytes())
     {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -65,5 +87,22 @@ pub fn emit<T: 'static>(event: T, wake: Wake) {
                 unsafe { *count += 1 };
             }
         }
+    }
+}
+
+/// True (and the time noted) when no failure woke the agent from this CPU in the last gap.
+#[inline(always)]
+fn failure_wake_due() -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match LAST_WAKE.get_ptr_mut(0) {
+        Some(last) => {
+            // Per-CPU slot: no other writer can race with this one.
+            let due = now.wrapping_sub(unsafe { *last }) >= FAILURE_WAKE_GAP_NS;
+            if due {
+                unsafe { *last = now };
+            }
+            due
+        }
+        None => true,
     }
 }

@@ -1,5 +1,9 @@
-//! The `struct sockaddr *` argument of connect()/bind(), stashed per thread at syscall entry and
-//! consumed at exit.
+//! connect()/bind() in flight: the syscall's fd and `struct sockaddr *` stashed per thread at
+//! entry, the destination read back at exit, and only when the syscall failed.
+//!
+//! Entry reads nothing from user memory but the address family (to skip non-IP sockets): a
+//! successful connect() never needs its sockaddr. At exit the kernel has just copied the same
+//! bytes (`move_addr_to_kernel`), so the page is resident and `bpf_probe_read_user` succeeds.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     maps::HashMap,
@@ -13,50 +17,84 @@ use crate::{
     kernel::current_netns,
 };
 
-/// Reads the syscall's fd and sockaddr; `None` for the agent itself and for non-IP families.
+/// One thread's syscall between entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InFlight {
+    /// User address of the `struct sockaddr`.
+    pub uaddr: u64,
+    /// connect() only: the socket that went CLOSE->SYN_SENT in this call (set by `state`), 0 if
+    /// none. Tracepoint mode reads its port at exit; a failure record names it.
+    pub sk: u64,
+    pub fd: i32,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Stashes this thread's call, unless it is the agent's own or not on an IP socket.
 #[inline(always)]
-pub fn read_args(ctx: &TracePointContext) -> Result<Option<SyscallArgs>, i64> {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == agent_tgid() {
-        return Ok(None);
+pub fn enter(ctx: &TracePointContext, map: &HashMap<u64, InFlight>) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return Ok(());
     }
     let fd = unsafe { ctx.read_at::<u64>(syscall_tp::ARG0)? } as i32;
     let uaddr: u64 = unsafe { ctx.read_at(syscall_tp::ARG1)? };
     if uaddr == 0 {
-        return Ok(None);
+        return Ok(());
     }
     let family: u16 = unsafe { bpf_probe_read_user(uaddr as *const u16)? };
-    // sockaddr_in: family, port @2, addr @4 (4 bytes). sockaddr_in6: port @2, addr @8 (16 bytes).
-    let port = u16::from_be(unsafe { bpf_probe_read_user((uaddr + 2) as *const u16)? });
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        let a: [u8; 4] = unsafe { bpf_probe_read_user((uaddr + 4) as *const [u8; 4])? };
-        addr[..4].copy_from_slice(&a);
-    } else if family == AF_INET6 {
-        addr = unsafe { bpf_probe_read_user((uaddr + 8) as *const [u8; 16])? };
-    } else {
-        return Ok(None);
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
     }
-    Ok(Some(SyscallArgs {
-        family,
-        port,
-        fd,
-        addr,
-    }))
+    map.insert(
+        &pid_tgid,
+        &InFlight {
+            uaddr,
+            sk: 0,
+            fd,
+            family,
+            _pad: 0,
+        },
+        0,
+    )
+    .map_err(i64::from)
 }
 
-/// Takes (reads and deletes) this thread's stashed arguments.
+/// Takes (reads and deletes) this thread's stashed call.
 #[inline(always)]
-pub fn take(map: &HashMap<u64, SyscallArgs>, pid_tgid: u64) -> Option<SyscallArgs> {
-    let args = unsafe { map.get(&pid_tgid) }.copied();
-    if args.is_some() {
+pub fn take(map: &HashMap<u64, InFlight>, pid_tgid: u64) -> Option<InFlight> {
+    let call = unsafe { map.get(&pid_tgid) }.copied();
+    if call.is_some() {
         let _ = map.remove(&pid_tgid);
     }
-    args
+    call
 }
 
-/// Emits a failed connect()/bind() with the arguments it was called with.
+/// The port and address the call named. sockaddr_in: port @2, addr @4 (4 bytes);
+/// sockaddr_in6: port @2, addr @8 (16 bytes).
 #[inline(always)]
-pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, args: &SyscallArgs) {
+fn read_sockaddr(call: &InFlight) -> Result<SyscallArgs, i64> {
+    let port = u16::from_be(unsafe { bpf_probe_read_user((call.uaddr + 2) as *const u16)? });
+    let mut addr = [0u8; 16];
+    if call.family == AF_INET {
+        let a: [u8; 4] = unsafe { bpf_probe_read_user((call.uaddr + 4) as *const [u8; 4])? };
+        addr[..4].copy_from_slice(&a);
+    } else {
+        addr = unsafe { bpf_probe_read_user((call.uaddr + 8) as *const [u8; 16])? };
+    }
+    Ok(SyscallArgs {
+        family: call.family,
+        port,
+        fd: call.fd,
+        addr,
+    })
+}
+
+/// Emits a failed connect()/bind() with the address it was called with.
+#[inline(always)]
+pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, call: &InFlight) -> Result<(), i64> {
+    let args = read_sockaddr(call)?;
     emit(
         SyscallEvent {
             hdr: header(kind, 0),
@@ -70,4 +108,5 @@ pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, args: &SyscallArgs) {
         },
         Wake::Now,
     );
+    Ok(())
 }

@@ -9,12 +9,12 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
 };
 use aya_log_ebpf::warn;
-use portx_common::{hook_mode, kind, tcp_state, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
+use portx_common::{kind, tcp_state, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
 
 use crate::{
-    connect::CONNECT_SK,
-    emit::{emit, header, Wake},
-    globals::{agent_tgid, hook_mode, offsets},
+    connect::CONNECT_ARGS,
+    emit::{emit, header, header_without_task, Wake},
+    globals::{agent_tgid, offsets},
     kernel::{sock_field, sock_netns},
 };
 
@@ -38,6 +38,19 @@ fn server_side(old: u32, new: u32) -> bool {
         || new == tcp_state::NEW_SYN_RECV
 }
 
+/// SYN_SENT->CLOSE without a port is a failed port allocation inside connect(), in process
+/// context. When this thread's connect() is the one that put `sk` into SYN_SENT, its failure
+/// record (sys_exit_connect, which names the socket) tells the agent the same: skip this one.
+/// Connects without the syscall (io_uring, kernel sockets) still get their SYN_SENT->CLOSE.
+#[inline(always)]
+fn failure_will_be_reported(sk: u64, sport_off: u32) -> bool {
+    if sock_field::<u16>(sk, sport_off) != Some(0) {
+        return false;
+    }
+    // SAFETY: read-only look at this thread's own entry.
+    unsafe { CONNECT_ARGS.get(&bpf_get_current_pid_tgid()) }.is_some_and(|call| call.sk == sk)
+}
+
 fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     // trace_inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
@@ -51,16 +64,24 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    if old == tcp_state::CLOSE && new == tcp_state::SYN_SENT {
+    let connecting = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
+    if connecting {
         // connect() in process context: the one moment the current task owns this socket.
         let pid_tgid = bpf_get_current_pid_tgid();
         if (pid_tgid >> 32) as u32 == agent_tgid() {
             return Ok(());
         }
-        if hook_mode() == hook_mode::TRACEPOINT {
-            // The port is assigned after this point; sys_exit_connect reads it from the socket.
-            let _ = CONNECT_SK.insert(&pid_tgid, &sk, 0);
+        // The port is assigned after this point: in tracepoint mode sys_exit_connect reads it
+        // from the socket; in every mode a failed connect's record names the socket.
+        if let Some(call) = CONNECT_ARGS.get_ptr_mut(&pid_tgid) {
+            // SAFETY: a map value of this thread's own entry; only this thread writes it.
+            unsafe { (*call).sk = sk };
         }
+    } else if old == tcp_state::SYN_SENT
+        && new == tcp_state::CLOSE
+        && failure_will_be_reported(sk, offsets().inet_sport)
+    {
+        return Ok(());
     }
     let family: u16 = sock_field(sk, o.sock_family).ok_or(())?;
     let mut saddr = [0u8; 16];
@@ -86,7 +107,13 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     let sport: u16 = sock_field(sk, o.inet_sport).ok_or(())?;
     emit(
         StateEvent {
-            hdr: header(kind::STATE, 0),
+            // Other transitions run in whatever context (softirq, timers): the current task is
+            // unrelated to the socket, so it is not recorded (and comm not read).
+            hdr: if connecting {
+                header(kind::STATE, 0)
+            } else {
+                header_without_task(kind::STATE, 0)
+            },
             skaddr: sk,
             netns,
             oldstate: old,
