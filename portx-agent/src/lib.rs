@@ -3,7 +3,7 @@
 //!
 //! Event flow, one module a step:
 //! kernel ([`loader`]) -> ring buffer ([`reader`]) -> [`decoder`] -> [`tracker`] -> [`report`]
-//! -> [`output`]; [`trace`] runs the loop. The kernel's own truth comes from [`sockdiag`],
+//! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`]. The kernel's own truth comes from [`sockdiag`],
 //! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
 //! tracker by [`seed`]. Before anything loads: [`privilege`], [`tracefs`], [`btf`].
 pub mod btf;
@@ -23,6 +23,7 @@ pub mod report;
 pub mod seed;
 pub mod sockdiag;
 pub mod sysctl;
+pub mod time_wait;
 pub mod trace;
 pub mod tracefs;
 pub mod tracker;

@@ -13,11 +13,7 @@
 //! a timewait socket takes over. Such a port is kept, still charged to its last owner, for
 //! `TCP_TIMEWAIT_LEN` (60 s), in a min-heap by expiry; [`crate::seed`] corrects the table against
 //! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
-use std::{
-    cmp::Reverse,
-    collections::{hash_map::Entry, BinaryHeap, HashMap},
-    net::IpAddr,
-};
+use std::{cmp::Reverse, collections::HashMap, net::IpAddr};
 
 /// The tracker's maps hash with foldhash (randomly seeded per map): several lookups per event
 /// make std's SipHash a measurable share of the agent's cost under a connect storm.
@@ -25,7 +21,10 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use portx_common::{tcp_state as st, IPPROTO_TCP};
 
-use crate::decoder::{Comm, PortAssigned, StateChange, SyscallFailure};
+use crate::{
+    decoder::{Comm, PortAssigned, StateChange, SyscallFailure},
+    time_wait::TimeWaitQueue,
+};
 
 /// `TCP_TIMEWAIT_LEN` (include/net/tcp.h): hard-coded 60 s on Linux.
 pub const TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
@@ -108,15 +107,61 @@ impl DestStats {
     }
 }
 
+/// Key of [`Tracker::conns`]: a destination's id (see [`Tracker::dest_ids`]) and a source port,
+/// packed into 8 bytes.
+type ConnKey = u64;
+
+fn conn_key(dest_id: u32, sport: u16) -> ConnKey {
+    (u64::from(dest_id) << 16) | u64::from(sport)
+}
+
+fn key_parts(key: ConnKey) -> (u32, u16) {
+    ((key >> 16) as u32, key as u16)
+}
+
+/// One tracked port, 16 bytes: with its 8-byte key a million fit in about 50 MiB, hash table
+/// included. The owner's comm lives once per (destination, pid) in [`DestStats::holders`].
 #[derive(Clone, Copy, Debug)]
 struct Conn {
-    state: u8,
-    owner: Owner,
-    /// 0 for sockets learned from sock_diag.
-    skaddr: u64,
-    /// Distinguishes this incarnation of the tuple from earlier ones (TIME_WAIT reuse).
-    seq: u64,
-    updated_ns: u64,
+    /// Last change (monotonic ns) + `TIME_WAIT_NS`: in TIME_WAIT, the expiry. A socket seeded
+    /// or corrected into TIME_WAIT gets the kernel's own expiry instead.
+    stamp_ns: u64,
+    /// Low 32 bits of the kernel socket address with bit 0 set (sockets are 8-byte aligned), or
+    /// 0 for sockets learned from sock_diag. Only compared between sockets with the same tuple.
+    sk_low: u32,
+    /// `pid << 8 | state`: Linux pids stay below 2^22 (`PID_MAX_LIMIT`).
+    pid_state: u32,
+}
+
+impl Conn {
+    fn new(pid: u32, state: u8, skaddr: u64, stamp_ns: u64) -> Conn {
+        Conn {
+            stamp_ns,
+            sk_low: sk_low(skaddr),
+            pid_state: (pid.min(0x00ff_ffff) << 8) | u32::from(state),
+        }
+    }
+    fn pid(&self) -> u32 {
+        self.pid_state >> 8
+    }
+    /// When it last changed (for a seeded TIME_WAIT socket: when it entered TIME_WAIT, or 0).
+    fn updated_ns(&self) -> u64 {
+        self.stamp_ns.saturating_sub(TIME_WAIT_NS)
+    }
+    fn state(&self) -> u8 {
+        self.pid_state as u8
+    }
+    fn set_state(&mut self, state: u8) {
+        self.pid_state = (self.pid_state & !0xff) | u32::from(state);
+    }
+}
+
+fn sk_low(skaddr: u64) -> u32 {
+    if skaddr == 0 {
+        0
+    } else {
+        skaddr as u32 | 1
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -137,7 +182,11 @@ pub struct TrackerCounters {
     pub recovered: u64,
 }
 
-type ConnKey = (DestKey, u16);
+/// A destination in use and its counts.
+struct DestSlot {
+    key: DestKey,
+    stats: DestStats,
+}
 
 #[derive(Default)]
 pub struct Tracker {
@@ -148,12 +197,14 @@ pub struct Tracker {
     /// kernel skipped (a program cannot nest in itself on one CPU): the next state change, which
     /// carries the tuple, places the socket. Bounded by [`MAX_ORPHAN_OWNERS`].
     orphan_owners: Map<u64, Owner>,
-    dests: Map<DestKey, DestStats>,
+    /// Destinations with at least one port in use, by id (an index into `dest_slots`).
+    dest_ids: Map<DestKey, u32>,
+    dest_slots: Vec<Option<DestSlot>>,
+    free_dest_ids: Vec<u32>,
     /// Source addresses in use per target, to find the destination a failed connect() meant.
     targets: Map<Target, Vec<IpAddr>>,
-    /// (expiry, seq, key) of TIME_WAIT entries, earliest first.
-    time_wait: BinaryHeap<Reverse<(u64, u64, ConnKey)>>,
-    seq: u64,
+    /// When TIME_WAIT entries are due.
+    time_wait: TimeWaitQueue,
     pub counters: TrackerCounters,
 }
 
@@ -177,7 +228,14 @@ impl Tracker {
             };
             if e.sport != 0 {
                 // bind() chose the port before connect().
-                self.open(dest, e.sport, st::SYN_SENT as u8, owner, e.skaddr, e.ts_ns);
+                self.open(
+                    dest,
+                    e.sport,
+                    st::SYN_SENT as u8,
+                    owner,
+                    e.skaddr,
+                    stamp(e.ts_ns),
+                );
             } else {
                 self.pending.insert(e.skaddr, Pending { dest, owner });
             }
@@ -187,55 +245,62 @@ impl Tracker {
             // First transition after connect() began: SYN_SENT->ESTABLISHED carries the port;
             // SYN_SENT->CLOSE with port 0 is a failed allocation, with a port a refused connect.
             if e.sport != 0 && e.new != st::CLOSE {
-                self.open(p.dest, e.sport, e.new as u8, p.owner, e.skaddr, e.ts_ns);
+                self.open(
+                    p.dest,
+                    e.sport,
+                    e.new as u8,
+                    p.owner,
+                    e.skaddr,
+                    stamp(e.ts_ns),
+                );
             }
             return;
         }
-        let key = (dest, e.sport);
-        let Some(conn) = self.conns.get(&key).copied() else {
+        let found = self
+            .dest_ids
+            .get(&dest)
+            .map(|id| conn_key(*id, e.sport))
+            .and_then(|key| Some((key, *self.conns.get(&key)?)));
+        let Some((key, conn)) = found else {
             if let Some(owner) = self.orphan_owners.remove(&e.skaddr) {
                 if e.sport != 0 && e.new != st::CLOSE {
                     self.counters.recovered += 1;
-                    self.open(dest, e.sport, e.new as u8, owner, e.skaddr, e.ts_ns);
+                    self.open(dest, e.sport, e.new as u8, owner, e.skaddr, stamp(e.ts_ns));
                     return;
                 }
             }
             self.counters.untracked += 1;
             return;
         };
-        if conn.skaddr != 0 && conn.skaddr != e.skaddr {
+        if conn.sk_low != 0 && conn.sk_low != sk_low(e.skaddr) {
             // Another socket with this tuple (e.g. the accepting side of a loopback connection).
             self.counters.untracked += 1;
             return;
         }
-        if conn.skaddr == 0 {
+        if conn.sk_low == 0 {
             // Seeded from sock_diag: adopt the socket address now that an event names it.
             if let Some(c) = self.conns.get_mut(&key) {
-                c.skaddr = e.skaddr;
+                c.sk_low = sk_low(e.skaddr);
             }
         }
         let new = if e.new == st::CLOSE {
-            match conn.state as u32 {
+            match conn.state() as u32 {
                 st::FIN_WAIT2 | st::CLOSING => st::TIME_WAIT,
                 _ => {
-                    self.close(&key);
+                    self.close(key);
                     return;
                 }
             }
         } else {
             e.new
         };
-        self.set_state(
-            &key,
-            new as u8,
-            e.ts_ns,
-            e.ts_ns.saturating_add(TIME_WAIT_NS),
-        );
+        self.set_state(key, new as u8, stamp(e.ts_ns));
     }
 
     pub fn on_port(&mut self, e: &PortAssigned) {
         if e.ret != 0 || e.sport == 0 {
-            // A failed allocation: the SYN_SENT->CLOSE that follows clears the pending entry.
+            // A failed allocation: the connect() failure record (or SYN_SENT->CLOSE) that
+            // follows ends the pending entry.
             return;
         }
         if let Some(p) = self.pending.remove(&e.skaddr) {
@@ -245,7 +310,7 @@ impl Tracker {
                 st::SYN_SENT as u8,
                 p.owner,
                 e.skaddr,
-                e.ts_ns,
+                stamp(e.ts_ns),
             );
         } else {
             // CLOSE->SYN_SENT was not seen; this event comes from connect() in process context,
@@ -272,16 +337,15 @@ impl Tracker {
         }
     }
 
-    /// Ages TIME_WAIT entries out. Pops only expired heap entries: O(expired · log n).
+    /// Ages TIME_WAIT entries out. Looks only at entries that are due: O(expired · log n).
     pub fn expire(&mut self, now_ns: u64) {
-        while let Some(Reverse((expiry, seq, key))) = self.time_wait.peek().copied() {
-            if expiry > now_ns {
-                break;
-            }
-            self.time_wait.pop();
+        while let Some((id, sport)) = self.time_wait.pop_due(now_ns) {
+            let key = conn_key(id, sport);
+            // The tuple may have been reused since this entry was queued: age out only a socket
+            // that is in TIME_WAIT and due by its own stamp (a later one has its own entry).
             if let Some(c) = self.conns.get(&key) {
-                if c.seq == seq && c.state as u32 == st::TIME_WAIT {
-                    self.close(&key);
+                if c.state() as u32 == st::TIME_WAIT && c.stamp_ns <= now_ns {
+                    self.close(key);
                     self.counters.time_wait_expired += 1;
                 }
             }
@@ -299,17 +363,20 @@ impl Tracker {
         now_ns: u64,
         time_wait_left_ns: u64,
     ) -> bool {
-        if self.conns.contains_key(&(dest, sport)) {
+        if self
+            .key_of(&dest, sport)
+            .is_some_and(|key| self.conns.contains_key(&key))
+        {
             return false;
         }
-        self.open(dest, sport, state, owner, 0, now_ns);
-        if state as u32 == st::TIME_WAIT {
-            let key = (dest, sport);
-            if let Some(c) = self.conns.get(&key) {
-                let expiry = now_ns + time_wait_left_ns.min(TIME_WAIT_NS);
-                self.time_wait.push(Reverse((expiry, c.seq, key)));
-            }
-        }
+        self.open(
+            dest,
+            sport,
+            state,
+            owner,
+            0,
+            kernel_stamp(state, now_ns, time_wait_left_ns),
+        );
         true
     }
 
@@ -323,11 +390,16 @@ impl Tracker {
         snapshot_ns: u64,
         time_wait_left_ns: u64,
     ) -> bool {
-        let key = (dest, sport);
+        let Some(key) = self.key_of(&dest, sport) else {
+            return false;
+        };
         match self.conns.get(&key) {
-            Some(c) if c.updated_ns < snapshot_ns && c.state != state => {
-                let expiry = snapshot_ns + time_wait_left_ns.min(TIME_WAIT_NS);
-                self.set_state(&key, state, snapshot_ns, expiry);
+            Some(c) if c.updated_ns() < snapshot_ns && c.state() != state => {
+                self.set_state(
+                    key,
+                    state,
+                    kernel_stamp(state, snapshot_ns, time_wait_left_ns),
+                );
                 true
             }
             _ => false,
@@ -336,25 +408,27 @@ impl Tracker {
 
     /// Removes a tuple the kernel no longer has (see [`crate::seed`]).
     pub fn forget(&mut self, dest: &DestKey, sport: u16) -> bool {
-        let key = (*dest, sport);
-        if self.conns.contains_key(&key) {
-            self.close(&key);
-            true
-        } else {
-            false
+        match self.key_of(dest, sport) {
+            Some(key) if self.conns.contains_key(&key) => {
+                self.close(key);
+                true
+            }
+            _ => false,
         }
     }
 
     /// Tuples of one netns with their state and the time of their last update.
     pub fn conns_in(&self, netns: u32) -> impl Iterator<Item = (DestKey, u16, u8, u64)> + '_ {
-        self.conns
-            .iter()
-            .filter(move |((d, _), _)| d.netns == netns)
-            .map(|((d, p), c)| (*d, *p, c.state, c.updated_ns))
+        self.conns.iter().filter_map(move |(key, c)| {
+            let (id, sport) = key_parts(*key);
+            let slot = self.slot(id)?;
+            (slot.key.netns == netns).then_some((slot.key, sport, c.state(), c.updated_ns()))
+        })
     }
 
     pub fn dest(&self, key: &DestKey) -> Option<&DestStats> {
-        self.dests.get(key)
+        let id = self.dest_ids.get(key)?;
+        self.slot(*id).map(|s| &s.stats)
     }
 
     /// The busiest destination a failed connect() to `target` may have meant (routing picks the
@@ -371,14 +445,19 @@ impl Tracker {
                     daddr: target.daddr,
                     dport: target.dport,
                 };
-                self.dests.get(&key).map(|d| (key, d))
+                self.dest(&key).map(|d| (key, d))
             })
             .max_by_key(|(k, d)| (d.in_use, Reverse(*k)))
     }
 
     /// Destinations, most ports in use first.
     pub fn top(&self, n: usize) -> Vec<(DestKey, &DestStats)> {
-        let mut v: Vec<(DestKey, &DestStats)> = self.dests.iter().map(|(k, d)| (*k, d)).collect();
+        let mut v: Vec<(DestKey, &DestStats)> = self
+            .dest_slots
+            .iter()
+            .flatten()
+            .map(|s| (s.key, &s.stats))
+            .collect();
         v.sort_by_key(|(k, d)| (Reverse(d.in_use), *k));
         v.truncate(n);
         v
@@ -389,11 +468,20 @@ impl Tracker {
     pub fn netns_usage(&self, netns: u32) -> DestStats {
         let mut seen = std::collections::HashSet::new();
         let mut out = DestStats::default();
-        for ((d, sport), c) in &self.conns {
-            if d.netns != netns || !seen.insert((d.saddr, *sport)) {
+        for (key, c) in &self.conns {
+            let (id, sport) = key_parts(*key);
+            let Some(slot) = self.slot(id) else {
+                continue;
+            };
+            if slot.key.netns != netns || !seen.insert((slot.key.saddr, sport)) {
                 continue;
             }
-            account(&mut out, c.owner, c.state, 1);
+            let comm = slot
+                .stats
+                .holders
+                .get(&c.pid())
+                .map_or(Comm([0; 16]), |h| h.comm);
+            account(&mut out, c.pid(), comm, c.state(), 1);
         }
         out
     }
@@ -406,90 +494,157 @@ impl Tracker {
         self.pending.len()
     }
 
-    fn open(&mut self, dest: DestKey, sport: u16, state: u8, owner: Owner, skaddr: u64, ts: u64) {
-        let key = (dest, sport);
-        if self.conns.contains_key(&key) {
-            // The port was in TIME_WAIT (tcp_tw_reuse) or the old entry was stale.
-            self.close(&key);
-        }
-        self.seq += 1;
-        self.conns.insert(
-            key,
-            Conn {
-                state,
-                owner,
-                skaddr,
-                seq: self.seq,
-                updated_ns: ts,
-            },
-        );
-        let stats = match self.dests.entry(dest) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => {
-                let list = self.targets.entry(dest.target()).or_default();
-                if !list.contains(&dest.saddr) {
-                    list.push(dest.saddr);
-                }
-                v.insert(DestStats::default())
-            }
-        };
-        account(stats, owner, state, 1);
+    fn slot(&self, id: u32) -> Option<&DestSlot> {
+        self.dest_slots.get(id as usize)?.as_ref()
     }
 
-    fn set_state(&mut self, key: &ConnKey, new: u8, ts: u64, time_wait_expiry: u64) {
-        let Some(conn) = self.conns.get_mut(key) else {
+    fn stats_mut(&mut self, id: u32) -> Option<&mut DestStats> {
+        self.dest_slots
+            .get_mut(id as usize)?
+            .as_mut()
+            .map(|s| &mut s.stats)
+    }
+
+    fn key_of(&self, dest: &DestKey, sport: u16) -> Option<ConnKey> {
+        self.dest_ids.get(dest).map(|id| conn_key(*id, sport))
+    }
+
+    /// The id of `dest`, allocated (and its target noted) on first use.
+    fn intern(&mut self, dest: DestKey) -> u32 {
+        if let Some(id) = self.dest_ids.get(&dest) {
+            return *id;
+        }
+        let slot = DestSlot {
+            key: dest,
+            stats: DestStats::default(),
+        };
+        let id = match self.free_dest_ids.pop() {
+            Some(id) => {
+                self.dest_slots[id as usize] = Some(slot);
+                id
+            }
+            None => {
+                self.dest_slots.push(Some(slot));
+                (self.dest_slots.len() - 1) as u32
+            }
+        };
+        self.dest_ids.insert(dest, id);
+        let list = self.targets.entry(dest.target()).or_default();
+        if !list.contains(&dest.saddr) {
+            list.push(dest.saddr);
+        }
+        id
+    }
+
+    /// Frees a destination's id once no port is in use there.
+    fn release(&mut self, id: u32) {
+        let Some(slot) = self.dest_slots.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        let (old, owner) = (conn.state, conn.owner);
-        conn.state = new;
-        conn.updated_ns = ts;
-        let seq = conn.seq;
+        self.dest_ids.remove(&slot.key);
+        self.free_dest_ids.push(id);
+        let target = slot.key.target();
+        if let Some(list) = self.targets.get_mut(&target) {
+            list.retain(|s| *s != slot.key.saddr);
+            if list.is_empty() {
+                self.targets.remove(&target);
+            }
+        }
+    }
+
+    fn open(
+        &mut self,
+        dest: DestKey,
+        sport: u16,
+        state: u8,
+        owner: Owner,
+        skaddr: u64,
+        stamp_ns: u64,
+    ) {
+        if let Some(old) = self.key_of(&dest, sport) {
+            if self.conns.contains_key(&old) {
+                // The port was in TIME_WAIT (tcp_tw_reuse) or the old entry was stale.
+                self.close(old);
+            }
+        }
+        let id = self.intern(dest);
+        let key = conn_key(id, sport);
+        let conn = Conn::new(owner.pid, state, skaddr, stamp_ns);
+        self.conns.insert(key, conn);
+        if state as u32 == st::TIME_WAIT {
+            self.time_wait.push(stamp_ns, id, sport);
+        }
+        if let Some(stats) = self.stats_mut(id) {
+            account(stats, conn.pid(), owner.comm, state, 1);
+        }
+    }
+
+    fn set_state(&mut self, key: ConnKey, new: u8, stamp_ns: u64) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let old = conn.state();
+        conn.set_state(new);
+        conn.stamp_ns = stamp_ns;
+        let pid = conn.pid();
         if new as u32 == st::TIME_WAIT {
-            self.time_wait.push(Reverse((time_wait_expiry, seq, *key)));
+            let (id, sport) = key_parts(key);
+            self.time_wait.push(stamp_ns, id, sport);
         }
-        if let Some(stats) = self.dests.get_mut(&key.0) {
-            account(stats, owner, old, -1);
-            account(stats, owner, new, 1);
+        if let Some(stats) = self.stats_mut(key_parts(key).0) {
+            let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
+            account(stats, pid, comm, old, -1);
+            account(stats, pid, comm, new, 1);
         }
     }
 
-    fn close(&mut self, key: &ConnKey) {
-        let Some(conn) = self.conns.remove(key) else {
+    fn close(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.remove(&key) else {
             return;
         };
-        let dest = key.0;
-        let Some(stats) = self.dests.get_mut(&dest) else {
+        let id = key_parts(key).0;
+        let Some(stats) = self.stats_mut(id) else {
             return;
         };
-        account(stats, conn.owner, conn.state, -1);
+        let pid = conn.pid();
+        let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
+        account(stats, pid, comm, conn.state(), -1);
         if stats.in_use == 0 {
-            self.dests.remove(&dest);
-            let target = dest.target();
-            if let Some(list) = self.targets.get_mut(&target) {
-                list.retain(|s| *s != dest.saddr);
-                if list.is_empty() {
-                    self.targets.remove(&target);
-                }
-            }
+            self.release(id);
         }
     }
 }
 
-fn account(stats: &mut DestStats, owner: Owner, state: u8, delta: i32) {
+/// The stamp of a change at `ts_ns` seen in an event.
+fn stamp(ts_ns: u64) -> u64 {
+    ts_ns.saturating_add(TIME_WAIT_NS)
+}
+
+/// The stamp of a state the kernel reported at `now_ns`: in TIME_WAIT with `left_ns` to go,
+/// its expiry.
+fn kernel_stamp(state: u8, now_ns: u64, left_ns: u64) -> u64 {
+    if state as u32 == st::TIME_WAIT {
+        now_ns.saturating_add(left_ns.min(TIME_WAIT_NS))
+    } else {
+        stamp(now_ns)
+    }
+}
+
+fn account(stats: &mut DestStats, pid: u32, comm: Comm, state: u8, delta: i32) {
     let tw = u32::from(state as u32 == st::TIME_WAIT);
     if let Some(slot) = stats.by_state.get_mut(state as usize) {
         *slot = slot.saturating_add_signed(delta);
     }
     stats.in_use = stats.in_use.saturating_add_signed(delta);
-    let holder = stats.holders.entry(owner.pid).or_insert(Holder {
-        comm: owner.comm,
+    let holder = stats.holders.entry(pid).or_insert(Holder {
+        comm,
         ports: 0,
         time_wait: 0,
     });
     holder.ports = holder.ports.saturating_add_signed(delta);
     holder.time_wait = holder.time_wait.saturating_add_signed(delta * tw as i32);
     if holder.ports == 0 {
-        stats.holders.remove(&owner.pid);
+        stats.holders.remove(&pid);
     }
 }
 
@@ -803,6 +958,58 @@ mod tests {
         t.expire(52 * SEC - 1);
         assert_eq!(t.tracked(), 1);
         t.expire(52 * SEC);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn conn_packs_pid_state_and_socket_address() {
+        let c = Conn::new(4_194_303, st::FIN_WAIT2 as u8, 0xffff_8880_1234_5640, 7);
+        assert_eq!((c.pid(), c.state()), (4_194_303, st::FIN_WAIT2 as u8));
+        assert_eq!(c.sk_low, 0x1234_5641, "low half, bit 0 set: never 0");
+        assert_eq!(
+            Conn::new(1, 1, 0, 0).sk_low,
+            0,
+            "0 means learned from sock_diag"
+        );
+        assert_eq!(key_parts(conn_key(70_000, 40015)), (70_000, 40015));
+    }
+
+    #[test]
+    fn a_reused_destination_id_does_not_inherit_old_time_wait_expiries() {
+        let mut t = Tracker::new();
+        // Destination A: one port into TIME_WAIT at 1 s, then gone (forgotten) at 2 s.
+        connect(&mut t, 1, 40000, task(1, "a"), 0);
+        active_close(&mut t, 1, 40000, SEC);
+        assert!(t.forget(&dest(), 40000));
+        assert!(t.dest(&dest()).is_none());
+        // Destination B takes A's id, same port, and reaches TIME_WAIT later (at 30 s).
+        let other = StateChange {
+            dport: 443,
+            ..ev(2, st::CLOSE, st::SYN_SENT, 0, task(2, "b"), 2 * SEC)
+        };
+        t.on_state(&other);
+        t.on_state(&StateChange {
+            old: st::SYN_SENT,
+            new: st::ESTABLISHED,
+            sport: 40000,
+            ..other
+        });
+        for (old, new) in [
+            (st::ESTABLISHED, st::FIN_WAIT1),
+            (st::FIN_WAIT1, st::FIN_WAIT2),
+            (st::FIN_WAIT2, st::CLOSE),
+        ] {
+            t.on_state(&StateChange {
+                old,
+                new,
+                sport: 40000,
+                ts_ns: 30 * SEC,
+                ..other
+            });
+        }
+        t.expire(61 * SEC);
+        assert_eq!(t.tracked(), 1, "A's old expiry must not end B's TIME_WAIT");
+        t.expire(90 * SEC);
         assert_eq!(t.tracked(), 0);
     }
 
