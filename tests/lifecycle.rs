@@ -1,5 +1,6 @@
 //! The agent's life: clean exit with a final summary on SIGINT/SIGTERM and nothing left
-//! attached; a clear one-line error without privileges.
+//! attached; after SIGKILL nothing left attached either, and a new agent picks up from the
+//! kernel's own state; a clear one-line error without privileges.
 use std::{
     collections::HashSet,
     process::Command,
@@ -34,6 +35,39 @@ fn portx_program_ids() -> Option<HashSet<u32>> {
     )
 }
 
+/// The programs loaded since `before` (None without bpftool).
+fn loaded_since(before: &Option<HashSet<u32>>) -> Option<HashSet<u32>> {
+    match (before, portx_program_ids()) {
+        (Some(b), Some(now)) => Some(now.difference(b).copied().collect()),
+        _ => None,
+    }
+}
+
+/// Waits until none of `mine` is loaded. The kernel frees programs asynchronously once their
+/// last fd and link are gone.
+fn assert_unloaded(mine: Option<HashSet<u32>>) {
+    let Some(mine) = mine else {
+        println!("skipped the bpftool check: bpftool is not installed");
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u32> = portx_program_ids()
+            .unwrap_or_default()
+            .intersection(&mine)
+            .copied()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "programs {left:?} still loaded after exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
     let _g = serial();
@@ -46,10 +80,7 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
         let agent = Agent::start(ns.id);
         let pid = agent.pid();
         // The programs this agent loaded: present while it runs.
-        let mine: Option<HashSet<u32>> = match (&before, portx_program_ids()) {
-            (Some(b), Some(now)) => Some(now.difference(b).copied().collect()),
-            _ => None,
-        };
+        let mine = loaded_since(&before);
         if let Some(m) = &mine {
             assert!(!m.is_empty(), "bpftool does not show the agent's programs");
         }
@@ -61,29 +92,44 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
             "no final summary after signal {signal}: {rest:?}"
         );
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
-        match mine {
-            Some(mine) => {
-                // The kernel frees programs asynchronously once their last fd and link are gone.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    let left: Vec<u32> = portx_program_ids()
-                        .unwrap_or_default()
-                        .intersection(&mine)
-                        .copied()
-                        .collect();
-                    if left.is_empty() {
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "programs {left:?} still loaded after exit"
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-            None => println!("skipped the bpftool check: bpftool is not installed"),
-        }
+        assert_unloaded(mine);
     }
+}
+
+#[test]
+fn after_sigkill_nothing_stays_loaded_and_a_new_agent_still_names_the_hog() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let _g = serial();
+    if !require_root("after_sigkill_nothing_stays_loaded_and_a_new_agent_still_names_the_hog") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&["127.0.0.1:9000"]);
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", "127.0.0.1:9000", "--count", "16"],
+        "held 16",
+    );
+    let before = portx_program_ids();
+    let first = Agent::start(ns.id);
+    let mine = loaded_since(&before);
+    let (status, _) = first.stop(libc::SIGKILL);
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // No exit handler ran: the kernel drops programs and links with the process's fds.
+    assert_unloaded(mine);
+
+    let mut second = Agent::start(ns.id);
+    let started = second.wait_for("started", |v| v["type"] == "started");
+    assert_eq!(started["seeded"], 16, "{started:#}");
+    let mut victim = ns.spawn("victim", &["connect", "--connect", "127.0.0.1:9000"]);
+    victim.expect("connect failed errno=99");
+    assert_eq!(victim.wait().code(), Some(3));
+    let victim = victim.pid();
+    let report = second.wait_for("exhaustion", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == victim
+    });
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["holders"][0]["ports"], 16, "{report:#}");
 }
 
 #[test]
