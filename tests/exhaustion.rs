@@ -6,6 +6,8 @@ use serde_json::Value;
 const V4: &str = "127.0.0.1:9000";
 const V4_OTHER: &str = "127.0.0.1:9001";
 const V6: &str = "[::1]:9000";
+/// 127.0.0.1:9000 from an IPv6 socket: the kernel connects it as IPv4.
+const V4_MAPPED: &str = "[::ffff:127.0.0.1]:9000";
 
 fn victim_fails(ns: &Netns, dest: &str) -> u32 {
     let mut victim = ns.spawn("victim", &["connect", "--connect", dest]);
@@ -265,4 +267,86 @@ fn syn_sent_ports_are_charged_at_allocation() {
     );
     assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
     assert_eq!(report["holders"][0]["ports"], 16);
+}
+
+#[test]
+fn v4_mapped_ipv6_connections_count_against_the_ipv4_range() {
+    let _g = serial();
+    if !require_root("v4_mapped_ipv6_connections_count_against_the_ipv4_range") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    // Half before the agent starts (seeded from sock_diag), half while it runs (events).
+    let (early, _) = ns.keep(
+        "early",
+        &["hold", "--connect", V4_MAPPED, "--count", "8"],
+        "held 8",
+    );
+    let mut agent = Agent::start(ns.id);
+    let started = agent.wait_for("started", |v| v["type"] == "started");
+    assert_eq!(started["seeded"], 8, "{started:#}");
+    let (late, _) = ns.keep(
+        "late",
+        &["hold", "--connect", V4_MAPPED, "--count", "8"],
+        "held 8",
+    );
+    let victim = victim_fails(&ns, V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["daddr"], "127.0.0.1", "{report:#}");
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    let holders: Vec<(u64, u64)> = report["holders"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x["pid"].as_u64().unwrap_or(0),
+                        x["ports"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(holders.contains(&(u64::from(early), 8)), "{report:#}");
+    assert!(holders.contains(&(u64::from(late), 8)), "{report:#}");
+}
+
+#[test]
+fn refused_and_reset_connections_hold_no_port() {
+    let _g = serial();
+    if !require_root("refused_and_reset_connections_hold_no_port") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    // Nothing listens on 9001: SYN_SENT->CLOSE with a port, which is freed, not kept.
+    let mut refused = ns.spawn("refused", &["connect", "--connect", V4_OTHER]);
+    refused.expect("connect failed errno=111");
+    assert_eq!(refused.wait().code(), Some(3));
+    let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, refused.pid(), 9001));
+    assert_eq!(failed["error"], "ECONNREFUSED", "{failed:#}");
+    // Closed with RST: ESTABLISHED->CLOSE, no TIME_WAIT.
+    let mut churner = ns.spawn(
+        "churner",
+        &["churn", "--connect", V4, "--count", "8", "--rst"],
+    );
+    churner.expect("churned ok=8 failed=0");
+    assert!(churner.wait().success());
+    let done = clock_ns();
+    let summary = agent.wait_for("a summary with nothing held", |v| {
+        v["type"] == "summary"
+            && v["ts"].as_u64() > Some(done)
+            && v["tracked"] == 0
+            && v["pending"] == 0
+    });
+    assert_eq!(summary["lost"], 0, "{summary:#}");
+}
+
+/// Wall-clock now in Unix ns, the agent's `ts` clock.
+fn clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
