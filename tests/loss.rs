@@ -1,5 +1,6 @@
 //! Loss is never silent: when the ring buffer is full, every record the kernel could not write is
-//! counted, and the agent reports the count.
+//! counted, and the agent reports the count; at `--max-sockets`, what the tracker drops is
+//! counted and reported too.
 use portx_e2e::{require_root, serial, Agent, Netns};
 use serde_json::Value;
 
@@ -96,6 +97,45 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
     );
     assert!(
         agent.stderr().contains("the kernel dropped"),
+        "no warning on stderr: {}",
+        agent.context()
+    );
+}
+
+#[test]
+fn at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted() {
+    let _g = serial();
+    if !require_root("at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_with(ns.id, &["--max-sockets", "4"]);
+    // Four connections closed client-first: the table is full of TIME_WAIT.
+    let churn_tw = |name: &str| {
+        let mut c = ns.spawn(name, &["churn", "--connect", V4, "--count", "4"]);
+        c.expect("churned ok=4 failed=0");
+        assert!(c.wait().success());
+        c.pid()
+    };
+    let first = churn_tw("first");
+    let s = summary(&mut agent, 0, |v| {
+        v["destinations"][0]["by_state"]["TIME_WAIT"] == 4
+    });
+    assert_eq!(s["destinations"][0]["top_holder"]["pid"], first, "{s:#}");
+    // Four more: each takes the place of one of the first four, oldest first.
+    let second = churn_tw("second");
+    let s = summary(&mut agent, field(&s, "ts"), |v| {
+        v["destinations"][0]["by_state"]["TIME_WAIT"] == 4 && field(v, "evicted") >= 4
+    });
+    assert_eq!(field(&s, "tracked"), 4, "{}", agent.context());
+    assert_eq!(field(&s, "evicted"), 4, "{}", agent.context());
+    assert_eq!(field(&s, "over_limit"), 0, "{}", agent.context());
+    let top = &s["destinations"][0];
+    assert_eq!(top["top_holder"]["pid"], second, "{s:#}");
+    assert_eq!(top["top_holder"]["ports"], 4, "{s:#}");
+    assert!(
+        agent.stderr().contains("--max-sockets reached"),
         "no warning on stderr: {}",
         agent.context()
     );

@@ -69,7 +69,16 @@ pub struct TraceArgs {
     /// Do not read existing connections from sock_diag at start-up.
     #[arg(long)]
     pub no_seed: bool,
+    /// Most sockets tracked at once (about 60 bytes each). Past it the oldest TIME_WAIT entries
+    /// are dropped first (`evicted` in summaries); with none left, new sockets are not tracked
+    /// (`over_limit`).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub max_sockets: u32,
 }
+
+/// Default `--max-sockets`: about 120 MiB of table.
+pub const DEFAULT_MAX_SOCKETS: u32 = 2_000_000;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -115,6 +124,7 @@ impl TraceArgs {
             duration: self.duration,
             seed: !self.no_seed,
             report_every: Duration::from_secs(1),
+            max_sockets: self.max_sockets as usize,
         }
     }
 }

@@ -160,6 +160,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         duration: Some(args.seconds),
         seed: true,
         report_every: Duration::from_secs(1),
+        max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
     };
     let (traced, workloads) = tokio::join!(trace::run(opts, Some(tx)), scenario(ns, args.json, rx));
     traced?;

@@ -119,10 +119,18 @@ impl<W: Write> Output<W> {
             s.connect_failures,
             s.lost,
             s.missed,
-            if s.decode_errors > 0 {
-                format!(", {} undecodable", s.decode_errors)
-            } else {
-                String::new()
+            {
+                let mut extra = String::new();
+                if s.decode_errors > 0 {
+                    extra += &format!(", {} undecodable", s.decode_errors);
+                }
+                if s.evicted + s.over_limit > 0 {
+                    extra += &format!(
+                        ", {} evicted and {} not tracked at --max-sockets",
+                        s.evicted, s.over_limit
+                    );
+                }
+                extra
             }
         )?;
         if s.destinations.is_empty() {

@@ -129,6 +129,10 @@ pub struct Summary {
     pub decode_errors: u64,
     /// State changes of sockets the agent never saw connect (server side), since start.
     pub untracked: u64,
+    /// TIME_WAIT entries dropped, oldest first, to stay within `--max-sockets`, since start.
+    pub evicted: u64,
+    /// Sockets not tracked because `--max-sockets` was reached with no TIME_WAIT to evict.
+    pub over_limit: u64,
     /// connect() failures with EADDRNOTAVAIL since start.
     pub connect_failures: u64,
     /// True for the summary printed at exit.

@@ -45,6 +45,12 @@ impl TimeWaitQueue {
         Some((dest_id, sport as u16))
     }
 
+    /// Removes and returns the entry due first, due or not (to make room).
+    pub fn pop_earliest(&mut self) -> Option<(u32, u16)> {
+        let Reverse((_, dest_id, sport)) = self.heap.pop()?;
+        Some((dest_id, sport as u16))
+    }
+
     pub fn len(&self) -> usize {
         self.heap.len()
     }

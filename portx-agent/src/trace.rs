@@ -42,6 +42,8 @@ pub struct TraceOptions {
     pub seed: bool,
     /// Minimum time between two exhaustion reports for one destination.
     pub report_every: Duration,
+    /// Most sockets the tracker keeps (see [`Tracker::with_limit`]).
+    pub max_sockets: usize,
 }
 
 /// Counters of the whole run.
@@ -219,6 +221,8 @@ impl<W: io::Write> Session<W> {
             missed: self.counters.missed,
             decode_errors: self.counters.decode_errors,
             untracked: self.tracker.counters.untracked,
+            evicted: self.tracker.counters.evicted,
+            over_limit: self.tracker.counters.over_limit,
             connect_failures: self.counters.connect_failures,
             is_final,
             ts: clock::wall_ns(clock::monotonic_ns()),
@@ -304,7 +308,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
 
     let mut session = Session {
         filter: opts.netns.iter().copied().collect(),
-        tracker: Tracker::new(),
+        tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),
         out: Output::stdout(opts.json),
         counters: Counters::default(),
@@ -361,6 +365,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
     let follow_up_gap = Duration::from_nanos(FAILURE_WAKE_GAP_NS);
     let mut follow_up: Option<tokio::time::Instant> = None;
     let mut failures_seen = 0;
+    let mut warned_limit = 0;
 
     loop {
         tokio::select! {
@@ -411,6 +416,13 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                         detail.join(", ")
                     );
                     session.counters.missed = missed;
+                }
+                let (evicted, over) = (session.tracker.counters.evicted, session.tracker.counters.over_limit);
+                if evicted + over > warned_limit {
+                    tracing::warn!(
+                        "--max-sockets reached: {evicted} TIME_WAIT entries evicted, {over} sockets not tracked since start"
+                    );
+                    warned_limit = evicted + over;
                 }
                 session.ranges.refresh_all();
                 session.summary(false);

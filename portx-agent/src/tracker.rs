@@ -180,6 +180,10 @@ pub struct TrackerCounters {
     /// Sockets placed through an owner from a port event because their CLOSE->SYN_SENT was not
     /// seen.
     pub recovered: u64,
+    /// TIME_WAIT entries dropped, oldest first, to stay within the socket limit.
+    pub evicted: u64,
+    /// Sockets not tracked because the limit was reached with no TIME_WAIT entry to evict.
+    pub over_limit: u64,
 }
 
 /// A destination in use and its counts.
@@ -205,12 +209,26 @@ pub struct Tracker {
     targets: Map<Target, Vec<IpAddr>>,
     /// When TIME_WAIT entries are due.
     time_wait: TimeWaitQueue,
+    /// Most sockets tracked at once (0: no limit).
+    limit: usize,
     pub counters: TrackerCounters,
 }
 
 impl Tracker {
+    /// A tracker without a limit on sockets.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A tracker that keeps at most `max_sockets`: past it, the oldest TIME_WAIT entries make
+    /// room for new connections (counted as `evicted`); with none left, new sockets are not
+    /// tracked (`over_limit`). Sockets from sock_diag ([`Tracker::seed`]) are only added below
+    /// the limit.
+    pub fn with_limit(max_sockets: usize) -> Self {
+        Self {
+            limit: max_sockets,
+            ..Self::default()
+        }
     }
 
     pub fn on_state(&mut self, e: &StateChange) {
@@ -369,6 +387,11 @@ impl Tracker {
         {
             return false;
         }
+        if self.limit != 0 && self.conns.len() >= self.limit {
+            // At the limit the table is knowingly partial: a resync does not evict what events
+            // placed (it would swap entries back and forth every pass).
+            return false;
+        }
         self.open(
             dest,
             sport,
@@ -376,8 +399,7 @@ impl Tracker {
             owner,
             0,
             kernel_stamp(state, now_ns, time_wait_left_ns),
-        );
-        true
+        )
     }
 
     /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
@@ -560,12 +582,16 @@ impl Tracker {
         owner: Owner,
         skaddr: u64,
         stamp_ns: u64,
-    ) {
+    ) -> bool {
         if let Some(old) = self.key_of(&dest, sport) {
             if self.conns.contains_key(&old) {
                 // The port was in TIME_WAIT (tcp_tw_reuse) or the old entry was stale.
                 self.close(old);
             }
+        }
+        if !self.make_room() {
+            self.counters.over_limit += 1;
+            return false;
         }
         let id = self.intern(dest);
         let key = conn_key(id, sport);
@@ -577,6 +603,23 @@ impl Tracker {
         if let Some(stats) = self.stats_mut(id) {
             account(stats, conn.pid(), owner.comm, state, 1);
         }
+        true
+    }
+
+    /// Below the limit, or brought below it by evicting the oldest TIME_WAIT entry.
+    fn make_room(&mut self) -> bool {
+        if self.limit == 0 || self.conns.len() < self.limit {
+            return true;
+        }
+        while let Some((id, sport)) = self.time_wait.pop_earliest() {
+            let key = conn_key(id, sport);
+            if self.conns.get(&key).map(Conn::state) == Some(st::TIME_WAIT as u8) {
+                self.close(key);
+                self.counters.evicted += 1;
+                return true;
+            }
+        }
+        false
     }
 
     fn set_state(&mut self, key: ConnKey, new: u8, stamp_ns: u64) {
@@ -1011,6 +1054,61 @@ mod tests {
         assert_eq!(t.tracked(), 1, "A's old expiry must not end B's TIME_WAIT");
         t.expire(90 * SEC);
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn past_the_limit_the_oldest_time_wait_makes_room_and_then_nothing_is_dropped_silently() {
+        let mut t = Tracker::with_limit(3);
+        // Two ports into TIME_WAIT (at 1 s and 2 s), one ESTABLISHED.
+        connect(&mut t, 1, 40001, task(1, "a"), 0);
+        active_close(&mut t, 1, 40001, SEC);
+        connect(&mut t, 2, 40002, task(1, "a"), 0);
+        active_close(&mut t, 2, 40002, 2 * SEC);
+        connect(&mut t, 3, 40003, task(2, "b"), 0);
+        assert_eq!(t.tracked(), 3);
+        // A fourth: the oldest TIME_WAIT (40001) goes.
+        connect(&mut t, 4, 40004, task(2, "b"), 3 * SEC);
+        assert_eq!(t.tracked(), 3);
+        assert_eq!(t.counters.evicted, 1);
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(
+            d.by_state[st::TIME_WAIT as usize],
+            1,
+            "40002 is still there"
+        );
+        // A fifth: 40002 goes; a sixth: nothing left to evict, counted, not tracked.
+        connect(&mut t, 5, 40005, task(2, "b"), 4 * SEC);
+        connect(&mut t, 6, 40006, task(2, "b"), 4 * SEC);
+        assert_eq!(t.tracked(), 3);
+        assert_eq!(t.counters.evicted, 2);
+        assert_eq!(t.counters.over_limit, 1);
+        assert_eq!(t.dest(&dest()).unwrap().in_use, 3);
+        // Its later transitions are untracked, not misplaced.
+        t.on_state(&ev(
+            6,
+            st::ESTABLISHED,
+            st::CLOSE,
+            40006,
+            task(0, "x"),
+            5 * SEC,
+        ));
+        assert_eq!(t.tracked(), 3);
+        // sock_diag sockets are not added at the limit, and evict nothing.
+        assert!(!t.seed(
+            dest(),
+            40010,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            5 * SEC,
+            SEC
+        ));
+        assert_eq!((t.tracked(), t.counters.evicted), (3, 2));
+        // The unlimited tracker never evicts.
+        let mut u = Tracker::new();
+        for i in 0..100u16 {
+            connect(&mut u, u64::from(i) + 1, 40000 + i, task(1, "a"), 0);
+        }
+        assert_eq!((u.tracked(), u.counters.evicted), (100, 0));
     }
 
     #[test]
