@@ -10,7 +10,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -19,7 +19,11 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::{cmd, setup};
+use crate::{
+    cmd,
+    host::{proc_cpu_secs, vm_hwm_kib, wait_for_file, Netns, Proc},
+    setup,
+};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -48,98 +52,6 @@ fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-/// A process killed (SIGINT, then SIGKILL) on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn interrupt(&mut self) {
-        // SAFETY: kill with a pid we own.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            self.interrupt();
-        }
-    }
-}
-
-/// A private network namespace held by `portx-agent workload park`.
-struct Netns {
-    park: Proc,
-    id: u64,
-}
-
-impl Netns {
-    fn new(agent: &Path, sysctls: &[&str]) -> anyhow::Result<Netns> {
-        let mut c = Command::new(agent);
-        c.args(["workload", "park"]);
-        for s in sysctls {
-            c.args(["--sysctl", s]);
-        }
-        let mut child = c.stdout(Stdio::piped()).spawn().context("starting park")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?)
-            .read_line(&mut line)?;
-        let id = line
-            .trim()
-            .strip_prefix("ready netns=")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("park said `{line}`"))?;
-        Ok(Netns {
-            park: Proc(child),
-            id,
-        })
-    }
-    fn path(&self) -> String {
-        format!("/proc/{}/ns/net", self.park.pid())
-    }
-}
-
-fn wait_for_file(path: &Path, needle: &str, secs: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{} never said `{needle}`", path.display())
-}
-
-fn proc_cpu_secs(pid: u32, tick: f64) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / tick
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
         .unwrap_or(0)
 }
 

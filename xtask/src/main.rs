@@ -1,7 +1,9 @@
-//! Project automation: `cargo xtask setup | test | vm-test`.
+//! Project automation: `cargo xtask setup | test | vm-test | bench | soak`.
 mod bench;
 mod cmd;
+mod host;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -24,6 +26,8 @@ enum Command {
     VmTest(vm::VmArgs),
     /// Measure portx's overhead against nothing, tcpstates and bpftrace (not a test).
     Bench(bench::BenchArgs),
+    /// Run the agent under a TIME_WAIT churn for a while; fail if its memory keeps growing.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(a) => test::run(&a),
         Command::VmTest(a) => vm::run(&a).map(|_| ()),
         Command::Bench(a) => bench::run(&a),
+        Command::Soak(a) => soak::run(&a),
     }
 }

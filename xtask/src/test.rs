@@ -4,7 +4,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::{cmd, setup, vm};
+use crate::{cmd, setup, soak, vm};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -48,6 +48,15 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     )
     .context("end-to-end tests on this kernel")?;
     summary.push("end-to-end tests on this kernel: passed".to_string());
+    // A short soak: the agent's memory stays flat under TIME_WAIT churn (`cargo xtask soak`
+    // runs the 10-minute one).
+    soak::run(&soak::SoakArgs {
+        seconds: 120,
+        warmup: 75,
+        threads: 1,
+    })
+    .context("2-minute soak")?;
+    summary.push("2-minute soak: agent memory flat".to_string());
     if !args.no_vm {
         let matrix = vm::run(&vm::VmArgs::defaults(args.wide))?;
         summary.push(format!("kernel matrix: {} VM runs passed", matrix.len()));
