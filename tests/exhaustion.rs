@@ -350,3 +350,38 @@ fn clock_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
+
+#[test]
+fn connect_af_unspec_releases_the_port_and_a_reconnect_takes_one_again() {
+    let _g = serial();
+    if !require_root("connect_af_unspec_releases_the_port_and_a_reconnect_takes_one_again") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let w = ns.spawn("disconnector", &["disconnect", "--connect", V4]);
+    w.expect("connected sport=");
+    let holds = |v: &Value, n: u64| {
+        v["type"] == "summary"
+            && v["tracked"].as_u64() == Some(n)
+            && (n == 0 || v["destinations"][0]["top_holder"]["pid"] == w.pid())
+    };
+    agent.wait_for("the connected socket", |v| holds(v, 1));
+    let next = || {
+        // SAFETY: a signal to the workload we started.
+        unsafe { libc::kill(w.pid() as i32, libc::SIGUSR1) };
+    };
+    next();
+    w.expect("disconnected");
+    let after = clock_ns();
+    agent.wait_for("the port released by connect(AF_UNSPEC)", |v| {
+        holds(v, 0) && v["ts"].as_u64() > Some(after)
+    });
+    next();
+    w.expect("reconnected sport=");
+    let after = clock_ns();
+    agent.wait_for("the same socket connected again", |v| {
+        holds(v, 1) && v["ts"].as_u64() > Some(after)
+    });
+}

@@ -168,7 +168,13 @@ fn sk_low(skaddr: u64) -> u32 {
 struct Pending {
     dest: DestKey,
     owner: Owner,
+    /// When connect() began (monotonic ns).
+    since_ns: u64,
 }
+
+/// A connect whose outcome was never seen this long (its records were lost) is forgotten by
+/// [`Tracker::expire`]. SYN_SENT gives up after about 2 minutes with default `tcp_syn_retries`.
+pub const PENDING_MAX_NS: u64 = 10 * 60 * 1_000_000_000;
 
 /// Counters of events the tracker could not place; reported, never silently dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -255,7 +261,14 @@ impl Tracker {
                     stamp(e.ts_ns),
                 );
             } else {
-                self.pending.insert(e.skaddr, Pending { dest, owner });
+                self.pending.insert(
+                    e.skaddr,
+                    Pending {
+                        dest,
+                        owner,
+                        since_ns: e.ts_ns,
+                    },
+                );
             }
             return;
         }
@@ -357,6 +370,9 @@ impl Tracker {
 
     /// Ages TIME_WAIT entries out. Looks only at entries that are due: O(expired · log n).
     pub fn expire(&mut self, now_ns: u64) {
+        // In-flight connects: few, so a scan is cheap.
+        self.pending
+            .retain(|_, p| now_ns.saturating_sub(p.since_ns) < PENDING_MAX_NS);
         while let Some((id, sport)) = self.time_wait.pop_due(now_ns) {
             let key = conn_key(id, sport);
             // The tuple may have been reused since this entry was queued: age out only a socket
@@ -1002,6 +1018,16 @@ mod tests {
         assert_eq!(t.tracked(), 1);
         t.expire(52 * SEC);
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn a_connect_whose_outcome_was_lost_is_forgotten_after_ten_minutes() {
+        let mut t = Tracker::new();
+        t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, task(1, "a"), SEC));
+        t.expire(SEC + PENDING_MAX_NS - 1);
+        assert_eq!(t.pending(), 1);
+        t.expire(SEC + PENDING_MAX_NS);
+        assert_eq!(t.pending(), 0);
     }
 
     #[test]

@@ -93,6 +93,13 @@ pub enum WorkloadCmd {
         #[arg(long, default_value_t = 20000)]
         base_port: u16,
     },
+    /// connect() to an IPv4 destination; on SIGUSR1 connect(AF_UNSPEC) to disconnect the same
+    /// socket; on the next SIGUSR1 connect it again and keep it. Prints `connected sport=P`,
+    /// `disconnected`, `reconnected sport=Q`.
+    Disconnect {
+        #[arg(long)]
+        connect: std::net::SocketAddrV4,
+    },
     /// bind() COUNT sockets to port 0 without connecting, and keep them. Prints `bound N`, or
     /// `bind failed errno=E` and exits 3.
     BindHold {
@@ -168,6 +175,7 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         } => churn(connect, count, rst),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
+        WorkloadCmd::Disconnect { connect } => disconnect(connect),
         WorkloadCmd::Storm {
             threads,
             seconds,
@@ -391,6 +399,79 @@ fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
     }
     say(&format!("churned ok={ok} failed={failed}"));
     Ok(())
+}
+
+fn sockaddr_v4(addr: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn local_port(fd: i32) -> u16 {
+    // SAFETY: a zeroed sockaddr_in with its length, filled by the kernel.
+    unsafe {
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
+            return 0;
+        }
+        u16::from_be(sa.sin_port)
+    }
+}
+
+fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
+    // Block SIGUSR1 before saying anything, so that the test's signal waits for sigwait.
+    // SAFETY: plain sigset manipulation on a zeroed set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let fd = s.as_raw_fd();
+    say(&format!("connected sport={}", local_port(fd)));
+    let mut sig = 0;
+    // SAFETY: `set` holds SIGUSR1, blocked above.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as u16,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid fd and sockaddr of the given length.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        bail!("connect(AF_UNSPEC): {}", std::io::Error::last_os_error());
+    }
+    say("disconnected");
+    // SAFETY: as above.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    let sa = sockaddr_v4(addr);
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        bail!("reconnecting: {}", std::io::Error::last_os_error());
+    }
+    say(&format!("reconnected sport={}", local_port(fd)));
+    sleep_forever()
 }
 
 fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {

@@ -79,7 +79,7 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
         }
     } else if old == tcp_state::SYN_SENT
         && new == tcp_state::CLOSE
-        && failure_will_be_reported(sk, offsets().inet_sport)
+        && failure_will_be_reported(sk, o.inet_sport)
     {
         return Ok(());
     }
