@@ -1,6 +1,7 @@
-//! Project automation: `cargo xtask setup | test | vm-test | bench | soak`.
+//! Project automation: `cargo xtask setup | test | vm-test | bench | soak | fuzz`.
 mod bench;
 mod cmd;
+mod fuzz;
 mod host;
 mod setup;
 mod soak;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the agent under a TIME_WAIT churn for a while; fail if its memory keeps growing.
     Soak(soak::SoakArgs),
+    /// Run every cargo-fuzz target (10M inputs each by default).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::VmTest(a) => vm::run(&a).map(|_| ()),
         Command::Bench(a) => bench::run(&a),
         Command::Soak(a) => soak::run(&a),
+        Command::Fuzz(a) => fuzz::run(&a),
     }
 }

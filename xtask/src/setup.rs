@@ -99,6 +99,22 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     )
 }
 
+/// cargo-fuzz 0.13 (for `cargo xtask fuzz`), installed only when missing.
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if let Ok(v) = cmd::output(Command::new("cargo").args(["fuzz", "--version"])) {
+        if v.contains(" 0.13") {
+            return Ok(());
+        }
+    }
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        "^0.13",
+        "--locked",
+    ]))
+}
+
 fn missing(packages: &[&str]) -> Vec<String> {
     packages
         .iter()

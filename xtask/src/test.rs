@@ -4,7 +4,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::{cmd, setup, soak, vm};
+use crate::{cmd, fuzz, setup, soak, vm};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -57,6 +57,12 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     })
     .context("2-minute soak")?;
     summary.push("2-minute soak: agent memory flat".to_string());
+    fuzz::run(&fuzz::FuzzArgs {
+        runs: 10_000_000,
+        targets: Vec::new(),
+    })
+    .context("fuzzing")?;
+    summary.push("fuzzing: 3 targets x 10M inputs, no crash".to_string());
     if !args.no_vm {
         let matrix = vm::run(&vm::VmArgs::defaults(args.wide))?;
         summary.push(format!("kernel matrix: {} VM runs passed", matrix.len()));
