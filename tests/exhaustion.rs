@@ -76,6 +76,27 @@ fn held_ports_name_the_hog() {
 }
 
 #[test]
+fn without_netns_every_namespace_is_traced() {
+    let _g = serial();
+    if !require_root("without_netns_every_namespace_is_traced") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_everywhere();
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
+    let victim = victim_fails(&ns, V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["netns"], ns.id, "{report:#}");
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["in_use"], 16, "{report:#}");
+}
+
+#[test]
 fn time_wait_churn_names_the_churner() {
     let _g = serial();
     if !require_root("time_wait_churn_names_the_churner") {

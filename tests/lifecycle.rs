@@ -170,4 +170,19 @@ fn invalid_flags_exit_with_status_2() {
         .expect("running the agent");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--interval"));
+    // More namespaces than the kernel-side filter holds.
+    let many: Vec<String> = (0..257)
+        .flat_map(|i| ["--netns".into(), i.to_string()])
+        .collect();
+    let out = Command::new(agent_bin())
+        .arg("trace")
+        .args(&many)
+        .output()
+        .expect("running the agent");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at most 256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -100,6 +100,20 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
         "no warning on stderr: {}",
         agent.context()
     );
+
+    // An exhaustion report says how much was lost, so that its reader knows how far to trust it.
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
+    let mut victim = ns.spawn("victim", &["connect", "--connect", V4]);
+    victim.expect("connect failed errno=99");
+    let victim = victim.pid();
+    let report = agent.wait_for("exhaustion", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == victim
+    });
+    assert!(field(&report, "lost") >= lost, "{report:#}");
 }
 
 #[test]

@@ -48,7 +48,8 @@ pub struct TraceArgs {
     /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
-    /// Only this network namespace (inode number; repeatable). Default: all.
+    /// Only this network namespace (inode number; repeatable, up to 256). The kernel side then
+    /// writes nothing for the others. Default: all.
     #[arg(long = "netns", value_name = "INODE")]
     pub netns: Vec<u32>,
     /// Seconds between summaries.
@@ -111,6 +112,25 @@ fn ring_kib(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+impl Cli {
+    /// Checks what clap's per-value parsers cannot: exits with status 2 and a clap-style message.
+    pub fn validate(self) -> Self {
+        use clap::CommandFactory as _;
+        if let Command::Trace(t) = &self.command {
+            let max = portx_common::MAX_NETNS_FILTER as usize;
+            if t.netns.len() > max {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::TooManyValues,
+                        format!("--netns given {} times; at most {max}", t.netns.len()),
+                    )
+                    .exit();
+            }
+        }
+        self
+    }
+}
+
 impl TraceArgs {
     pub fn options(&self) -> crate::trace::TraceOptions {
         crate::trace::TraceOptions {
@@ -148,6 +168,7 @@ mod tests {
             &["portx-agent", "trace", "--hooks", "uprobe"],
             &["portx-agent", "trace", "--ring-buffer-kib", "3"],
             &["portx-agent", "trace", "--netns", "-1"],
+            &["portx-agent", "trace", "--max-sockets", "0"],
         ] {
             let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

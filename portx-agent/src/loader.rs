@@ -10,6 +10,7 @@ use std::fmt;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
+    maps::HashMap,
     programs::{FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -80,6 +81,9 @@ pub struct LoadOptions {
     pub offsets: KernelOffsets,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: Option<u32>,
+    /// Only these network namespaces are written by the kernel side (all when empty; at most
+    /// `MAX_NETNS_FILTER`).
+    pub netns: Vec<u32>,
 }
 
 /// Raw tracepoint attached in every mode: TCP state changes.
@@ -123,16 +127,29 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let raw_mode = mode.raw();
     // Wake the agent once an eighth of the ring buffer is waiting (failures always wake it).
     let wakeup_bytes = opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES) / 8;
+    let filter_netns = u32::from(!opts.netns.is_empty());
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::AGENT_TGID, &pid, true)
         .override_global(names::HOOK_MODE, &raw_mode, true)
         .override_global(names::OFFSETS, &opts.offsets, true)
-        .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true);
+        .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+        .override_global(names::FILTER_NETNS, &filter_netns, true);
     if let Some(bytes) = opts.ring_bytes {
         loader.map_max_entries(names::EVENTS, bytes);
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    if !opts.netns.is_empty() {
+        let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+            ebpf.map_mut(names::NETNS_FILTER)
+                .ok_or_else(|| anyhow!("map {} missing", names::NETNS_FILTER))?,
+        )?;
+        for ns in &opts.netns {
+            filter
+                .insert(ns, 1, 0)
+                .with_context(|| format!("adding netns {ns} to the kernel-side filter"))?;
+        }
+    }
     // Before the programs load: they reference the log map.
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),

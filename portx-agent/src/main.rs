@@ -5,7 +5,7 @@ use portx_agent::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse().validate();
     let default = match cli.verbose {
         0 => "info",
         1 => "debug",

@@ -90,6 +90,13 @@ impl<W: Write> Output<W> {
                 e.failures
             )?;
         }
+        if e.lost + e.missed > 0 {
+            writeln!(
+                self.out,
+                "           counts may be low: {} events lost, {} program runs missed since start",
+                e.lost, e.missed
+            )?;
+        }
         let victim = format!("{}[{}]", e.victim.comm, e.victim.pid);
         writeln!(self.out, "           victim:  {victim}")?;
         if e.holders.is_empty() {
@@ -293,14 +300,23 @@ mod tests {
             port_range: Some([40000, 40015]),
             tw_reuse: Some(0),
             failures: 1,
+            lost: 0,
+            missed: 0,
             ts: 0,
         };
-        let text = render(false, &[Record::Exhaustion(e)]);
+        let text = render(false, &[Record::Exhaustion(e.clone())]);
         assert!(
             text.contains("::1 -> [::1]:9000  16/16 (100%) in use  ESTABLISHED 16"),
             "{text}"
         );
         assert!(text.contains("victim:  victim[7]"), "{text}");
         assert!(text.contains("holders: hog[5] 16 ports"), "{text}");
+        assert!(!text.contains("counts may be low"), "{text}");
+        let lossy = Exhaustion { lost: 3, ..e };
+        let text = render(false, &[Record::Exhaustion(lossy)]);
+        assert!(
+            text.contains("counts may be low: 3 events lost, 0 program runs missed since start"),
+            "{text}"
+        );
     }
 }

@@ -94,6 +94,11 @@ pub struct Exhaustion {
     pub tw_reuse: Option<u8>,
     /// Failures to this destination since the previous report (reports are rate-limited).
     pub failures: u64,
+    /// Records the kernel could not write (ring buffer full) since the agent started; when not
+    /// 0, the counts above may be low until the next resync.
+    pub lost: u64,
+    /// Program runs the kernel skipped since start, as of the last summary.
+    pub missed: u64,
     pub ts: u64,
 }
 
@@ -247,6 +252,8 @@ pub fn exhaustion(
         port_range: settings.map(|s| [s.range.0, s.range.1]),
         tw_reuse: settings.map(|s| s.tw_reuse),
         failures,
+        lost: 0,
+        missed: 0,
         ts,
     }
 }

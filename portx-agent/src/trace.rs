@@ -75,6 +75,8 @@ struct Session<W: io::Write> {
     bind_reports: HashMap<u32, LastReport>,
     /// A write to stdout failed (reader gone): stop.
     broken: Option<io::Error>,
+    /// The kernel's per-CPU count of records it could not write (None in tests).
+    drop_map: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl<W: io::Write> Session<W> {
@@ -84,6 +86,21 @@ impl<W: io::Write> Session<W> {
                 self.broken = Some(e);
             }
         }
+    }
+
+    /// Records lost since start, read from the kernel now.
+    fn lost_now(&mut self) -> u64 {
+        if let Some(map) = &self.drop_map {
+            self.counters.lost = self.counters.lost.max(drops(map));
+        }
+        self.counters.lost
+    }
+
+    /// An exhaustion report with the loss so far, so that its reader knows how far to trust it.
+    fn emit_exhaustion(&mut self, mut rec: report::Exhaustion) {
+        rec.lost = self.lost_now();
+        rec.missed = self.counters.missed;
+        self.emit(&Record::Exhaustion(rec));
     }
 
     fn wanted(&self, netns: u32) -> bool {
@@ -166,7 +183,7 @@ impl<W: io::Write> Session<W> {
                 e
             }
         };
-        self.emit(&Record::Exhaustion(rec));
+        self.emit_exhaustion(rec);
     }
 
     fn bind_failed(&mut self, f: &SyscallFailure) {
@@ -194,7 +211,7 @@ impl<W: io::Write> Session<W> {
             failures,
             ts,
         );
-        self.emit(&Record::Exhaustion(rec));
+        self.emit_exhaustion(rec);
     }
 
     fn summary(&mut self, is_final: bool) {
@@ -287,6 +304,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         hooks: opts.hooks,
         offsets,
         ring_bytes: opts.ring_bytes,
+        netns: opts.netns.clone(),
     })?;
     let ring = RingBuf::try_from(
         loaded
@@ -315,6 +333,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         reports: HashMap::new(),
         bind_reports: HashMap::new(),
         broken: None,
+        drop_map: Some(drop_map),
         opts,
     };
 
@@ -366,6 +385,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
     let mut follow_up: Option<tokio::time::Instant> = None;
     let mut failures_seen = 0;
     let mut warned_limit = 0;
+    let mut warned_lost = 0;
 
     loop {
         tokio::select! {
@@ -397,13 +417,13 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                 // State changes do not wake the agent one by one (see portx-ebpf emit.rs):
                 // read what is waiting before summarizing.
                 reader.drain_pending(|buf| session.handle(buf));
-                let lost = drops(&drop_map);
-                if lost > session.counters.lost {
+                let lost = session.lost_now();
+                if lost > warned_lost {
                     tracing::warn!(
                         "the kernel dropped {} events (ring buffer full; {lost} since start): port counts may be low until the next resync",
-                        lost - session.counters.lost
+                        lost - warned_lost
                     );
-                    session.counters.lost = lost;
+                    warned_lost = lost;
                 }
                 let by_program = prog_stats::missed_runs(&loaded.ebpf);
                 let missed: u64 = by_program.iter().map(|(_, n)| n).sum();
@@ -464,7 +484,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         }
     }
     reader.drain_pending(|buf| session.handle(buf));
-    session.counters.lost = drops(&drop_map);
+    session.lost_now();
     session.counters.missed = prog_stats::missed_runs(&loaded.ebpf)
         .iter()
         .map(|(_, n)| n)

@@ -11,6 +11,9 @@ use core::mem::size_of;
 /// Length of `task_struct::comm`.
 pub const TASK_COMM_LEN: usize = 16;
 
+/// Most network namespaces `--netns` may name (the size of the kernel-side filter).
+pub const MAX_NETNS_FILTER: u32 = 256;
+
 /// Failure records wake the agent at most once per this interval per CPU; the agent drains again
 /// this long after reading a failure, so a failure that did not wake it waits at most about
 /// twice this long.
@@ -24,6 +27,8 @@ pub mod names {
     pub const HOOK_MODE: &str = "HOOK_MODE";
     pub const OFFSETS: &str = "OFFSETS";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    pub const FILTER_NETNS: &str = "FILTER_NETNS";
+    pub const NETNS_FILTER: &str = "NETNS_FILTER";
 }
 
 /// Record kinds (`EventHeader::kind`).

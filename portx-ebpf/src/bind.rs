@@ -8,7 +8,11 @@ use aya_ebpf::{
 };
 use portx_common::{kind, syscall_tp};
 
-use crate::sockaddr::{self, InFlight};
+use crate::{
+    kernel::current_netns,
+    netns_filter,
+    sockaddr::{self, InFlight},
+};
 
 #[map(name = "BIND_ARGS")]
 static BIND_ARGS: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
@@ -30,7 +34,14 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
         return 1;
     };
     let ret = ret as i32;
-    if ret < 0 && sockaddr::emit_failure(kind::BIND_FAIL, 0, ret, &call).is_err() {
+    if ret >= 0 {
+        return 0;
+    }
+    let netns = current_netns();
+    if !netns_filter::wanted(netns) {
+        return 0;
+    }
+    if sockaddr::emit_failure(kind::BIND_FAIL, 0, netns, ret, &call).is_err() {
         return 1;
     }
     0

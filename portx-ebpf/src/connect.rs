@@ -12,7 +12,8 @@ use portx_common::{hook_mode, kind, syscall_tp, PortEvent, EINPROGRESS};
 use crate::{
     emit::{emit, header, Wake},
     globals::hook_mode,
-    kernel::{sock_netns, sock_port},
+    kernel::{current_netns, sock_netns, sock_port},
+    netns_filter,
     sockaddr::{self, InFlight},
 };
 
@@ -46,12 +47,21 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
     // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port read
     // here (the other modes have it from inet_hash_connect).
+    // The socket's namespace when there is one (a task may have moved since it created it).
+    let netns = if call.sk != 0 {
+        sock_netns(call.sk)
+    } else {
+        current_netns()
+    };
+    if !netns_filter::wanted(netns) {
+        return Ok(());
+    }
     if ret == -EINPROGRESS && call.sk != 0 && hook_mode() == hook_mode::TRACEPOINT {
         emit(
             PortEvent {
                 hdr: header(kind::PORT, hook_mode::TRACEPOINT),
                 skaddr: call.sk,
-                netns: sock_netns(call.sk),
+                netns,
                 ret: 0,
                 sport: sock_port(call.sk),
                 _pad: [0; 3],
@@ -62,7 +72,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     // `call.sk` is the socket this call put into SYN_SENT (0 if none): for a failed port
     // allocation the agent ends that socket's pending connect on this record (see `state`).
     if ret < 0 && ret != -EINPROGRESS {
-        sockaddr::emit_failure(kind::CONNECT_FAIL, call.sk, ret, &call)?;
+        sockaddr::emit_failure(kind::CONNECT_FAIL, call.sk, netns, ret, &call)?;
     }
     Ok(())
 }

@@ -15,6 +15,10 @@ static HOOK_MODE: u32 = 0;
 #[no_mangle]
 static WAKEUP_BYTES: u32 = 1 << 19;
 
+/// 1 when only the namespaces in `NETNS_FILTER` are traced (`--netns`).
+#[no_mangle]
+static FILTER_NETNS: u32 = 0;
+
 /// Kernel struct offsets from BTF.
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -51,4 +55,9 @@ pub fn offsets() -> KernelOffsets {
 #[inline(always)]
 pub fn wakeup_bytes() -> u32 {
     unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) }
+}
+
+#[inline(always)]
+pub fn filter_netns() -> u32 {
+    unsafe { core::ptr::read_volatile(&FILTER_NETNS) }
 }

@@ -14,6 +14,7 @@ use crate::{
     emit::{emit, header, Wake},
     globals::agent_tgid,
     kernel::{sock_netns, sock_port},
+    netns_filter,
 };
 
 #[map(name = "HASH_SK")]
@@ -26,11 +27,15 @@ fn is_agent(pid_tgid: u64) -> bool {
 
 #[inline(always)]
 fn emit_port(sk: u64, ret: i32, mode: u32) {
+    let netns = sock_netns(sk);
+    if !netns_filter::wanted(netns) {
+        return;
+    }
     emit(
         PortEvent {
             hdr: header(kind::PORT, mode),
             skaddr: sk,
-            netns: sock_netns(sk),
+            netns,
             ret,
             sport: if ret == 0 { sock_port(sk) } else { 0 },
             _pad: [0; 3],

@@ -14,6 +14,7 @@ mod emit;
 mod globals;
 mod hash_connect;
 mod kernel;
+mod netns_filter;
 mod sockaddr;
 mod state;
 

@@ -14,7 +14,6 @@ use portx_common::{syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
 use crate::{
     emit::{emit, header, Wake},
     globals::agent_tgid,
-    kernel::current_netns,
 };
 
 /// One thread's syscall between entry and exit.
@@ -93,13 +92,19 @@ fn read_sockaddr(call: &InFlight) -> Result<SyscallArgs, i64> {
 
 /// Emits a failed connect()/bind() with the address it was called with.
 #[inline(always)]
-pub fn emit_failure(kind: u32, skaddr: u64, ret: i32, call: &InFlight) -> Result<(), i64> {
+pub fn emit_failure(
+    kind: u32,
+    skaddr: u64,
+    netns: u32,
+    ret: i32,
+    call: &InFlight,
+) -> Result<(), i64> {
     let args = read_sockaddr(call)?;
     emit(
         SyscallEvent {
             hdr: header(kind, 0),
             skaddr,
-            netns: current_netns(),
+            netns,
             ret,
             family: args.family,
             port: args.port,

@@ -16,6 +16,7 @@ use crate::{
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, offsets},
     kernel::{sock_field, sock_netns},
+    netns_filter,
 };
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -98,6 +99,9 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let netns = sock_netns(sk);
+    if !netns_filter::wanted(netns) {
+        return Ok(());
+    }
     if netns == 0 {
         // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr.
         warn!(ctx, "portx: cannot read the netns of socket {:x}", sk);

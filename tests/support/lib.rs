@@ -222,10 +222,20 @@ impl Agent {
     }
 
     pub fn start_with(netns: u32, extra: &[&str]) -> Agent {
+        let mut args = vec!["--netns".to_string(), netns.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args)
+    }
+
+    /// An agent that traces every network namespace (no `--netns`).
+    pub fn start_everywhere() -> Agent {
+        Self::spawn(&[])
+    }
+
+    fn spawn(args: &[String]) -> Agent {
         let mut child = Command::new(agent_bin())
             .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
-            .args(["--netns", &netns.to_string()])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
