@@ -107,7 +107,7 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
         &["hold", "--connect", V4, "--count", "16"],
         "held 16",
     );
-    let mut victim = ns.spawn("victim", &["connect", "--connect", V4]);
+    let victim = ns.spawn("victim", &["connect", "--connect", V4]);
     victim.expect("connect failed errno=99");
     let victim = victim.pid();
     let report = agent.wait_for("exhaustion", |v| {
