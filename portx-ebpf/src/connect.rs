@@ -47,6 +47,12 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
     // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port read
     // here (the other modes have it from inet_hash_connect).
+    let port_record = ret == -EINPROGRESS && call.sk != 0 && hook_mode() == hook_mode::TRACEPOINT;
+    let failed = ret < 0 && ret != -EINPROGRESS;
+    if !port_record && !failed {
+        // The common case, a connect() that succeeded: nothing to read or write.
+        return Ok(());
+    }
     // The socket's namespace when there is one (a task may have moved since it created it).
     let netns = if call.sk != 0 {
         sock_netns(call.sk)
@@ -56,7 +62,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     if !netns_filter::wanted(netns) {
         return Ok(());
     }
-    if ret == -EINPROGRESS && call.sk != 0 && hook_mode() == hook_mode::TRACEPOINT {
+    if port_record {
         emit(
             PortEvent {
                 hdr: header(kind::PORT, hook_mode::TRACEPOINT),
@@ -71,7 +77,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // `call.sk` is the socket this call put into SYN_SENT (0 if none): for a failed port
     // allocation the agent ends that socket's pending connect on this record (see `state`).
-    if ret < 0 && ret != -EINPROGRESS {
+    if failed {
         sockaddr::emit_failure(kind::CONNECT_FAIL, call.sk, netns, ret, &call)?;
     }
     Ok(())
