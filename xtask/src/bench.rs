@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cmd,
-    host::{proc_cpu_secs, vm_hwm_kib, wait_for_file, Netns, Proc},
+    host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
     setup,
 };
 
@@ -186,15 +186,7 @@ fn last_summary(out: &Path) -> Option<Value> {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let root = cmd::root();
     setup::ensure_packages(&["libbpf-tools", "bpftrace"])?;
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "portx-agent",
-    ]))?;
-    let agent = root.join("target/release/portx-agent");
-    let dir = root.join("target/bench");
-    fs::create_dir_all(&dir)?;
+    let (agent, dir) = release_agent("bench")?;
     let tick: f64 = cmd::output(Command::new("getconf").arg("CLK_TCK"))?
         .trim()
         .parse()

@@ -2,12 +2,29 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _};
+
+use crate::cmd;
+
+/// Builds the release agent (what users run) and returns its path and a fresh-or-kept output
+/// directory `target/<name>`.
+pub fn release_agent(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = cmd::root();
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "portx-agent",
+    ]))?;
+    let dir = root.join("target").join(name);
+    fs::create_dir_all(&dir)?;
+    Ok((root.join("target/release/portx-agent"), dir))
+}
 
 /// A process killed (SIGINT, then SIGKILL) on drop.
 pub struct Proc(pub Child);

@@ -15,18 +15,16 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::{
-    cmd,
-    host::{vm_rss_kib, wait_for_file, Netns, Proc},
-};
+use crate::host::{release_agent, vm_rss_kib, wait_for_file, Netns, Proc};
 
 #[derive(Args)]
 pub struct SoakArgs {
     /// How long the churn runs.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(60..=86_400))]
     pub seconds: u64,
-    /// Seconds before memory must be flat (TIME_WAIT fills for 60 s).
-    #[arg(long, default_value_t = 75)]
+    /// Seconds before memory must be flat: TIME_WAIT entries accumulate for their 60 s, so at
+    /// least 65.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(65..=3600))]
     pub warmup: u64,
     /// Churning threads (each has its own listener).
     #[arg(long, default_value_t = 1)]
@@ -46,16 +44,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
             2 * WINDOW_SECS
         );
     }
-    let root = cmd::root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "portx-agent",
-    ]))?;
-    let bin = root.join("target/release/portx-agent");
-    let dir = root.join("target/soak");
-    fs::create_dir_all(&dir)?;
+    let (bin, dir) = release_agent("soak")?;
     let ns = Netns::new(
         &bin,
         &[
