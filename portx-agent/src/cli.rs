@@ -11,6 +11,7 @@ EXAMPLES:
     sudo portx-agent trace --json > events.jsonl   JSON Lines on stdout, logs on stderr
     sudo portx-agent trace --netns 4026532281   one namespace (inode of /proc/<pid>/ns/net)
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
+    sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
 
 EXIT STATUS:
@@ -76,6 +77,27 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     pub max_sockets: u32,
+    /// Only failures of, and destinations with ports held by, this process (repeatable). The
+    /// table still tracks everyone.
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Only failures of, and destinations with ports held by, processes with this name
+    /// (exact, as in /proc/<pid>/comm; repeatable).
+    #[arg(long = "comm", value_name = "NAME", value_parser = comm_name)]
+    pub comms: Vec<String>,
+    /// Only this destination port (repeatable). Hides bind() failures, which have none.
+    #[arg(long = "dport", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dports: Vec<u16>,
+}
+
+/// A process name as the kernel keeps it: 1 to 15 bytes.
+fn comm_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(format!(
+            "`{s}`: a process name is 1 to 15 bytes (the kernel truncates comm to 15)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// Default `--max-sockets`: about 120 MiB of table.
@@ -145,6 +167,12 @@ impl TraceArgs {
             seed: !self.no_seed,
             report_every: Duration::from_secs(1),
             max_sockets: self.max_sockets as usize,
+            filter: crate::filter::Filter {
+                pids: self.pids.clone(),
+                comms: self.comms.clone(),
+                dports: self.dports.clone(),
+            },
+            view_top: 0,
         }
     }
 }
@@ -169,6 +197,11 @@ mod tests {
             &["portx-agent", "trace", "--ring-buffer-kib", "3"],
             &["portx-agent", "trace", "--netns", "-1"],
             &["portx-agent", "trace", "--max-sockets", "0"],
+            &["portx-agent", "trace", "--pid", "0"],
+            &["portx-agent", "trace", "--comm", "a-name-longer-than-15"],
+            &["portx-agent", "trace", "--comm", ""],
+            &["portx-agent", "trace", "--dport", "0"],
+            &["portx-agent", "trace", "--dport", "65536"],
         ] {
             let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

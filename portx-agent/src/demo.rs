@@ -159,10 +159,13 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         ring_bytes: None,
         duration: Some(args.seconds),
         seed: true,
-        report_every: Duration::from_secs(1),
-        max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
+        ..Default::default()
     };
-    let (traced, workloads) = tokio::join!(trace::run(opts, Some(tx)), scenario(ns, args.json, rx));
+    let links = trace::Links {
+        ready: Some(tx),
+        ..Default::default()
+    };
+    let (traced, workloads) = tokio::join!(trace::run(opts, links), scenario(ns, args.json, rx));
     traced?;
     let keep = workloads?;
     drop(keep);

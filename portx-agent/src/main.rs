@@ -19,9 +19,9 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Trace(args) => {
-            runtime().and_then(|rt| rt.block_on(portx_agent::trace::run(args.options(), None)))
-        }
+        Command::Trace(args) => runtime().and_then(|rt| {
+            rt.block_on(portx_agent::trace::run(args.options(), Default::default()))
+        }),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portx_agent::demo::run(&args))),
         Command::Workload(args) => portx_agent::workload::run(args),
     };

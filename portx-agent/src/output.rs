@@ -201,11 +201,15 @@ fn holder(h: &HolderRecord) -> String {
     } else {
         format!("{}[{}]", h.comm, h.pid)
     };
-    if h.time_wait > 0 {
+    let mut line = if h.time_wait > 0 {
         format!("{who} {} ports ({} TIME_WAIT)", h.ports, h.time_wait)
     } else {
         format!("{who} {} ports", h.ports)
+    };
+    if let Some(place) = h.who.short() {
+        line += &format!("  [{place}]");
     }
+    line
 }
 
 /// `HH:MM:SS` UTC of a Unix-nanosecond timestamp.
@@ -233,6 +237,7 @@ mod tests {
             sport: None,
             netns: 1,
             ts: 3_600_000_000_000 + 61_000_000_000,
+            who: Default::default(),
         }
     }
 
@@ -291,11 +296,17 @@ mod tests {
                 comm: "hog".into(),
                 ports: 16,
                 time_wait: 0,
+                who: crate::report::Who {
+                    container_id: Some("3f4e1c2b5a6d".repeat(5) + "3f4e"),
+                    container_runtime: Some("docker"),
+                    ..Default::default()
+                },
             }],
             victim: Victim {
                 pid: 7,
                 tid: 7,
                 comm: "victim".into(),
+                who: Default::default(),
             },
             port_range: Some([40000, 40015]),
             tw_reuse: Some(0),

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     decoder::{SyscallFailure, Task},
+    identity::Identity,
     sysctl::PortSettings,
     tracker::{state_name, DestKey, DestStats, STATES},
 };
@@ -53,6 +54,51 @@ pub struct Failure {
     pub sport: Option<u16>,
     pub netns: u32,
     pub ts: u64,
+    #[serde(flatten)]
+    pub who: Who,
+}
+
+/// Who a process is beyond pid and comm (see [`crate::identity`]); each field only when known.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Who {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+}
+
+impl From<&Identity> for Who {
+    fn from(id: &Identity) -> Self {
+        Who {
+            uid: id.uid,
+            cmdline: Some(id.cmdline.clone()).filter(|c| !c.is_empty()),
+            cgroup: id.cgroup.clone(),
+            container_id: id.container.as_ref().map(|c| c.id.clone()),
+            container_runtime: id.container.as_ref().map(|c| c.runtime),
+            pod_uid: id.pod_uid.clone(),
+        }
+    }
+}
+
+impl Who {
+    /// `docker 3f4e1c2b5a6d` / `pod <uid>` / the cgroup path, for human output.
+    pub fn short(&self) -> Option<String> {
+        match (&self.container_id, self.container_runtime, &self.pod_uid) {
+            (Some(id), Some(rt), Some(pod)) => {
+                Some(format!("{rt} {} pod {pod}", id.get(..12).unwrap_or(id)))
+            }
+            (Some(id), Some(rt), None) => Some(format!("{rt} {}", id.get(..12).unwrap_or(id))),
+            _ => self.cgroup.clone().filter(|c| c != "/"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -63,6 +109,8 @@ pub struct HolderRecord {
     /// Ports held for this destination, TIME_WAIT included.
     pub ports: u32,
     pub time_wait: u32,
+    #[serde(flatten)]
+    pub who: Who,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -70,6 +118,8 @@ pub struct Victim {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
 }
 
 /// Why a connect() (or bind()) failed: who holds the ports it needed.
@@ -114,6 +164,17 @@ pub struct DestRecord {
     pub by_state: BTreeMap<&'static str, u32>,
     /// The process holding most of these ports.
     pub top_holder: Option<HolderRecord>,
+    /// New connections per second to this destination (smoothed over ~10 s); null until two
+    /// samples were taken.
+    pub churn_per_s: Option<f64>,
+    /// Ports entering TIME_WAIT per second (smoothed).
+    pub time_wait_per_s: Option<f64>,
+    /// Ports in use once TIME_WAIT reaches its steady state at this rate (Little's law: live
+    /// ports + TIME_WAIT rate × 60 s).
+    pub projected_in_use: Option<u32>,
+    /// Seconds until `in_use` reaches `range` at the recent growth rate, when it is heading
+    /// there; 0 when exhausted; null when not heading for exhaustion or unknown.
+    pub time_to_exhaustion_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -195,6 +256,7 @@ fn holders(stats: &DestStats) -> Vec<HolderRecord> {
             },
             ports: h.ports,
             time_wait: h.time_wait,
+            who: Who::default(),
         })
         .collect()
 }
@@ -220,6 +282,7 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
         sport: if connect { None } else { port },
         netns: f.netns,
         ts,
+        who: Who::default(),
     }
 }
 
@@ -248,6 +311,7 @@ pub fn exhaustion(
             pid: victim.pid,
             tid: victim.tid,
             comm: victim.comm.to_string(),
+            who: Who::default(),
         },
         port_range: settings.map(|s| [s.range.0, s.range.1]),
         tw_reuse: settings.map(|s| s.tw_reuse),
@@ -274,6 +338,10 @@ pub fn destination(
         utilization: utilization(stats.in_use, range),
         by_state: by_state(stats),
         top_holder: holders(stats).into_iter().next(),
+        churn_per_s: None,
+        time_wait_per_s: None,
+        projected_in_use: None,
+        time_to_exhaustion_s: None,
     }
 }
 

@@ -2,8 +2,10 @@
 //! output, plus the periodic work (TIME_WAIT ageing, summary, sock_diag resync) and a clean exit
 //! on SIGINT/SIGTERM (final summary; dropping the `Ebpf` detaches every program).
 use std::{
+    cmp::Reverse,
     collections::{HashMap, HashSet},
     io,
+    sync::Arc,
     time::Duration,
 };
 
@@ -12,20 +14,24 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL, FAILURE_WAKE_GAP_NS};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 
 use crate::{
     btf, clock,
     decoder::{self, Event, SyscallFailure},
+    filter::Filter,
+    forecast::Rates,
+    identity::Identities,
     loader::{self, HookChoice, LoadOptions},
     output::Output,
     privilege, prog_stats,
     ranges::Ranges,
     reader::Reader,
-    report::{self, Record, Started, Summary},
+    report::{self, DestRecord, HolderRecord, Record, Started, Summary, Who},
     seed, tracefs,
-    tracker::{Target, Tracker},
+    tracker::{DestKey, DestStats, Target, Tracker},
+    view::{GroupFailures, ProcessRecord, Totals, View, MAX_GROUPS},
 };
 
 #[derive(Debug, Clone)]
@@ -44,7 +50,46 @@ pub struct TraceOptions {
     pub report_every: Duration,
     /// Most sockets the tracker keeps (see [`Tracker::with_limit`]).
     pub max_sockets: usize,
+    /// What the records on stdout are restricted to (`--pid`, `--comm`, `--dport`).
+    pub filter: Filter,
+    /// Destinations and processes in each [`View`] (at least `top`).
+    pub view_top: usize,
 }
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        Self {
+            json: false,
+            hooks: HookChoice::Auto,
+            netns: Vec::new(),
+            interval: Duration::from_secs(5),
+            top: 10,
+            resync: Duration::from_secs(10),
+            ring_bytes: None,
+            duration: None,
+            seed: true,
+            report_every: Duration::from_secs(1),
+            max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
+            filter: Filter::default(),
+            view_top: 0,
+        }
+    }
+}
+
+/// What a run talks to besides stdout.
+#[derive(Default)]
+pub struct Links {
+    /// Told once everything is attached and seeded.
+    pub ready: Option<oneshot::Sender<()>>,
+    /// Gets a [`View`] about once a second while it has receivers (`Sender::subscribe` adds
+    /// more, e.g. the metrics endpoint).
+    pub view: Option<watch::Sender<Arc<View>>>,
+    /// Write no records to stdout (the `top` screen owns the terminal).
+    pub quiet: bool,
+}
+
+/// How often rates are sampled and a [`View`] is published.
+pub const VIEW_EVERY: Duration = Duration::from_secs(1);
 
 /// Counters of the whole run.
 #[derive(Default)]
@@ -54,6 +99,10 @@ struct Counters {
     failure_records: u64,
     decode_errors: u64,
     connect_failures: u64,
+    /// bind() failures with EADDRINUSE.
+    bind_failures: u64,
+    /// Other connect()/bind() failures.
+    other_failures: u64,
     lost: u64,
     missed: u64,
 }
@@ -66,6 +115,10 @@ struct LastReport {
 
 struct Session<W: io::Write> {
     opts: TraceOptions,
+    hooks: String,
+    identities: Identities,
+    rates: Rates,
+    groups: HashMap<String, GroupFailures>,
     filter: HashSet<u32>,
     tracker: Tracker,
     ranges: Ranges,
@@ -96,10 +149,13 @@ impl<W: io::Write> Session<W> {
         self.counters.lost
     }
 
-    /// An exhaustion report with the loss so far, so that its reader knows how far to trust it.
+    /// An exhaustion report with the loss so far, so that its reader knows how far to trust it,
+    /// and who its processes are.
     fn emit_exhaustion(&mut self, mut rec: report::Exhaustion) {
         rec.lost = self.lost_now();
         rec.missed = self.counters.missed;
+        rec.victim.who = self.who(rec.victim.pid);
+        self.name_holders(&mut rec.holders);
         self.emit(&Record::Exhaustion(rec));
     }
 
@@ -126,26 +182,83 @@ impl<W: io::Write> Session<W> {
                 self.counters.failure_records += 1;
                 self.tracker.on_connect_failed(&f);
                 if self.wanted(f.netns) {
-                    self.connect_failed(&f);
+                    self.count_failure(&f, true);
+                    if self.opts.filter.failure(&f, true) {
+                        self.connect_failed(&f);
+                    }
                 }
             }
             Event::BindFailed(f) => {
                 self.counters.failure_records += 1;
                 if self.wanted(f.netns) {
-                    self.bind_failed(&f);
+                    self.count_failure(&f, false);
+                    if self.opts.filter.failure(&f, false) {
+                        self.bind_failed(&f);
+                    }
                 }
             }
             _ => {}
         }
     }
 
+    /// Who `pid` is (cached; see [`Identities`]).
+    fn who(&mut self, pid: u32) -> Who {
+        self.identities
+            .get(pid, clock::monotonic_ns())
+            .map(|id| Who::from(&*id))
+            .unwrap_or_default()
+    }
+
+    fn name_holders(&mut self, holders: &mut [HolderRecord]) {
+        for h in holders {
+            h.who = self.who(h.pid);
+        }
+    }
+
+    /// Counts a failure in the run's totals and in its process' group (container or cgroup).
+    fn count_failure(&mut self, f: &SyscallFailure, connect: bool) {
+        let exhausted = if connect {
+            f.errno == EADDRNOTAVAIL
+        } else {
+            f.errno == EADDRINUSE
+        };
+        if !exhausted {
+            self.counters.other_failures += 1;
+            return;
+        }
+        if connect {
+            self.counters.connect_failures += 1;
+        } else {
+            self.counters.bind_failures += 1;
+        }
+        let id = self.identities.get(f.task.pid, f.ts_ns);
+        let mut group = id.as_ref().map_or_else(|| "unknown".into(), |i| i.group());
+        if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS - 1 {
+            group = "other".into();
+        }
+        let entry = self
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| GroupFailures {
+                group,
+                pod_uid: id.as_ref().and_then(|i| i.pod_uid.clone()),
+                ..Default::default()
+            });
+        if connect {
+            entry.connect_eaddrnotavail += 1;
+        } else {
+            entry.bind_eaddrinuse += 1;
+        }
+    }
+
     fn connect_failed(&mut self, f: &SyscallFailure) {
         let ts = clock::wall_ns(f.ts_ns);
-        self.emit(&Record::ConnectFailed(report::failure(f, true, ts)));
+        let mut rec = report::failure(f, true, ts);
+        rec.who = self.who(f.task.pid);
+        self.emit(&Record::ConnectFailed(rec));
         if f.errno != EADDRNOTAVAIL {
             return;
         }
-        self.counters.connect_failures += 1;
         let target = Target {
             netns: f.netns,
             proto: portx_common::IPPROTO_TCP as u8,
@@ -188,7 +301,9 @@ impl<W: io::Write> Session<W> {
 
     fn bind_failed(&mut self, f: &SyscallFailure) {
         let ts = clock::wall_ns(f.ts_ns);
-        self.emit(&Record::BindFailed(report::failure(f, false, ts)));
+        let mut rec = report::failure(f, false, ts);
+        rec.who = self.who(f.task.pid);
+        self.emit(&Record::BindFailed(rec));
         if f.errno != EADDRINUSE || f.port != 0 {
             return;
         }
@@ -214,20 +329,39 @@ impl<W: io::Write> Session<W> {
         self.emit_exhaustion(rec);
     }
 
+    /// The `n` destinations with the most ports in use that pass the filter, most first.
+    fn top_dests(&self, n: usize) -> Vec<(DestKey, DestStats)> {
+        let mut v: Vec<(DestKey, &DestStats)> = self
+            .tracker
+            .dests()
+            .filter(|(k, s)| self.opts.filter.dest(k, s))
+            .collect();
+        v.sort_by_key(|(k, d)| (Reverse(d.in_use), *k));
+        v.into_iter().take(n).map(|(k, s)| (k, s.clone())).collect()
+    }
+
+    /// A destination's record with its forecast and its top holder named.
+    fn dest_record(&mut self, key: &DestKey, stats: &DestStats) -> DestRecord {
+        let settings = self.ranges.get(key.netns, None).cloned();
+        let mut rec = report::destination(key, stats, settings.as_ref());
+        if let Some(f) = self.rates.forecast(key, stats, rec.range) {
+            rec.churn_per_s = Some(f.churn_per_s);
+            rec.time_wait_per_s = Some(f.time_wait_per_s);
+            rec.projected_in_use = Some(f.projected_in_use);
+            rec.time_to_exhaustion_s = f.time_to_exhaustion_s;
+        }
+        if let Some(h) = rec.top_holder.as_mut() {
+            h.who = self.who(h.pid);
+        }
+        rec
+    }
+
     fn summary(&mut self, is_final: bool) {
         self.tracker.expire(clock::monotonic_ns());
-        let top: Vec<_> = self
-            .tracker
-            .top(self.opts.top)
-            .into_iter()
-            .map(|(k, s)| (k, s.clone()))
-            .collect();
-        let destinations = top
+        let destinations = self
+            .top_dests(self.opts.top)
             .iter()
-            .map(|(k, s)| {
-                let settings = self.ranges.get(k.netns, None).cloned();
-                report::destination(k, s, settings.as_ref())
-            })
+            .map(|(k, s)| self.dest_record(k, s))
             .collect();
         let rec = Record::Summary(Summary {
             destinations,
@@ -245,6 +379,74 @@ impl<W: io::Write> Session<W> {
             ts: clock::wall_ns(clock::monotonic_ns()),
         });
         self.emit(&rec);
+    }
+
+    /// Samples the rates; builds a [`View`] when `publish`.
+    fn tick_view(&mut self, publish: bool) -> Option<View> {
+        let now = clock::monotonic_ns();
+        self.tracker.expire(now);
+        self.rates.sample(now, self.tracker.dests());
+        if !publish {
+            return None;
+        }
+        let n = self.opts.view_top.max(self.opts.top);
+        let destinations = self
+            .top_dests(n)
+            .iter()
+            .map(|(k, s)| self.dest_record(k, s))
+            .collect();
+        let mut by_pid: HashMap<u32, ProcessRecord> = HashMap::new();
+        for (key, stats) in self.tracker.dests() {
+            if !self.opts.filter.dest(&key, stats) {
+                continue;
+            }
+            for (pid, h) in &stats.holders {
+                let p = by_pid.entry(*pid).or_insert_with(|| ProcessRecord {
+                    pid: *pid,
+                    comm: if *pid == 0 {
+                        "(unknown)".into()
+                    } else {
+                        h.comm.to_string()
+                    },
+                    ..Default::default()
+                });
+                p.ports += h.ports;
+                p.time_wait += h.time_wait;
+                p.destinations += 1;
+            }
+        }
+        let mut processes: Vec<ProcessRecord> = by_pid.into_values().collect();
+        processes.sort_by_key(|p| (Reverse(p.ports), p.pid));
+        processes.truncate(n);
+        for p in &mut processes {
+            p.who = self.who(p.pid);
+        }
+        let mut failures_by_group: Vec<GroupFailures> = self.groups.values().cloned().collect();
+        failures_by_group.sort_by(|a, b| {
+            (b.connect_eaddrnotavail + b.bind_eaddrinuse)
+                .cmp(&(a.connect_eaddrnotavail + a.bind_eaddrinuse))
+                .then_with(|| a.group.cmp(&b.group))
+        });
+        Some(View {
+            ts: clock::wall_ns(now),
+            hooks: self.hooks.clone(),
+            destinations,
+            processes,
+            failures_by_group,
+            totals: Totals {
+                events: self.counters.events,
+                lost: self.lost_now(),
+                missed: self.counters.missed,
+                decode_errors: self.counters.decode_errors,
+                connect_eaddrnotavail: self.counters.connect_failures,
+                bind_eaddrinuse: self.counters.bind_failures,
+                other_failures: self.counters.other_failures,
+                evicted: self.tracker.counters.evicted,
+                over_limit: self.tracker.counters.over_limit,
+                tracked: self.tracker.tracked() as u64,
+                pending: self.tracker.pending() as u64,
+            },
+        })
     }
 
     fn flush(&mut self) {
@@ -286,9 +488,10 @@ fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
     }
 }
 
-/// Runs the tracer until SIGINT/SIGTERM (or `duration`). `ready` is told once everything is
-/// attached and seeded.
-pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyhow::Result<()> {
+/// Runs the tracer until SIGINT/SIGTERM (or `duration`); see [`Links`] for what it tells whom.
+pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
+    let Links { ready, view, quiet } = links;
+    let view = view.unwrap_or_else(|| watch::channel(Arc::new(View::default())).0);
     // Before anything is attached or announced: a signal that arrives once `started` is out
     // must reach the loop, not kill the process with the default action.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -324,11 +527,20 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         None => None,
     };
 
+    let out: Box<dyn io::Write + Send> = if quiet {
+        Box::new(io::sink())
+    } else {
+        Box::new(io::stdout())
+    };
     let mut session = Session {
+        hooks: loaded.mode.to_string(),
+        identities: Identities::new(),
+        rates: Rates::new(),
+        groups: HashMap::new(),
         filter: opts.netns.iter().copied().collect(),
         tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),
-        out: Output::stdout(opts.json),
+        out: Output::new(out, opts.json),
         counters: Counters::default(),
         reports: HashMap::new(),
         bind_reports: HashMap::new(),
@@ -374,6 +586,8 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
     tick.tick().await;
     let mut resync = tokio::time::interval(session.opts.resync);
     resync.tick().await;
+    let mut view_tick = tokio::time::interval(VIEW_EVERY);
+    view_tick.tick().await;
     let deadline = session
         .opts
         .duration
@@ -447,6 +661,12 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
                 session.ranges.refresh_all();
                 session.summary(false);
                 session.flush();
+            }
+            _ = view_tick.tick() => {
+                reader.drain_pending(|buf| session.handle(buf));
+                if let Some(v) = session.tick_view(view.receiver_count() > 0) {
+                    view.send_replace(Arc::new(v));
+                }
             }
             _ = resync.tick(), if resync_job.is_none() => {
                 let only = session.opts.netns.clone();

@@ -96,6 +96,10 @@ pub struct DestStats {
     pub in_use: u32,
     /// By pid.
     pub holders: Map<u32, Holder>,
+    /// Ports charged to this destination since it was created (rates: [`crate::forecast`]).
+    pub opened: u64,
+    /// Ports that entered TIME_WAIT here since it was created.
+    pub tw_entered: u64,
 }
 
 impl DestStats {
@@ -489,6 +493,14 @@ impl Tracker {
     }
 
     /// Destinations, most ports in use first.
+    /// Every destination with a port in use.
+    pub fn dests(&self) -> impl Iterator<Item = (DestKey, &DestStats)> + '_ {
+        self.dest_slots
+            .iter()
+            .flatten()
+            .map(|slot| (slot.key, &slot.stats))
+    }
+
     pub fn top(&self, n: usize) -> Vec<(DestKey, &DestStats)> {
         let mut v: Vec<(DestKey, &DestStats)> = self
             .dest_slots
@@ -618,6 +630,8 @@ impl Tracker {
         }
         if let Some(stats) = self.stats_mut(id) {
             account(stats, conn.pid(), owner.comm, state, 1);
+            stats.opened += 1;
+            stats.tw_entered += u64::from(state as u32 == st::TIME_WAIT);
         }
         true
     }
@@ -654,6 +668,7 @@ impl Tracker {
             let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
             account(stats, pid, comm, old, -1);
             account(stats, pid, comm, new, 1);
+            stats.tw_entered += u64::from(new as u32 == st::TIME_WAIT && old != new);
         }
     }
 

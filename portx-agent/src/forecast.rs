@@ -1,0 +1,260 @@
+//! How long until a destination runs out of ports: rates sampled from the tracker's per
+//! destination counters about once a second, smoothed, and projected.
+//!
+//! - churn: new ports charged to the destination per second;
+//! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
+//!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that;
+//! - time to exhaustion: (range − in use) / growth of in-use ports, given only when the growth
+//!   is positive and either the projection reaches the range or live ports (not TIME_WAIT, which
+//!   levels off) are what grows. 0 once nothing is left.
+use std::collections::HashMap;
+
+use portx_common::tcp_state as st;
+
+use crate::tracker::{DestKey, DestStats};
+
+/// Smoothing time constant: rates follow changes within about this long.
+pub const TAU_SECS: f64 = 10.0;
+/// TIME_WAIT length on Linux (`TCP_TIMEWAIT_LEN`).
+pub const TIME_WAIT_SECS: f64 = 60.0;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Forecast {
+    pub churn_per_s: f64,
+    pub time_wait_per_s: f64,
+    pub projected_in_use: u32,
+    pub time_to_exhaustion_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_ns: u64,
+    opened: u64,
+    tw_entered: u64,
+    in_use: u32,
+    live: u32,
+    churn: f64,
+    tw_rate: f64,
+    growth: f64,
+    live_growth: f64,
+    /// Samples since this destination (re)appeared: rates need two.
+    count: u32,
+}
+
+/// Per destination rate state. Destinations not sampled in a pass are dropped.
+#[derive(Default)]
+pub struct Rates {
+    samples: HashMap<DestKey, Sample>,
+}
+
+fn live(stats: &DestStats) -> u32 {
+    stats
+        .in_use
+        .saturating_sub(stats.by_state[st::TIME_WAIT as usize])
+}
+
+impl Rates {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Samples every destination at `now_ns` (monotonic).
+    pub fn sample<'a>(
+        &mut self,
+        now_ns: u64,
+        dests: impl Iterator<Item = (DestKey, &'a DestStats)>,
+    ) {
+        let mut next = HashMap::with_capacity(self.samples.len());
+        for (key, stats) in dests {
+            let fresh = Sample {
+                at_ns: now_ns,
+                opened: stats.opened,
+                tw_entered: stats.tw_entered,
+                in_use: stats.in_use,
+                live: live(stats),
+                churn: 0.0,
+                tw_rate: 0.0,
+                growth: 0.0,
+                live_growth: 0.0,
+                count: 1,
+            };
+            let sample = match self.samples.get(&key) {
+                // The tracker restarts a destination's counters when it empties; start over.
+                Some(prev)
+                    if prev.opened <= stats.opened && prev.tw_entered <= stats.tw_entered =>
+                {
+                    let dt = now_ns.saturating_sub(prev.at_ns) as f64 / 1e9;
+                    if dt <= 0.0 {
+                        *prev
+                    } else {
+                        let alpha = 1.0 - (-dt / TAU_SECS).exp();
+                        let ewma = |old: f64, new: f64| old + alpha * (new - old);
+                        Sample {
+                            churn: ewma(prev.churn, (stats.opened - prev.opened) as f64 / dt),
+                            tw_rate: ewma(
+                                prev.tw_rate,
+                                (stats.tw_entered - prev.tw_entered) as f64 / dt,
+                            ),
+                            growth: ewma(
+                                prev.growth,
+                                (f64::from(stats.in_use) - f64::from(prev.in_use)) / dt,
+                            ),
+                            live_growth: ewma(
+                                prev.live_growth,
+                                (f64::from(fresh.live) - f64::from(prev.live)) / dt,
+                            ),
+                            count: prev.count.saturating_add(1),
+                            ..fresh
+                        }
+                    }
+                }
+                _ => fresh,
+            };
+            next.insert(key, sample);
+        }
+        self.samples = next;
+    }
+
+    /// The forecast for a destination sampled at least twice; None before.
+    pub fn forecast(
+        &self,
+        key: &DestKey,
+        stats: &DestStats,
+        range: Option<u32>,
+    ) -> Option<Forecast> {
+        let s = self.samples.get(key).filter(|s| s.count >= 2)?;
+        let projected = f64::from(live(stats)) + s.tw_rate * TIME_WAIT_SECS;
+        let projected_in_use = projected.round().min(f64::from(u32::MAX)) as u32;
+        let time_to_exhaustion_s = range.and_then(|r| {
+            if stats.in_use >= r {
+                return Some(0.0);
+            }
+            let heading = projected >= f64::from(r) || s.live_growth > 0.05;
+            (heading && s.growth > 0.05)
+                .then(|| (f64::from(r - stats.in_use) / s.growth * 10.0).round() / 10.0)
+        });
+        Some(Forecast {
+            churn_per_s: (s.churn * 10.0).round() / 10.0,
+            time_wait_per_s: (s.tw_rate * 10.0).round() / 10.0,
+            projected_in_use,
+            time_to_exhaustion_s,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn key() -> DestKey {
+        DestKey {
+            netns: 1,
+            proto: 6,
+            saddr: "10.0.0.1".parse().unwrap(),
+            daddr: "10.0.0.2".parse().unwrap(),
+            dport: 443,
+        }
+    }
+
+    fn stats(opened: u64, tw_entered: u64, live: u32, tw: u32) -> DestStats {
+        let mut s = DestStats {
+            opened,
+            tw_entered,
+            ..Default::default()
+        };
+        s.by_state[st::ESTABLISHED as usize] = live;
+        s.by_state[st::TIME_WAIT as usize] = tw;
+        s.in_use = live + tw;
+        s
+    }
+
+    #[test]
+    fn no_forecast_from_one_sample() {
+        let mut r = Rates::new();
+        let s = stats(100, 0, 100, 0);
+        r.sample(SEC, [(key(), &s)].into_iter());
+        assert_eq!(r.forecast(&key(), &s, Some(1000)), None);
+    }
+
+    #[test]
+    fn time_wait_churn_is_projected_by_littles_law() {
+        // 100 connections/s, each closed at once into TIME_WAIT; range 28232.
+        let mut r = Rates::new();
+        let mut last = stats(0, 0, 0, 0);
+        for t in 0..=120u64 {
+            let tw = (100 * t).min(6000) as u32;
+            last = stats(100 * t, 100 * t, 0, tw);
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(28232)).unwrap();
+        assert!((f.churn_per_s - 100.0).abs() < 1.0, "{f:?}");
+        assert!((f.time_wait_per_s - 100.0).abs() < 1.0, "{f:?}");
+        assert!((5900..=6100).contains(&f.projected_in_use), "{f:?}");
+        assert_eq!(f.time_to_exhaustion_s, None, "levels off at 6000 < 28232");
+        // The same churn against a 4000-port range: heading for exhaustion while growing.
+        let mut r = Rates::new();
+        let mut last = stats(0, 0, 0, 0);
+        for t in 0..=30u64 {
+            last = stats(100 * t, 100 * t, 0, (100 * t) as u32);
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(4000)).unwrap();
+        let tte = f.time_to_exhaustion_s.expect("heading for exhaustion");
+        assert!(
+            (8.0..=14.0).contains(&tte),
+            "1000 ports left at ~100/s: {tte}"
+        );
+    }
+
+    #[test]
+    fn a_leak_of_live_connections_is_heading_for_exhaustion() {
+        let mut r = Rates::new();
+        let mut last = stats(0, 0, 0, 0);
+        for t in 0..=60u64 {
+            last = stats(10 * t, 0, (10 * t) as u32, 0);
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(1000)).unwrap();
+        assert_eq!(f.projected_in_use, 600);
+        let tte = f.time_to_exhaustion_s.expect("live ports grow");
+        assert!((35.0..=50.0).contains(&tte), "400 left at ~10/s: {tte}");
+    }
+
+    #[test]
+    fn exhausted_is_zero_and_steady_is_none() {
+        let mut r = Rates::new();
+        let full = stats(16, 0, 16, 0);
+        r.sample(SEC, [(key(), &full)].into_iter());
+        r.sample(2 * SEC, [(key(), &full)].into_iter());
+        let f = r.forecast(&key(), &full, Some(16)).unwrap();
+        assert_eq!(f.time_to_exhaustion_s, Some(0.0));
+        assert_eq!(
+            r.forecast(&key(), &full, Some(100))
+                .unwrap()
+                .time_to_exhaustion_s,
+            None
+        );
+        assert_eq!(
+            r.forecast(&key(), &full, None)
+                .unwrap()
+                .time_to_exhaustion_s,
+            None
+        );
+    }
+
+    #[test]
+    fn a_destination_that_emptied_starts_over() {
+        let mut r = Rates::new();
+        r.sample(SEC, [(key(), &stats(1000, 0, 10, 0))].into_iter());
+        r.sample(2 * SEC, [(key(), &stats(1100, 0, 10, 0))].into_iter());
+        // Counters restarted (the tracker released and re-created the destination).
+        let again = stats(5, 0, 5, 0);
+        r.sample(3 * SEC, [(key(), &again)].into_iter());
+        assert_eq!(r.forecast(&key(), &again, Some(100)), None);
+        // Not sampled: forgotten.
+        r.sample(4 * SEC, std::iter::empty());
+        assert!(r.samples.is_empty());
+    }
+}

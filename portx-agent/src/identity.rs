@@ -1,0 +1,414 @@
+//! Who a pid is, beyond its comm: uid, command line, cgroup, and the container and Kubernetes pod
+//! the cgroup path names. Read from /proc once per process and cached; never per event.
+//!
+//! A pid can be reused. Each entry remembers the process' start time and is checked against
+//! /proc at most once per [`RECHECK_NS`]: a new start time means a new process, and the entry is
+//! read again. A process that has exited keeps its last identity (the TIME_WAIT ports of a
+//! churner that exited are still charged to it, and so is its container).
+use std::{collections::HashMap, fs, sync::Arc};
+
+use crate::procfs;
+
+/// How often a cached entry is checked for pid reuse.
+pub const RECHECK_NS: u64 = 2_000_000_000;
+/// Entries kept; past it the least recently checked half is dropped.
+pub const MAX_ENTRIES: usize = 32_768;
+/// Longest command line kept (bytes).
+const CMDLINE_MAX: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Real uid.
+    pub uid: Option<u32>,
+    /// Arguments joined by spaces, at most 256 bytes; empty for kernel threads.
+    pub cmdline: String,
+    /// The cgroup v2 path (or the v1 path of the `pids`/`memory`/systemd hierarchy).
+    pub cgroup: Option<String>,
+    pub container: Option<Container>,
+    /// Kubernetes pod UID, when the cgroup path names one.
+    pub pod_uid: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// docker, containerd, cri-o, podman, or `container` when only the id's shape says so.
+    pub runtime: &'static str,
+    /// The full 64-hex-digit id.
+    pub id: String,
+}
+
+impl Container {
+    /// The 12-digit form `docker ps` and `crictl ps` print.
+    pub fn short_id(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+}
+
+impl Identity {
+    /// What to group failures by: the container id, else the cgroup path, else "host".
+    pub fn group(&self) -> String {
+        match (&self.container, &self.cgroup) {
+            (Some(c), _) => format!("{}://{}", c.runtime, c.short_id()),
+            (None, Some(cg)) => cg.clone(),
+            (None, None) => "unknown".into(),
+        }
+    }
+}
+
+/// The cgroup path of a process from the text of `/proc/<pid>/cgroup`: the v2 line (`0::/path`)
+/// when there is one, else the v1 line of the `pids`, `memory` or `name=systemd` hierarchy.
+pub fn parse_cgroup(text: &str) -> Option<String> {
+    let mut v1: Option<(u8, &str)> = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if controllers.is_empty() {
+            return Some(path.to_string());
+        }
+        let rank = controllers.split(',').fold(0u8, |best, c| {
+            best.max(match c {
+                "pids" => 3,
+                "memory" => 2,
+                "name=systemd" => 1,
+                _ => 0,
+            })
+        });
+        if rank > 0 && v1.is_none_or(|(r, _)| rank > r) {
+            v1 = Some((rank, path));
+        }
+    }
+    v1.map(|(_, p)| p.to_string())
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The container a cgroup path belongs to, from the naming of the usual runtimes:
+/// `docker-<id>.scope` and `/docker/<id>` (docker), `cri-containerd-<id>.scope` (containerd),
+/// `crio-<id>.scope` (cri-o), `libpod-<id>.scope` (podman), and a bare `<id>` component under
+/// `kubepods` (cgroupfs driver). The deepest match wins (nested containers).
+pub fn container_of(cgroup: &str) -> Option<Container> {
+    const PREFIXES: [(&str, &str); 5] = [
+        ("docker-", "docker"),
+        ("cri-containerd-", "containerd"),
+        ("crio-", "cri-o"),
+        ("libpod-", "podman"),
+        ("containerd-", "containerd"),
+    ];
+    let mut found = None;
+    let mut parent = "";
+    for part in cgroup.split('/') {
+        let name = part.strip_suffix(".scope").unwrap_or(part);
+        let hit = PREFIXES
+            .iter()
+            .find_map(|(prefix, runtime)| {
+                name.strip_prefix(prefix)
+                    .filter(|id| is_container_id(id))
+                    .map(|id| (*runtime, id))
+            })
+            .or_else(|| {
+                let runtime = match parent {
+                    "docker" => "docker",
+                    "libpod" | "machine.slice" => "podman",
+                    _ => "container",
+                };
+                is_container_id(name).then_some((runtime, name))
+            });
+        if let Some((runtime, id)) = hit {
+            found = Some(Container {
+                runtime,
+                id: id.to_string(),
+            });
+        }
+        parent = part;
+    }
+    found
+}
+
+/// The pod UID in a kubelet cgroup path: `kubepods-burstable-pod<uid>.slice` (systemd driver,
+/// `-` written as `_`) or `/kubepods/burstable/pod<uid>/` (cgroupfs driver).
+pub fn pod_uid_of(cgroup: &str) -> Option<String> {
+    if !cgroup.contains("kubepods") {
+        return None;
+    }
+    cgroup.split('/').find_map(|part| {
+        let name = part.strip_suffix(".slice").unwrap_or(part);
+        let after = &name[name.rfind("pod")? + 3..];
+        let uid = after.replace('_', "-");
+        let looks_like_uid = uid.len() == 36
+            && uid.bytes().enumerate().all(|(i, b)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        looks_like_uid.then_some(uid)
+    })
+}
+
+/// Real uid from the text of `/proc/<pid>/status`.
+pub fn parse_status_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `/proc/<pid>/cmdline` (NUL-separated) as one line, at most [`CMDLINE_MAX`] bytes.
+pub fn parse_cmdline(raw: &[u8]) -> String {
+    let raw = &raw[..raw.len().min(CMDLINE_MAX)];
+    let text = String::from_utf8_lossy(raw);
+    text.trim_end_matches('\0').replace('\0', " ")
+}
+
+/// Reads a live process' identity; None if it is gone.
+pub fn read(pid: u32) -> Option<Identity> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|t| parse_cgroup(&t));
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| parse_cmdline(&raw))
+        .unwrap_or_default();
+    Some(Identity {
+        uid: parse_status_uid(&status),
+        cmdline,
+        container: cgroup.as_deref().and_then(container_of),
+        pod_uid: cgroup.as_deref().and_then(pod_uid_of),
+        cgroup,
+    })
+}
+
+struct Entry {
+    identity: Arc<Identity>,
+    /// /proc/<pid>/stat start time; None once the process is gone.
+    start_time: Option<u64>,
+    checked_ns: u64,
+}
+
+/// Cache of identities by pid.
+#[derive(Default)]
+pub struct Identities {
+    entries: HashMap<u32, Entry>,
+    /// Lookups that read /proc (first sight or pid reuse), for tests and debugging.
+    pub reads: u64,
+}
+
+impl Identities {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identity of `pid` at `now_ns` (monotonic); None for pid 0 or a process that was gone
+    /// before it was ever seen.
+    pub fn get(&mut self, pid: u32, now_ns: u64) -> Option<Arc<Identity>> {
+        if pid == 0 {
+            return None;
+        }
+        if let Some(e) = self.entries.get_mut(&pid) {
+            if now_ns.saturating_sub(e.checked_ns) < RECHECK_NS {
+                return Some(e.identity.clone());
+            }
+            e.checked_ns = now_ns;
+            let now_start = procfs::start_time(pid);
+            match (e.start_time, now_start) {
+                // Same process, or it is gone (keep what it was).
+                (Some(a), Some(b)) if a == b => return Some(e.identity.clone()),
+                (_, None) => {
+                    e.start_time = None;
+                    return Some(e.identity.clone());
+                }
+                // Reused pid (or a process that appeared after an earlier miss): read again.
+                _ => {}
+            }
+        }
+        self.read_fresh(pid, now_ns)
+    }
+
+    fn read_fresh(&mut self, pid: u32, now_ns: u64) -> Option<Arc<Identity>> {
+        let start_time = procfs::start_time(pid)?;
+        let identity = Arc::new(read(pid)?);
+        self.reads += 1;
+        if self.entries.len() >= MAX_ENTRIES {
+            self.shrink();
+        }
+        self.entries.insert(
+            pid,
+            Entry {
+                identity: identity.clone(),
+                start_time: Some(start_time),
+                checked_ns: now_ns,
+            },
+        );
+        Some(identity)
+    }
+
+    /// Drops the least recently checked half.
+    fn shrink(&mut self) {
+        let mut stamps: Vec<u64> = self.entries.values().map(|e| e.checked_ns).collect();
+        let mid = stamps.len() / 2;
+        let (_, cut, _) = stamps.select_nth_unstable(mid);
+        let cut = *cut;
+        self.entries.retain(|_, e| e.checked_ns > cut);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f4e1c2b5a6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+
+    #[test]
+    fn cgroup_v2_line_wins_over_v1() {
+        assert_eq!(
+            parse_cgroup("0::/system.slice/nginx.service\n").as_deref(),
+            Some("/system.slice/nginx.service")
+        );
+        let v1 = "12:cpu,cpuacct:/x\n5:memory:/docker/abc\n3:pids:/docker/def\n1:name=systemd:/s\n";
+        assert_eq!(parse_cgroup(v1).as_deref(), Some("/docker/def"));
+        assert_eq!(parse_cgroup("garbage"), None);
+        assert_eq!(parse_cgroup(""), None);
+    }
+
+    #[test]
+    fn container_ids_of_each_runtime() {
+        let cases = [
+            (format!("/system.slice/docker-{ID}.scope"), "docker"),
+            (format!("/docker/{ID}"), "docker"),
+            (
+                format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8a9b_0c1d2e3f4a5b.slice/cri-containerd-{ID}.scope"),
+                "containerd",
+            ),
+            (format!("/kubepods.slice/x.slice/crio-{ID}.scope"), "cri-o"),
+            (format!("/machine.slice/libpod-{ID}.scope/container"), "podman"),
+            (format!("/kubepods/besteffort/pod0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b/{ID}"), "container"),
+        ];
+        for (path, runtime) in cases {
+            let c = container_of(&path).unwrap_or_else(|| panic!("no container in {path}"));
+            assert_eq!((c.runtime, c.id.as_str()), (runtime, ID), "{path}");
+            assert_eq!(c.short_id(), &ID[..12]);
+        }
+        assert_eq!(
+            container_of("/user.slice/user-1000.slice/session-2.scope"),
+            None
+        );
+        assert_eq!(container_of("/docker/not-an-id"), None);
+        assert_eq!(container_of(&format!("/docker-{}.scope", &ID[..63])), None);
+    }
+
+    #[test]
+    fn pod_uids_of_both_cgroup_drivers() {
+        let uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
+        let systemd = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID}.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid_of(&systemd).as_deref(), Some(uid));
+        let cgroupfs = format!("/kubepods/besteffort/pod{uid}/{ID}");
+        assert_eq!(pod_uid_of(&cgroupfs).as_deref(), Some(uid));
+        assert_eq!(pod_uid_of(&format!("/docker/{ID}")), None);
+        assert_eq!(pod_uid_of("/kubepods/besteffort/podnot-a-uid/x"), None);
+    }
+
+    #[test]
+    fn status_and_cmdline() {
+        assert_eq!(
+            parse_status_uid("Name:\tx\nUid:\t1000\t1000\t1000\t1000\n"),
+            Some(1000)
+        );
+        assert_eq!(parse_status_uid("Name:\tx\n"), None);
+        assert_eq!(parse_cmdline(b"curl\0-s\0http://x\0"), "curl -s http://x");
+        assert_eq!(parse_cmdline(b""), "");
+        assert_eq!(parse_cmdline(&[b'a'; 1000]).len(), CMDLINE_MAX);
+    }
+
+    #[test]
+    fn our_own_identity_is_read_once_then_cached() {
+        let me = std::process::id();
+        let mut ids = Identities::new();
+        let a = ids.get(me, 1).expect("we exist");
+        assert!(a.cmdline.contains("portx"), "{}", a.cmdline);
+        // SAFETY: getuid has no preconditions.
+        assert_eq!(a.uid, Some(unsafe { libc::getuid() }));
+        assert!(a.cgroup.is_some());
+        let b = ids.get(me, 2).expect("cached");
+        assert!(Arc::ptr_eq(&a, &b));
+        // Past the recheck interval: same start time, so still the cached entry.
+        let c = ids.get(me, 2 + RECHECK_NS).expect("rechecked");
+        assert!(Arc::ptr_eq(&a, &c));
+        assert_eq!(ids.reads, 1);
+        assert_eq!(ids.get(0, 1), None);
+    }
+
+    #[test]
+    fn an_exited_process_keeps_its_identity_and_a_reused_pid_is_read_again() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Until exec() has set up its arguments, the child is a copy of us or has none.
+        let t0 = std::time::Instant::now();
+        while !read(pid).is_some_and(|id| id.cmdline.starts_with("sleep 30")) {
+            assert!(t0.elapsed().as_secs() < 10, "sleep never ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut ids = Identities::new();
+        let seen = ids.get(pid, 1).expect("child is alive");
+        assert!(seen.cmdline.starts_with("sleep 30"), "{}", seen.cmdline);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let after = ids.get(pid, 1 + RECHECK_NS).expect("kept after exit");
+        assert!(Arc::ptr_eq(&seen, &after));
+        // Simulate reuse: an entry whose start time is not the live process'.
+        let me = std::process::id();
+        ids.entries.insert(
+            me,
+            Entry {
+                identity: Arc::new(Identity::default()),
+                start_time: Some(1),
+                checked_ns: 0,
+            },
+        );
+        let fresh = ids.get(me, 10 * RECHECK_NS).unwrap();
+        assert!(fresh.cmdline.contains("portx"), "reused pid read again");
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let mut ids = Identities::new();
+        let me = std::process::id();
+        for i in 0..MAX_ENTRIES as u32 {
+            ids.entries.insert(
+                1_000_000 + i,
+                Entry {
+                    identity: Arc::new(Identity::default()),
+                    start_time: None,
+                    checked_ns: u64::from(i),
+                },
+            );
+        }
+        ids.get(me, u64::MAX / 2).unwrap();
+        assert!(ids.len() <= MAX_ENTRIES / 2 + 1, "{}", ids.len());
+        assert!(ids.entries.contains_key(&me));
+    }
+}
