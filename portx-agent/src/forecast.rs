@@ -45,6 +45,8 @@ struct Sample {
 #[derive(Default)]
 pub struct Rates {
     samples: HashMap<DestKey, Sample>,
+    /// When the previous pass was taken (0: none yet).
+    last_pass_ns: u64,
 }
 
 fn live(stats: &DestStats) -> u32 {
@@ -78,7 +80,22 @@ impl Rates {
                 live_growth: 0.0,
                 count: 1,
             };
-            let sample = match self.samples.get(&key) {
+            // A destination that appeared since the previous pass had nothing then: what it has
+            // now came in since (a burst between two passes is a rate, not a baseline).
+            let empty = Sample {
+                at_ns: self.last_pass_ns,
+                opened: 0,
+                tw_entered: 0,
+                in_use: 0,
+                live: 0,
+                ..fresh
+            };
+            let prev = match self.samples.get(&key) {
+                Some(prev) => Some(prev),
+                None if self.last_pass_ns > 0 => Some(&empty),
+                None => None,
+            };
+            let sample = match prev {
                 // The tracker restarts a destination's counters when it empties; start over.
                 Some(prev)
                     if prev.opened <= stats.opened && prev.tw_entered <= stats.tw_entered =>
@@ -113,6 +130,7 @@ impl Rates {
             next.insert(key, sample);
         }
         self.samples = next;
+        self.last_pass_ns = now_ns;
     }
 
     /// The forecast for a destination sampled at least twice; None before.
@@ -171,11 +189,26 @@ mod tests {
     }
 
     #[test]
-    fn no_forecast_from_one_sample() {
+    fn no_forecast_from_the_first_pass() {
         let mut r = Rates::new();
         let s = stats(100, 0, 100, 0);
         r.sample(SEC, [(key(), &s)].into_iter());
         assert_eq!(r.forecast(&key(), &s, Some(1000)), None);
+    }
+
+    #[test]
+    fn a_burst_between_two_passes_is_a_rate() {
+        let mut r = Rates::new();
+        r.sample(SEC, std::iter::empty());
+        let s = stats(80, 80, 0, 80);
+        r.sample(2 * SEC, [(key(), &s)].into_iter());
+        let f = r
+            .forecast(&key(), &s, Some(100))
+            .expect("rated from the empty pass");
+        assert!(f.churn_per_s > 5.0 && f.time_wait_per_s > 5.0, "{f:?}");
+        assert!(f.projected_in_use > 100, "{f:?}");
+        let tte = f.time_to_exhaustion_s.expect("heading for exhaustion");
+        assert!(tte > 0.0 && tte < 10.0, "{tte}");
     }
 
     #[test]
@@ -249,7 +282,8 @@ mod tests {
         let mut r = Rates::new();
         r.sample(SEC, [(key(), &stats(1000, 0, 10, 0))].into_iter());
         r.sample(2 * SEC, [(key(), &stats(1100, 0, 10, 0))].into_iter());
-        // Counters restarted (the tracker released and re-created the destination).
+        // Counters restarted (the tracker released and re-created the destination): a new
+        // baseline, no rate from the old counters.
         let again = stats(5, 0, 5, 0);
         r.sample(3 * SEC, [(key(), &again)].into_iter());
         assert_eq!(r.forecast(&key(), &again, Some(100)), None);

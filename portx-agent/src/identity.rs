@@ -1,9 +1,9 @@
 //! Who a pid is, beyond its comm: uid, command line, cgroup, and the container and Kubernetes pod
 //! the cgroup path names. Read from /proc once per process and cached; never per event.
 //!
-//! A pid can be reused. Each entry remembers the process' start time and is checked against
-//! /proc at most once per [`RECHECK_NS`]: a new start time means a new process, and the entry is
-//! read again. A process that has exited keeps its last identity (the TIME_WAIT ports of a
+//! A pid can be reused, and a process can move to another cgroup. An entry is read again from
+//! /proc at most once per [`RECHECK_NS`], when it is looked up: a new start time or cgroup
+//! replaces it. A process that has exited keeps its last identity (the TIME_WAIT ports of a
 //! churner that exited are still charged to it, and so is its container).
 use std::{collections::HashMap, fs, sync::Arc};
 
@@ -56,31 +56,41 @@ impl Identity {
 }
 
 /// The cgroup path of a process from the text of `/proc/<pid>/cgroup`: the v2 line (`0::/path`)
-/// when there is one, else the v1 line of the `pids`, `memory` or `name=systemd` hierarchy.
+/// unless it is the root (hybrid hosts keep containers in v1), else the v1 path of the `pids`,
+/// `memory` or `name=systemd` hierarchy, in that order, that is not the root; `/` if all are.
 pub fn parse_cgroup(text: &str) -> Option<String> {
-    let mut v1: Option<(u8, &str)> = None;
+    let mut best: Option<(u8, &str)> = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {
             continue;
         };
-        if controllers.is_empty() {
-            return Some(path.to_string());
-        }
-        let rank = controllers.split(',').fold(0u8, |best, c| {
-            best.max(match c {
-                "pids" => 3,
-                "memory" => 2,
-                "name=systemd" => 1,
-                _ => 0,
+        let rank = if controllers.is_empty() {
+            4
+        } else {
+            controllers.split(',').fold(0u8, |best, c| {
+                best.max(match c {
+                    "pids" => 3,
+                    "memory" => 2,
+                    "name=systemd" => 1,
+                    _ => 0,
+                })
             })
-        });
-        if rank > 0 && v1.is_none_or(|(r, _)| rank > r) {
-            v1 = Some((rank, path));
+        };
+        if rank == 0 {
+            continue;
+        }
+        // A real path beats the root whatever its rank; among equals the higher rank wins.
+        let better = match best {
+            None => true,
+            Some((r, p)) => ((path != "/"), rank) > ((p != "/"), r),
+        };
+        if better {
+            best = Some((rank, path));
         }
     }
-    v1.map(|(_, p)| p.to_string())
+    best.map(|(_, p)| p.to_string())
 }
 
 fn is_container_id(s: &str) -> bool {
@@ -220,16 +230,23 @@ impl Identities {
                 return Some(e.identity.clone());
             }
             e.checked_ns = now_ns;
-            let now_start = procfs::start_time(pid);
-            match (e.start_time, now_start) {
-                // Same process, or it is gone (keep what it was).
-                (Some(a), Some(b)) if a == b => return Some(e.identity.clone()),
-                (_, None) => {
+            // Read again: the pid may be another process now, or the process may have moved
+            // to another cgroup.
+            self.reads += 1;
+            match (procfs::start_time(pid), read(pid)) {
+                (Some(start), Some(now)) if e.start_time == Some(start) && *e.identity == now => {
+                    return Some(e.identity.clone());
+                }
+                (Some(start), Some(now)) => {
+                    e.start_time = Some(start);
+                    e.identity = Arc::new(now);
+                    return Some(e.identity.clone());
+                }
+                // Gone: keep what it was.
+                _ => {
                     e.start_time = None;
                     return Some(e.identity.clone());
                 }
-                // Reused pid (or a process that appeared after an earlier miss): read again.
-                _ => {}
             }
         }
         self.read_fresh(pid, now_ns)
@@ -285,6 +302,10 @@ mod tests {
         );
         let v1 = "12:cpu,cpuacct:/x\n5:memory:/docker/abc\n3:pids:/docker/def\n1:name=systemd:/s\n";
         assert_eq!(parse_cgroup(v1).as_deref(), Some("/docker/def"));
+        // Hybrid host: the v2 line is the root, the container lives in v1.
+        let hybrid = "9:name=systemd:/\n8:pids:/\n4:memory:/docker/abc\n0::/\n";
+        assert_eq!(parse_cgroup(hybrid).as_deref(), Some("/docker/abc"));
+        assert_eq!(parse_cgroup("8:pids:/\n0::/\n").as_deref(), Some("/"));
         assert_eq!(parse_cgroup("garbage"), None);
         assert_eq!(parse_cgroup(""), None);
     }
@@ -352,10 +373,11 @@ mod tests {
         assert!(a.cgroup.is_some());
         let b = ids.get(me, 2).expect("cached");
         assert!(Arc::ptr_eq(&a, &b));
-        // Past the recheck interval: same start time, so still the cached entry.
+        assert_eq!(ids.reads, 1);
+        // Past the recheck interval: read again, unchanged, so still the cached entry.
         let c = ids.get(me, 2 + RECHECK_NS).expect("rechecked");
         assert!(Arc::ptr_eq(&a, &c));
-        assert_eq!(ids.reads, 1);
+        assert_eq!(ids.reads, 2);
         assert_eq!(ids.get(0, 1), None);
     }
 

@@ -1,0 +1,273 @@
+//! Who and how soon: holders named by container and pod through their real cgroup, the output
+//! filters (`--dport`, `--comm`), and the forecast (churn, TIME_WAIT rate, time to exhaustion)
+//! in summaries.
+use std::{fs, path::PathBuf};
+
+use portx_e2e::{require_root, serial, Agent, Netns};
+use serde_json::Value;
+
+const V4: &str = "127.0.0.1:9000";
+const V4_OTHER: &str = "127.0.0.1:9001";
+const CONTAINER: &str = "3f4e1c2b5a6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+const POD: &str = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
+
+/// A real cgroup named the way kubelet + containerd (systemd driver) name a container's, with
+/// processes moved into it; moved back and removed on drop. Under cgroup v2 if it is mounted,
+/// else in the v1 `pids` hierarchy.
+struct Cgroup {
+    root: PathBuf,
+    /// Directories created, deepest last.
+    dirs: Vec<PathBuf>,
+    pids: Vec<u32>,
+}
+
+/// Mount point of cgroup v2, else of the v1 `pids` controller.
+fn cgroup_root() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts: Vec<(String, String, String)> = info
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split_whitespace().nth(4)?.to_string();
+            let mut p = post.split_whitespace();
+            let fstype = p.next()?.to_string();
+            let opts = p.nth(1).unwrap_or("").to_string();
+            Some((point, fstype, opts))
+        })
+        .collect();
+    mounts
+        .iter()
+        .find(|(_, t, _)| t == "cgroup2")
+        .or_else(|| {
+            mounts
+                .iter()
+                .find(|(_, t, o)| t == "cgroup" && o.split(',').any(|x| x == "pids"))
+        })
+        .map(|(p, _, _)| PathBuf::from(p))
+}
+
+impl Cgroup {
+    fn container(tag: &str) -> Option<Cgroup> {
+        let root = cgroup_root()?;
+        let parts = [
+            format!("portx-e2e-{tag}-{}", std::process::id()),
+            "kubepods.slice".into(),
+            "kubepods-besteffort.slice".into(),
+            format!("kubepods-besteffort-pod{}.slice", POD.replace('-', "_")),
+            format!("cri-containerd-{CONTAINER}.scope"),
+        ];
+        let mut cg = Cgroup {
+            root: root.clone(),
+            dirs: Vec::new(),
+            pids: Vec::new(),
+        };
+        let mut dir = root;
+        for p in parts {
+            dir.push(p);
+            if let Err(e) = fs::create_dir(&dir) {
+                println!("skipped: cannot create cgroup {}: {e}", dir.display());
+                return None;
+            }
+            cg.dirs.push(dir.clone());
+        }
+        Some(cg)
+    }
+
+    fn add(&mut self, pid: u32) {
+        let procs = self.dirs.last().expect("created").join("cgroup.procs");
+        fs::write(&procs, pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", procs.display()));
+        self.pids.push(pid);
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            // The process may be gone already.
+            let _ = fs::write(self.root.join("cgroup.procs"), pid.to_string());
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+fn victim_fails(ns: &Netns, name: &str, dest: &str) -> u32 {
+    let mut victim = ns.spawn(name, &["connect", "--connect", dest]);
+    victim.expect("connect failed errno=99");
+    assert_eq!(victim.wait().code(), Some(3));
+    victim.pid()
+}
+
+#[test]
+fn holders_are_named_by_container_and_pod() {
+    let _g = serial();
+    if !require_root("holders_are_named_by_container_and_pod") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
+    let Some(mut cg) = Cgroup::container("attr") else {
+        return;
+    };
+    cg.add(hog);
+    let victim = victim_fails(&ns, "victim", V4);
+
+    let failed = agent.wait_for("connect_failed", |v| {
+        v["type"] == "connect_failed" && v["pid"] == victim
+    });
+    assert!(
+        failed["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.contains("connect")),
+        "{failed:#}"
+    );
+    assert!(
+        failed.get("container_id").is_none(),
+        "victim runs on the host: {failed:#}"
+    );
+
+    let report = agent.wait_for("exhaustion", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == victim
+    });
+    let top = &report["holders"][0];
+    let ctx = format!("{report:#}\n{}", agent.context());
+    assert_eq!(top["pid"], hog, "{ctx}");
+    assert_eq!(top["container_id"], CONTAINER, "{ctx}");
+    assert_eq!(top["container_runtime"], "containerd", "{ctx}");
+    assert_eq!(top["pod_uid"], POD, "{ctx}");
+    assert_eq!(top["uid"], 0, "{ctx}");
+    assert!(
+        top["cmdline"].as_str().is_some_and(|c| c.contains("hold")),
+        "{ctx}"
+    );
+    assert!(
+        top["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&format!("cri-containerd-{CONTAINER}.scope"))),
+        "{ctx}"
+    );
+}
+
+fn connect_failures(seen: &[Value], dport: u64) -> usize {
+    seen.iter()
+        .filter(|v| v["type"] == "connect_failed" && v["dport"] == dport)
+        .count()
+}
+
+#[test]
+fn dport_and_comm_filters_narrow_the_records_not_the_table() {
+    let _g = serial();
+    if !require_root("dport_and_comm_filters_narrow_the_records_not_the_table") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4, V4_OTHER]);
+    let mut agent = Agent::start_with(
+        ns.id,
+        &["--dport", "9001", "--comm", "victim", "--comm", "hog2"],
+    );
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
+    ns.keep(
+        "hog2",
+        &["hold", "--connect", V4_OTHER, "--count", "16"],
+        "held 16",
+    );
+    victim_fails(&ns, "victim", V4);
+    victim_fails(&ns, "bystander", V4_OTHER);
+    let last = victim_fails(&ns, "victim", V4_OTHER);
+    agent.wait_for("exhaustion on 9001", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == last
+    });
+    // Every failure was counted, only the one that passes both filters was printed.
+    let summary = agent.wait_for("summary after three failures", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(3)
+    });
+    let ctx = agent.context();
+    assert_eq!(
+        connect_failures(agent.seen(), 9000),
+        0,
+        "--dport 9001: {ctx}"
+    );
+    let shown: Vec<&Value> = agent
+        .seen()
+        .iter()
+        .filter(|v| v["type"] == "connect_failed")
+        .collect();
+    assert_eq!(shown.len(), 1, "{ctx}");
+    assert_eq!(shown[0]["comm"], "victim", "{ctx}");
+    let dests = summary["destinations"].as_array().expect("destinations");
+    assert_eq!(dests.len(), 1, "only hog2's destination: {summary:#}");
+    assert_eq!(dests[0]["dport"], 9001, "{summary:#}");
+    assert_eq!(dests[0]["top_holder"]["comm"], "hog2", "{summary:#}");
+}
+
+#[test]
+fn summaries_forecast_churn_and_time_to_exhaustion() {
+    let _g = serial();
+    if !require_root("summaries_forecast_churn_and_time_to_exhaustion") {
+        return;
+    }
+    // 100 ports; a burst of 80 connections closed first: 80 in TIME_WAIT for 60 s.
+    let mut ns = Netns::with(&[
+        "net.ipv4.ip_local_port_range=40000 40099",
+        "net.ipv4.tcp_tw_reuse=0",
+    ]);
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    // Two rate samples with the destination absent, so the burst is measured as a rate.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "80"]);
+    churner.expect("churned ok=80 failed=0");
+    assert!(churner.wait().success());
+    let summary = agent.wait_for("summary with a forecast", |v| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter().any(|d| {
+                    d["dport"] == 9000
+                        && d["by_state"]["TIME_WAIT"] == 80
+                        && d["churn_per_s"].is_f64()
+                })
+            })
+    });
+    let d = summary["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
+        .expect("destination");
+    let ctx = format!("{summary:#}");
+    assert!(d["churn_per_s"].as_f64() > Some(1.0), "{ctx}");
+    assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{ctx}");
+    assert!(
+        d["projected_in_use"].as_u64() > Some(100),
+        "80 in a second, kept 60 s, outruns 100 ports: {ctx}"
+    );
+    let tte = d["time_to_exhaustion_s"]
+        .as_f64()
+        .expect("a time to exhaustion");
+    assert!(tte > 0.0 && tte < 60.0, "{ctx}");
+
+    // Once the range is full, the time left is 0.
+    let mut hog = ns.spawn("hog", &["hold", "--connect", V4, "--count", "20"]);
+    hog.expect("held 20");
+    let full = agent.wait_for("summary with the range full", |v| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter().any(|d| {
+                    d["dport"] == 9000 && d["in_use"] == 100 && d["time_to_exhaustion_s"] == 0.0
+                })
+            })
+    });
+    drop(hog);
+    println!("{full:#}");
+}
