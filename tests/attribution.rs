@@ -258,7 +258,7 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     assert!(tte > 0.0 && tte < 60.0, "{ctx}");
 
     // Once the range is full, the time left is 0.
-    let mut hog = ns.spawn("hog", &["hold", "--connect", V4, "--count", "20"]);
+    let hog = ns.spawn("hog", &["hold", "--connect", V4, "--count", "20"]);
     hog.expect("held 20");
     let full = agent.wait_for("summary with the range full", |v| {
         v["type"] == "summary"
