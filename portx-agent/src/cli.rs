@@ -39,6 +39,15 @@ pub enum Command {
     /// Test and demo workloads (connect storms, port hogs) — used by `demo` and the tests.
     #[command(hide = true)]
     Workload(crate::workload::WorkloadArgs),
+    /// Print the man page (roff) on stdout.
+    #[command(hide = true)]
+    Man,
+    /// Print shell completions on stdout.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]

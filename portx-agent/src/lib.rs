@@ -15,6 +15,7 @@ pub mod filter;
 pub mod forecast;
 pub mod identity;
 pub mod loader;
+pub mod manpage;
 pub mod netns;
 pub mod output;
 pub mod privilege;

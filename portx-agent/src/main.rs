@@ -24,6 +24,12 @@ fn main() -> ExitCode {
         }),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portx_agent::demo::run(&args))),
         Command::Workload(args) => portx_agent::workload::run(args),
+        Command::Man => portx_agent::manpage::write_man(&mut std::io::stdout().lock())
+            .map_err(|e| anyhow::anyhow!("writing the man page: {e}")),
+        Command::Completions { shell } => {
+            portx_agent::manpage::write_completions(shell, &mut std::io::stdout().lock())
+                .map_err(|e| anyhow::anyhow!("writing completions: {e}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
