@@ -20,7 +20,7 @@ const CMDLINE_MAX: usize = 256;
 pub struct Identity {
     /// Real uid.
     pub uid: Option<u32>,
-    /// Arguments joined by spaces, at most 256 bytes; empty for kernel threads.
+    /// Arguments joined by spaces, at most 256 bytes.
     pub cmdline: String,
     /// The cgroup v2 path (or the v1 path of the `pids`/`memory`/systemd hierarchy).
     pub cgroup: Option<String>,
@@ -181,15 +181,34 @@ pub fn parse_cmdline(raw: &[u8]) -> String {
     text.trim_end_matches('\0').replace('\0', " ")
 }
 
-/// Reads a live process' identity; None if it is gone.
+/// True for a zombie or dead process (`State:` Z or X): its cgroup and command line are no
+/// longer its own (the kernel shows the root cgroup and no arguments).
+pub fn parse_status_exited(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|s| s.trim_start().chars().next())
+        .is_some_and(|c| c == 'Z' || c == 'X')
+}
+
+/// Reads a live process' identity; None if it is gone or exiting, or a kernel thread.
 pub fn read(pid: u32) -> Option<Identity> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    if parse_status_exited(&status) {
+        return None;
+    }
     let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|t| parse_cgroup(&t));
     let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| parse_cmdline(&raw))
         .unwrap_or_default();
+    // No arguments: an exiting process whose memory is gone (and whose cgroup may already read
+    // as the root; a victim often exits right after its failure), or a kernel thread, which has
+    // no container to name either.
+    if cmdline.is_empty() {
+        return None;
+    }
     Some(Identity {
         uid: parse_status_uid(&status),
         cmdline,
@@ -357,6 +376,9 @@ mod tests {
             Some(1000)
         );
         assert_eq!(parse_status_uid("Name:\tx\n"), None);
+        assert!(parse_status_exited("Name:\tx\nState:\tZ (zombie)\n"));
+        assert!(!parse_status_exited("Name:\tx\nState:\tS (sleeping)\n"));
+        assert!(!parse_status_exited("garbage"));
         assert_eq!(parse_cmdline(b"curl\0-s\0http://x\0"), "curl -s http://x");
         assert_eq!(parse_cmdline(b""), "");
         assert_eq!(parse_cmdline(&[b'a'; 1000]).len(), CMDLINE_MAX);
@@ -398,6 +420,9 @@ mod tests {
         let seen = ids.get(pid, 1).expect("child is alive");
         assert!(seen.cmdline.starts_with("sleep 30"), "{}", seen.cmdline);
         child.kill().unwrap();
+        // A zombie is gone too: not read as a process in the root cgroup with no arguments.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(read(pid), None, "zombie");
         child.wait().unwrap();
         let after = ids.get(pid, 1 + RECHECK_NS).expect("kept after exit");
         assert!(Arc::ptr_eq(&seen, &after));

@@ -79,7 +79,7 @@ impl From<&Identity> for Who {
     fn from(id: &Identity) -> Self {
         Who {
             uid: id.uid,
-            cmdline: Some(id.cmdline.clone()).filter(|c| !c.is_empty()),
+            cmdline: Some(id.cmdline.clone()),
             cgroup: id.cgroup.clone(),
             container_id: id.container.as_ref().map(|c| c.id.clone()),
             container_runtime: id.container.as_ref().map(|c| c.runtime),

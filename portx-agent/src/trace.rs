@@ -90,6 +90,10 @@ pub struct Links {
 
 /// How often rates are sampled and a [`View`] is published.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
+/// Each [`VIEW_EVERY`], the identities of the top holders of the busiest destinations are read
+/// (cached) while those processes are alive.
+const PREFETCH_DESTS: usize = 10;
+const PREFETCH_HOLDERS: usize = 3;
 
 /// Counters of the whole run.
 #[derive(Default)]
@@ -386,6 +390,18 @@ impl<W: io::Write> Session<W> {
         let now = clock::monotonic_ns();
         self.tracker.expire(now);
         self.rates.sample(now, self.tracker.dests());
+        // Learn who the likely culprits are while they are alive: a churner that exits before a
+        // report would otherwise be named by pid and comm only.
+        let culprits: Vec<u32> = self
+            .tracker
+            .top(PREFETCH_DESTS)
+            .iter()
+            .flat_map(|(_, s)| s.holders_ranked().into_iter().take(PREFETCH_HOLDERS))
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in culprits {
+            self.identities.get(pid, now);
+        }
         if !publish {
             return None;
         }
