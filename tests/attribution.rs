@@ -242,7 +242,9 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
             && v["destinations"].as_array().is_some_and(|d| {
                 d.iter().any(|d| {
                     d["dport"] == 9000
-                        && d["by_state"]["TIME_WAIT"] == 80
+                        // Loopback connects may take a TIME_WAIT port back (seen with
+                        // tcp_tw_reuse=0 too, and in ss): most, not all 80, stay.
+                        && d["by_state"]["TIME_WAIT"].as_u64() >= Some(60)
                         && d["churn_per_s"].is_f64()
                 })
             })
@@ -263,18 +265,36 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
         .as_f64()
         .expect("a time to exhaustion");
     assert!(tte > 0.0 && tte < 60.0, "{ctx}");
+}
 
-    // Once the range is full, the time left is 0.
-    let hog = ns.spawn("hog", &["hold", "--connect", V4, "--count", "20"]);
-    hog.expect("held 20");
+#[test]
+fn a_full_range_has_no_time_left() {
+    let _g = serial();
+    if !require_root("a_full_range_has_no_time_left") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
     let full = agent.wait_for("summary with the range full", |v| {
         v["type"] == "summary"
             && v["destinations"].as_array().is_some_and(|d| {
-                d.iter().any(|d| {
-                    d["dport"] == 9000 && d["in_use"] == 100 && d["time_to_exhaustion_s"] == 0.0
-                })
+                d.iter()
+                    .any(|d| d["dport"] == 9000 && d["in_use"] == 16 && d["churn_per_s"].is_f64())
             })
     });
-    drop(hog);
-    println!("{full:#}");
+    let d = full["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
+        .expect("destination");
+    assert_eq!(d["time_to_exhaustion_s"], 0.0, "{full:#}");
+    assert_eq!(
+        d["projected_in_use"], 16,
+        "live ports, no TIME_WAIT: {full:#}"
+    );
 }

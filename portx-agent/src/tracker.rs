@@ -612,8 +612,14 @@ impl Tracker {
         stamp_ns: u64,
     ) -> bool {
         if let Some(old) = self.key_of(&dest, sport) {
-            if self.conns.contains_key(&old) {
-                // The port was in TIME_WAIT (tcp_tw_reuse) or the old entry was stale.
+            if let Some(c) = self.conns.get(&old) {
+                // The port was in TIME_WAIT (tcp_tw_reuse; loopback connects were seen taking
+                // TIME_WAIT ports with tcp_tw_reuse=0 too, confirmed by ss) or the entry was
+                // stale.
+                tracing::debug!(
+                    "port {sport} to {:?}:{} taken again by sk {skaddr:#x} (was state {} sk_low {:#x} pid {})",
+                    dest.daddr, dest.dport, c.state(), c.sk_low, c.pid()
+                );
                 self.close(old);
             }
         }
