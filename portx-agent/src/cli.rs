@@ -13,6 +13,7 @@ EXAMPLES:
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
     sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
+    sudo portx-agent snapshot --json            the table once, without eBPF (sock_diag + /proc)
 
 EXIT STATUS:
     0 stopped by SIGINT/SIGTERM or --duration; 1 runtime error (missing capability, kernel
@@ -33,6 +34,9 @@ pub enum Command {
     /// Trace port allocations, TCP state changes and connect()/bind() failures; report who holds
     /// the ports when a connect() fails with EADDRNOTAVAIL.
     Trace(TraceArgs),
+    /// The table of ports in use per destination, once, from sock_diag and /proc: no eBPF, no
+    /// CAP_BPF needed.
+    Snapshot(SnapshotArgs),
     /// Create a private network namespace with a 16-port range, exhaust it with a port hog and a
     /// TIME_WAIT churner, and trace it live. Cleans up after itself.
     Demo(DemoArgs),
@@ -111,6 +115,43 @@ fn comm_name(s: &str) -> Result<String, String> {
 
 /// Default `--max-sockets`: about 120 MiB of table.
 pub const DEFAULT_MAX_SOCKETS: u32 = 2_000_000;
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// One JSON object on stdout (`"type":"snapshot"`).
+    #[arg(long)]
+    pub json: bool,
+    /// Destinations shown.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=10000))]
+    pub top: u16,
+    /// Only this network namespace (inode number; repeatable). Default: all.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u32>,
+    /// Only destinations where this process holds ports (repeatable).
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Only destinations where a process with this name holds ports (repeatable).
+    #[arg(long = "comm", value_name = "NAME", value_parser = comm_name)]
+    pub comms: Vec<String>,
+    /// Only this destination port (repeatable).
+    #[arg(long = "dport", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dports: Vec<u16>,
+}
+
+impl SnapshotArgs {
+    pub fn options(&self) -> crate::snapshot::SnapshotOptions {
+        crate::snapshot::SnapshotOptions {
+            json: self.json,
+            top: usize::from(self.top),
+            netns: self.netns.clone(),
+            filter: crate::filter::Filter {
+                pids: self.pids.clone(),
+                comms: self.comms.clone(),
+                dports: self.dports.clone(),
+            },
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -211,6 +252,8 @@ mod tests {
             &["portx-agent", "trace", "--comm", ""],
             &["portx-agent", "trace", "--dport", "0"],
             &["portx-agent", "trace", "--dport", "65536"],
+            &["portx-agent", "snapshot", "--top", "0"],
+            &["portx-agent", "snapshot", "--netns", "x"],
         ] {
             let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

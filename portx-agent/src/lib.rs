@@ -25,6 +25,7 @@ pub mod ranges;
 pub mod reader;
 pub mod report;
 pub mod seed;
+pub mod snapshot;
 pub mod sockdiag;
 pub mod sysctl;
 pub mod time_wait;

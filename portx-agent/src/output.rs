@@ -3,7 +3,7 @@
 //! loop flushes once per ring-buffer drain, not per record.
 use std::io::{self, BufWriter, Write};
 
-use crate::report::{DestRecord, Exhaustion, Failure, HolderRecord, Record, Summary};
+use crate::report::{DestRecord, Exhaustion, Failure, HolderRecord, Record, Snapshot, Summary};
 
 pub struct Output<W: Write> {
     json: bool,
@@ -40,6 +40,7 @@ impl<W: Write> Output<W> {
             Record::BindFailed(f) => self.failure("bind", f),
             Record::Exhaustion(e) => self.exhaustion(e),
             Record::Summary(s) => self.summary(s),
+            Record::Snapshot(s) => self.snapshot(s),
         }
     }
 
@@ -140,7 +141,27 @@ impl<W: Write> Output<W> {
                 extra
             }
         )?;
-        if s.destinations.is_empty() {
+        self.table(&s.destinations)
+    }
+
+    fn snapshot(&mut self, s: &Snapshot) -> io::Result<()> {
+        writeln!(
+            self.out,
+            "{} snapshot: {} client ports in use in {} network namespaces{}",
+            clock(s.ts),
+            s.sockets,
+            s.namespaces,
+            if s.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} could not be read)", s.skipped.len())
+            }
+        )?;
+        self.table(&s.destinations)
+    }
+
+    fn table(&mut self, destinations: &[DestRecord]) -> io::Result<()> {
+        if destinations.is_empty() {
             return Ok(());
         }
         writeln!(
@@ -148,7 +169,7 @@ impl<W: Write> Output<W> {
             "  {:<11} {:<40} {:>11} {:>5}  {:<28} TOP HOLDER",
             "NETNS", "SOURCE -> DESTINATION", "USED/RANGE", "UTIL", "STATES"
         )?;
-        for d in &s.destinations {
+        for d in destinations {
             self.destination(d)?;
         }
         Ok(())

@@ -21,6 +21,20 @@ pub enum Record {
     BindFailed(Failure),
     Exhaustion(Exhaustion),
     Summary(Summary),
+    Snapshot(Snapshot),
+}
+
+/// `portx-agent snapshot`: the table from sock_diag and /proc, without eBPF.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub destinations: Vec<DestRecord>,
+    /// Network namespaces dumped.
+    pub namespaces: usize,
+    /// Network namespaces that could not be entered or dumped (see stderr for why).
+    pub skipped: Vec<u32>,
+    /// Client-side sockets found, all destinations.
+    pub sockets: usize,
+    pub ts: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

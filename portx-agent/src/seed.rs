@@ -37,6 +37,8 @@ pub struct Pass {
     pub started_ns: u64,
     /// socket inode -> process, only filled when a live socket needs an owner.
     pub owners: HashMap<u64, ProcInfo>,
+    /// Namespaces that could not be entered or dumped, and why.
+    pub skipped: Vec<(NetnsId, String)>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,8 @@ pub fn client_side(all: Vec<DiagSocket>) -> Vec<DiagSocket> {
 /// Dumps every netns (or only `only`, when not empty). Blocking: run it off the event loop.
 pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
     let mut snapshots = Vec::new();
+    let mut skipped = Vec::new();
+    let own = netns::self_id().ok();
     let namespaces = match netns::discover() {
         Ok(n) => n,
         Err(e) => {
@@ -83,13 +87,25 @@ pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
             continue;
         }
         let states = sockdiag::ALL_BUT_LISTEN | (1 << st::LISTEN);
-        match netns::run_in(&ns.path, move || sockdiag::dump_tcp(states)) {
+        // Our own namespace needs no setns(), hence no CAP_SYS_ADMIN (`snapshot` unprivileged).
+        let dumped = if own == Some(ns.id) {
+            Ok(sockdiag::dump_tcp(states))
+        } else {
+            netns::run_in(&ns.path, move || sockdiag::dump_tcp(states))
+        };
+        match dumped {
             Ok(Ok(all)) => snapshots.push(Snapshot {
                 netns: ns.id,
                 sockets: client_side(all),
             }),
-            Ok(Err(e)) => tracing::warn!("sock_diag in netns {} failed: {e}", ns.id),
-            Err(e) => tracing::debug!("entering netns {} ({}): {e}", ns.id, ns.path.display()),
+            Ok(Err(e)) => {
+                tracing::warn!("sock_diag in netns {} failed: {e}", ns.id);
+                skipped.push((ns.id, format!("sock_diag: {e}")));
+            }
+            Err(e) => {
+                tracing::debug!("entering netns {} ({}): {e}", ns.id, ns.path.display());
+                skipped.push((ns.id, format!("entering {}: {e}", ns.path.display())));
+            }
         }
     }
     let owners = if want_owners {
@@ -104,6 +120,7 @@ pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
         snapshots,
         started_ns: now_ns,
         owners,
+        skipped,
     }
 }
 
@@ -224,6 +241,7 @@ mod tests {
             }],
             started_ns: 10,
             owners,
+            skipped: vec![],
         };
         assert_eq!(
             apply(&mut t, &first),
@@ -246,6 +264,7 @@ mod tests {
             }],
             started_ns: 20,
             owners: HashMap::new(),
+            skipped: vec![],
         };
         assert_eq!(
             apply(&mut t, &second),
@@ -270,6 +289,7 @@ mod tests {
             }],
             started_ns: 40,
             owners: HashMap::new(),
+            skipped: vec![],
         };
         assert_eq!(apply(&mut t, &pass).removed, 0);
         assert_eq!(t.tracked(), 1);

@@ -1,0 +1,99 @@
+//! `portx-agent snapshot`: the table from sock_diag and /proc, without eBPF — also where loading
+//! eBPF is not allowed at all.
+use std::process::Command;
+
+use portx_e2e::{agent_bin, require_root, serial, Netns};
+use serde_json::Value;
+
+const V4: &str = "127.0.0.1:9000";
+
+fn snapshot(prefix: &[&str], netns: u32) -> (Value, String) {
+    let bin = agent_bin();
+    let mut cmd = Command::new(
+        prefix
+            .first()
+            .copied()
+            .unwrap_or(bin.to_str().expect("utf-8 path")),
+    );
+    if !prefix.is_empty() {
+        cmd.args(&prefix[1..]).arg(&bin);
+    }
+    let out = cmd
+        .args(["snapshot", "--json", "--netns", &netns.to_string()])
+        .output()
+        .expect("running the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "snapshot failed: {stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object: {text}");
+    let v: Value = serde_json::from_str(lines[0]).expect("JSON");
+    (v, stderr)
+}
+
+fn hog_row(v: &Value) -> &Value {
+    v["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
+        .unwrap_or_else(|| panic!("no row for :9000 in {v:#}"))
+}
+
+#[test]
+fn snapshot_names_the_hog_without_ebpf() {
+    let _g = serial();
+    if !require_root("snapshot_names_the_hog_without_ebpf") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "12"],
+        "held 12",
+    );
+    let (v, _) = snapshot(&[], ns.id);
+    assert_eq!(v["type"], "snapshot");
+    assert_eq!(v["namespaces"], 1, "{v:#}");
+    let row = hog_row(&v);
+    assert_eq!(row["in_use"], 12, "{v:#}");
+    assert_eq!(row["range"], 16, "{v:#}");
+    assert_eq!(row["by_state"]["ESTABLISHED"], 12, "{v:#}");
+    assert_eq!(row["top_holder"]["pid"], hog, "{v:#}");
+    assert_eq!(row["top_holder"]["comm"], "hog", "{v:#}");
+}
+
+#[test]
+fn snapshot_works_where_trace_is_refused() {
+    let _g = serial();
+    if !require_root("snapshot_works_where_trace_is_refused") {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        println!("skipped: setpriv (util-linux) not found");
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    ns.keep("hog", &["hold", "--connect", V4, "--count", "5"], "held 5");
+    // Inside the namespace, without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN.
+    let drop = "-bpf,-perfmon,-sys_admin";
+    let bounding = format!("--bounding-set={drop}");
+    let inherit = format!("--inh-caps={drop}");
+    let net = format!("--net={}", ns.path);
+    let prefix = ["nsenter", &net, "setpriv", &inherit, &bounding, "--"];
+    let refused = Command::new(prefix[0])
+        .args(&prefix[1..])
+        .arg(agent_bin())
+        .args(["trace", "--duration", "1"])
+        .output()
+        .expect("running the agent");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("CAP_BPF"),
+        "trace must be refused without the capabilities: {err}"
+    );
+    let (v, stderr) = snapshot(&prefix, ns.id);
+    let row = hog_row(&v);
+    assert_eq!(row["in_use"], 5, "{v:#}\n{stderr}");
+    assert_eq!(row["top_holder"]["comm"], "hog", "{v:#}\n{stderr}");
+}
