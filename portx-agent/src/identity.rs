@@ -27,6 +27,8 @@ pub struct Identity {
     pub container: Option<Container>,
     /// Kubernetes pod UID, when the cgroup path names one.
     pub pod_uid: Option<String>,
+    /// What failures are counted by (see [`group_of`]); computed once per read.
+    pub group: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +46,13 @@ impl Container {
     }
 }
 
-impl Identity {
-    /// What to group failures by: the container id, else the cgroup path, else "host".
-    pub fn group(&self) -> String {
-        match (&self.container, &self.cgroup) {
-            (Some(c), _) => format!("{}://{}", c.runtime, c.short_id()),
-            (None, Some(cg)) => cg.clone(),
-            (None, None) => "unknown".into(),
-        }
+/// What to group failures by: `<runtime>://<short id>` for a container, else the cgroup
+/// path, else `unknown`.
+pub fn group_of(container: Option<&Container>, cgroup: Option<&str>) -> String {
+    match (container, cgroup) {
+        (Some(c), _) => format!("{}://{}", c.runtime, c.short_id()),
+        (None, Some(cg)) => cg.to_string(),
+        (None, None) => "unknown".into(),
     }
 }
 
@@ -209,10 +210,12 @@ pub fn read(pid: u32) -> Option<Identity> {
     if cmdline.is_empty() {
         return None;
     }
+    let container = cgroup.as_deref().and_then(container_of);
     Some(Identity {
         uid: parse_status_uid(&status),
         cmdline,
-        container: cgroup.as_deref().and_then(container_of),
+        group: group_of(container.as_ref(), cgroup.as_deref()),
+        container,
         pod_uid: cgroup.as_deref().and_then(pod_uid_of),
         cgroup,
     })
@@ -346,6 +349,10 @@ mod tests {
             let c = container_of(&path).unwrap_or_else(|| panic!("no container in {path}"));
             assert_eq!((c.runtime, c.id.as_str()), (runtime, ID), "{path}");
             assert_eq!(c.short_id(), &ID[..12]);
+            assert_eq!(
+                group_of(Some(&c), Some(&path)),
+                format!("{runtime}://{}", &ID[..12])
+            );
         }
         assert_eq!(
             container_of("/user.slice/user-1000.slice/session-2.scope"),

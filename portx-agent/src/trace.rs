@@ -235,19 +235,30 @@ impl<W: io::Write> Session<W> {
         } else {
             self.counters.bind_failures += 1;
         }
+        // No allocation per failure: the group string is computed once per process read.
         let id = self.identities.get(f.task.pid, f.ts_ns);
-        let mut group = id.as_ref().map_or_else(|| "unknown".into(), |i| i.group());
-        if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS - 1 {
-            group = "other".into();
+        let mut group = id.as_deref().map_or("unknown", |i| i.group.as_str());
+        if !self.groups.contains_key(group) {
+            if self.groups.len() >= MAX_GROUPS - 1 {
+                group = "other";
+            }
+            if !self.groups.contains_key(group) {
+                self.groups.insert(
+                    group.to_string(),
+                    GroupFailures {
+                        group: group.to_string(),
+                        pod_uid: id
+                            .as_ref()
+                            .filter(|_| group != "other")
+                            .and_then(|i| i.pod_uid.clone()),
+                        ..Default::default()
+                    },
+                );
+            }
         }
-        let entry = self
-            .groups
-            .entry(group.clone())
-            .or_insert_with(|| GroupFailures {
-                group,
-                pod_uid: id.as_ref().and_then(|i| i.pod_uid.clone()),
-                ..Default::default()
-            });
+        let Some(entry) = self.groups.get_mut(group) else {
+            return;
+        };
         if connect {
             entry.connect_eaddrnotavail += 1;
         } else {
