@@ -12,6 +12,7 @@ EXAMPLES:
     sudo portx-agent trace --netns 4026532281   one namespace (inode of /proc/<pid>/ns/net)
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
     sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
+    sudo portx-agent trace --metrics            Prometheus/OpenMetrics on 127.0.0.1:9464/metrics
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
     sudo portx-agent snapshot --json            the table once, without eBPF (sock_diag + /proc)
 
@@ -101,6 +102,14 @@ pub struct TraceArgs {
     /// Only this destination port (repeatable). Hides bind() failures, which have none.
     #[arg(long = "dport", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub dports: Vec<u16>,
+    /// Serve OpenMetrics on http://ADDR/metrics (`--metrics` alone: 127.0.0.1:9464). Loopback
+    /// unless told otherwise; no authentication.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = crate::metrics_server::DEFAULT_ADDR)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Destinations (and processes) with their own series in the metrics.
+    #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub metrics_top: u16,
 }
 
 /// A process name as the kernel keeps it: 1 to 15 bytes.
@@ -223,6 +232,8 @@ impl TraceArgs {
                 dports: self.dports.clone(),
             },
             view_top: 0,
+            metrics: self.metrics,
+            metrics_top: usize::from(self.metrics_top),
         }
     }
 }
@@ -253,6 +264,9 @@ mod tests {
             &["portx-agent", "trace", "--dport", "0"],
             &["portx-agent", "trace", "--dport", "65536"],
             &["portx-agent", "snapshot", "--top", "0"],
+            &["portx-agent", "trace", "--metrics", "localhost"],
+            &["portx-agent", "trace", "--metrics", "127.0.0.1:99999"],
+            &["portx-agent", "trace", "--metrics-top", "0"],
             &["portx-agent", "snapshot", "--netns", "x"],
         ] {
             let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
@@ -270,5 +284,11 @@ mod tests {
         assert_eq!(o.hooks, HookChoice::Auto);
         assert_eq!(o.interval, Duration::from_secs(5));
         assert!(o.seed && !o.json && o.netns.is_empty());
+        assert_eq!(o.metrics, None, "metrics are off by default");
+        let on = Cli::try_parse_from(["portx-agent", "trace", "--metrics"]).unwrap();
+        let Command::Trace(t) = on.command else {
+            panic!("not trace")
+        };
+        assert_eq!(t.metrics, Some("127.0.0.1:9464".parse().unwrap()));
     }
 }

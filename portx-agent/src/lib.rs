@@ -16,6 +16,8 @@ pub mod forecast;
 pub mod identity;
 pub mod loader;
 pub mod manpage;
+pub mod metrics;
+pub mod metrics_server;
 pub mod netns;
 pub mod output;
 pub mod privilege;

@@ -24,6 +24,7 @@ use crate::{
     forecast::Rates,
     identity::Identities,
     loader::{self, HookChoice, LoadOptions},
+    metrics_server,
     output::Output,
     privilege, prog_stats,
     ranges::Ranges,
@@ -54,6 +55,10 @@ pub struct TraceOptions {
     pub filter: Filter,
     /// Destinations and processes in each [`View`] (at least `top`).
     pub view_top: usize,
+    /// Serve metrics there (see [`crate::metrics_server`]).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Destinations with their own series in the metrics.
+    pub metrics_top: usize,
 }
 
 impl Default for TraceOptions {
@@ -72,6 +77,8 @@ impl Default for TraceOptions {
             max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
             filter: Filter::default(),
             view_top: 0,
+            metrics: None,
+            metrics_top: 20,
         }
     }
 }
@@ -524,6 +531,19 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     privilege::check()?;
+    // Before anything is attached: an address in use is a clean error with nothing loaded.
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(
+            metrics_server::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint on {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut opts = opts;
+    if opts.metrics.is_some() {
+        opts.view_top = opts.view_top.max(opts.metrics_top);
+    }
     let tracefs_root = tracefs::ensure_mounted()?;
     tracefs::verify_layouts(&tracefs_root)?;
     let btf = btf::Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -604,6 +624,12 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         tracing::info!("tracing with {} hooks; Ctrl-C to stop", started.hooks);
     }
     session.emit(&Record::Started(started));
+    let metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!("metrics on http://{addr}/metrics");
+        }
+        metrics_server::spawn(l, view.subscribe(), session.opts.metrics_top)
+    });
     session.flush();
     if let Some(tx) = ready {
         let _ = tx.send(());
@@ -738,6 +764,9 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         .sum();
     session.summary(true);
     session.flush();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     drop(loaded);
     tracing::debug!("detached every program");
     Ok(())

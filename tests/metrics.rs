@@ -1,0 +1,156 @@
+//! `trace --metrics`: the OpenMetrics endpoint against a real exhaustion, and its manners with
+//! junk, silent and wrong-method clients.
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use portx_e2e::{agent_bin, require_root, serial, Agent, Netns};
+
+const V4: &str = "127.0.0.1:9000";
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().expect("address").to_string()
+}
+
+/// Sends `request` raw and returns everything the server said before closing.
+fn raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request).expect("sending");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("reading the response");
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn scrape(addr: &str) -> String {
+    raw(addr, b"GET /metrics HTTP/1.1\r\nHost: portx\r\n\r\n")
+}
+
+/// The value of the first sample line that starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_show_the_exhaustion_and_survive_bad_clients() {
+    let _g = serial();
+    if !require_root("metrics_show_the_exhaustion_and_survive_bad_clients") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let addr = free_addr();
+    let mut agent = Agent::start_with(ns.id, &["--metrics", &addr]);
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "16"],
+        "held 16",
+    );
+    let mut victim = ns.spawn("victim", &["connect", "--connect", V4]);
+    victim.expect("connect failed errno=99");
+    victim.wait();
+    agent.wait_for("exhaustion", |v| v["type"] == "exhaustion");
+
+    let est = format!(
+        "portx_ports_in_use{{netns=\"{}\",saddr=\"127.0.0.1\",daddr=\"127.0.0.1\",dport=\"9000\",state=\"ESTABLISHED\"}}",
+        ns.id
+    );
+    // The View is published once a second: poll until it has caught up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, &est) == Some(16.0)
+            && sample(&text, "portx_connect_eaddrnotavail_total") >= Some(1.0)
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the exhaustion:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("Content-Type: application/openmetrics-text"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_eq!(
+        sample(&text, "portx_lost_events_total"),
+        Some(0.0),
+        "{text}"
+    );
+    let util = format!(
+        "portx_port_utilization{{netns=\"{}\",saddr=\"127.0.0.1\",daddr=\"127.0.0.1\",dport=\"9000\"}}",
+        ns.id
+    );
+    assert_eq!(sample(&text, &util), Some(1.0), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("portx_group_exhaustion_failures_total{")
+                && l.contains("syscall=\"connect\"")),
+        "{text}"
+    );
+
+    // Manners: wrong method, wrong path, junk, an oversized head.
+    assert!(raw(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    assert!(raw(&addr, b"GET /other HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(raw(&addr, b"\x16\x03\x01\x02\x00junk\r\n\r\n").starts_with("HTTP/1.1 400"));
+    let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 9000));
+    assert!(raw(&addr, &big).starts_with("HTTP/1.1 431"));
+    // Clients that never send, and one that sends but never reads: others are still served
+    // at once.
+    let silent: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let mut no_reader = TcpStream::connect(&addr).expect("connect");
+    no_reader
+        .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .expect("send");
+    let t0 = Instant::now();
+    let again = scrape(&addr);
+    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "a scrape waited {:?} behind silent clients",
+        t0.elapsed()
+    );
+    drop(silent);
+    drop(no_reader);
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "agent exit: {status:?}");
+}
+
+#[test]
+fn an_address_in_use_is_a_clean_error() {
+    let _g = serial();
+    if !require_root("an_address_in_use_is_a_clean_error") {
+        return;
+    }
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let out = Command::new(agent_bin())
+        .args(["trace", "--duration", "5", "--metrics", &addr])
+        .output()
+        .expect("running the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("metrics endpoint on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("attached"),
+        "nothing is attached before the endpoint is bound: {err}"
+    );
+}
