@@ -365,4 +365,24 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("portx_lost_events_total 0"));
     }
+
+    #[test]
+    fn the_shipped_alert_rules_use_metrics_that_exist() {
+        let rules = include_str!("../../deploy/alert-rules.yml");
+        let text = render(&view(), 20).unwrap();
+        let mut names: Vec<&str> = rules
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("portx_"))
+            .collect();
+        names.dedup();
+        assert!(names.len() >= 4, "{names:?}");
+        for name in names {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name}{{"))
+                        || l.starts_with(&format!("{name} "))),
+                "alert-rules.yml uses {name}, which the agent does not export:\n{text}"
+            );
+        }
+    }
 }
