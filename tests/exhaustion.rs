@@ -131,6 +131,16 @@ fn time_wait_churn_names_the_churner() {
     );
     assert_eq!(top["comm"], "churner", "{ctx}");
     assert_eq!(top["time_wait"], 16, "{ctx}");
+    // The evidence is there for three pieces of advice: TIME_WAIT with tcp_tw_reuse=0, a
+    // churner, and a 16-port range.
+    let explain = report["explain"].to_string();
+    for fix in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "connection pool",
+        "ip_local_port_range",
+    ] {
+        assert!(explain.contains(fix), "no `{fix}` advice: {ctx}");
+    }
 }
 
 #[test]
@@ -217,6 +227,11 @@ fn bind_before_connect_exhausts_the_namespace() {
         "a bind failure exhausts the namespace, not a destination"
     );
     assert_eq!(report["range"], 16);
+    let explain = report["explain"].to_string();
+    assert!(
+        explain.contains("IP_BIND_ADDRESS_NO_PORT") && explain.contains("victim["),
+        "bind-before-connect is explained with its evidence: {report:#}"
+    );
 }
 
 #[test]

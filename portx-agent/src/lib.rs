@@ -6,6 +6,7 @@
 //! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`]. The kernel's own truth comes from [`sockdiag`],
 //! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
 //! tracker by [`seed`]. Before anything loads: [`privilege`], [`tracefs`], [`btf`].
+pub mod advice;
 pub mod btf;
 pub mod cli;
 pub mod clock;

@@ -114,6 +114,15 @@ impl<W: Write> Output<W> {
                 e.holders.len() - 5
             )?;
         }
+        for (i, f) in e.explain.iter().enumerate() {
+            let label = if i == 0 { "explain:" } else { "        " };
+            writeln!(
+                self.out,
+                "           {label} {} ({})",
+                f.finding, f.evidence
+            )?;
+            writeln!(self.out, "                    fix: {}", f.fix)?;
+        }
         Ok(())
     }
 
@@ -329,6 +338,11 @@ mod tests {
                 comm: "victim".into(),
                 who: Default::default(),
             },
+            explain: vec![crate::advice::Finding {
+                finding: "the ephemeral port range is narrower than Linux's default".into(),
+                evidence: "16 usable ports".into(),
+                fix: "widen it".into(),
+            }],
             port_range: Some([40000, 40015]),
             tw_reuse: Some(0),
             failures: 1,
@@ -344,6 +358,11 @@ mod tests {
         assert!(text.contains("victim:  victim[7]"), "{text}");
         assert!(text.contains("holders: hog[5] 16 ports"), "{text}");
         assert!(!text.contains("counts may be low"), "{text}");
+        assert!(
+            text.contains("explain: the ephemeral port range is narrower")
+                && text.contains("fix: widen it"),
+            "{text}"
+        );
         let lossy = Exhaustion { lost: 3, ..e };
         let text = render(false, &[Record::Exhaustion(lossy)]);
         assert!(

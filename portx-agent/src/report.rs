@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Serialize;
 
 use crate::{
+    advice::{self, Finding},
     decoder::{SyscallFailure, Task},
     identity::Identity,
     sysctl::PortSettings,
@@ -152,6 +153,8 @@ pub struct Exhaustion {
     pub by_state: BTreeMap<&'static str, u32>,
     pub holders: Vec<HolderRecord>,
     pub victim: Victim,
+    /// What would help, each only when the evidence is there (see [`crate::advice`]).
+    pub explain: Vec<Finding>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_range: Option<[u16; 2]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -301,6 +304,8 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
 }
 
 /// Exhaustion report for one destination (`dest` = Some) or a whole netns (`dest` = None).
+/// `bind_zero` are the processes seen failing bind(0) in this netns (bind-before-connect).
+#[allow(clippy::too_many_arguments)]
 pub fn exhaustion(
     netns: u32,
     dest: Option<&DestKey>,
@@ -309,8 +314,23 @@ pub fn exhaustion(
     victim: &Task,
     failures: u64,
     ts: u64,
+    bind_zero: &[(u32, String)],
 ) -> Exhaustion {
     let range = settings.map(PortSettings::usable);
+    let ranked: Vec<(u32, String, u32, u32)> = stats
+        .holders_ranked()
+        .into_iter()
+        .take(3)
+        .map(|(pid, h)| (pid, h.comm.to_string(), h.ports, h.time_wait))
+        .collect();
+    let explain = advice::advise(&advice::Evidence {
+        settings,
+        stats,
+        loopback: dest.is_some_and(|d| d.daddr.is_loopback()),
+        bind_zero_failures: bind_zero,
+        holders: &ranked,
+        per_destination: dest.is_some(),
+    });
     Exhaustion {
         netns,
         saddr: dest.map(|d| d.saddr.to_string()),
@@ -327,6 +347,7 @@ pub fn exhaustion(
             comm: victim.comm.to_string(),
             who: Who::default(),
         },
+        explain,
         port_range: settings.map(|s| [s.range.0, s.range.1]),
         tw_reuse: settings.map(|s| s.tw_reuse),
         failures,
@@ -423,6 +444,7 @@ mod tests {
             &victim,
             3,
             123,
+            &[],
         ));
         let v: serde_json::Value = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["type"], "exhaustion");

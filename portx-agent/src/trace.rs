@@ -101,6 +101,8 @@ pub const VIEW_EVERY: Duration = Duration::from_secs(1);
 /// (cached) while those processes are alive.
 const PREFETCH_DESTS: usize = 10;
 const PREFETCH_HOLDERS: usize = 3;
+/// Namespaces with bind-before-connect evidence kept (cleared past it).
+const MAX_BIND_EVIDENCE_NETNS: usize = 256;
 
 /// Counters of the whole run.
 #[derive(Default)]
@@ -130,6 +132,8 @@ struct Session<W: io::Write> {
     identities: Identities,
     rates: Rates,
     groups: HashMap<String, GroupFailures>,
+    /// Processes seen failing bind(0) with EADDRINUSE, per netns (bind-before-connect).
+    bind_zero: HashMap<u32, Vec<(u32, String)>>,
     filter: HashSet<u32>,
     tracker: Tracker,
     ranges: Ranges,
@@ -300,6 +304,7 @@ impl<W: io::Write> Session<W> {
                 &f.task,
                 failures,
                 ts,
+                self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
             ),
             None => {
                 // Nothing tracked for this destination: say so rather than invent holders. The
@@ -312,6 +317,7 @@ impl<W: io::Write> Session<W> {
                     &f.task,
                     failures,
                     ts,
+                    self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
                 );
                 e.daddr = Some(f.addr.to_string());
                 e.dport = Some(f.port);
@@ -328,6 +334,15 @@ impl<W: io::Write> Session<W> {
         self.emit(&Record::BindFailed(rec));
         if f.errno != EADDRINUSE || f.port != 0 {
             return;
+        }
+        // Evidence of bind-before-connect for this netns' reports, a few processes each.
+        if self.bind_zero.len() >= MAX_BIND_EVIDENCE_NETNS && !self.bind_zero.contains_key(&f.netns)
+        {
+            self.bind_zero.clear();
+        }
+        let seen = self.bind_zero.entry(f.netns).or_default();
+        if seen.len() < 8 && !seen.iter().any(|(pid, _)| *pid == f.task.pid) {
+            seen.push((f.task.pid, f.task.comm.to_string()));
         }
         let Some(failures) = due(
             &mut self.bind_reports,
@@ -347,6 +362,7 @@ impl<W: io::Write> Session<W> {
             &f.task,
             failures,
             ts,
+            self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
         );
         self.emit_exhaustion(rec);
     }
@@ -584,6 +600,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         identities: Identities::new(),
         rates: Rates::new(),
         groups: HashMap::new(),
+        bind_zero: HashMap::new(),
         filter: opts.netns.iter().copied().collect(),
         tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),

@@ -1,0 +1,240 @@
+//! What would help, said only when the evidence is there: the `explain` section of exhaustion
+//! reports and `portx-agent doctor`. Pure functions of a namespace's port settings, a
+//! destination's counts and what the agent saw (bind(0) failures); no I/O.
+use serde::Serialize;
+
+use crate::{
+    sysctl::PortSettings,
+    tracker::{DestStats, STATES},
+};
+
+/// Linux's default `ip_local_port_range` (32768-60999).
+pub const DEFAULT_RANGE: u32 = 28_232;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    /// What is going on, in a few words.
+    pub finding: String,
+    /// The numbers it rests on.
+    pub evidence: String,
+    /// The concrete setting or socket option that would help.
+    pub fix: String,
+}
+
+/// What is known about one destination (or, with `daddr` None, a whole namespace).
+pub struct Evidence<'a> {
+    pub settings: Option<&'a PortSettings>,
+    pub stats: &'a DestStats,
+    /// The destination is a loopback address (tcp_tw_reuse=2 applies only there).
+    pub loopback: bool,
+    /// Processes seen failing bind(port 0) with EADDRINUSE in this namespace: (pid, comm).
+    pub bind_zero_failures: &'a [(u32, String)],
+    /// Holders ranked, most ports first: (pid, comm, ports, time_wait).
+    pub holders: &'a [(u32, String, u32, u32)],
+    /// A single destination (per-4-tuple limit) rather than a whole namespace.
+    pub per_destination: bool,
+}
+
+fn finding(
+    finding: impl Into<String>,
+    evidence: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        finding: finding.into(),
+        evidence: evidence.into(),
+        fix: fix.into(),
+    }
+}
+
+fn time_wait(stats: &DestStats) -> u32 {
+    let tw = portx_common::tcp_state::TIME_WAIT as usize;
+    if tw < STATES {
+        stats.by_state[tw]
+    } else {
+        0
+    }
+}
+
+/// Findings for `e`, most telling first.
+pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let tw = time_wait(e.stats);
+    let in_use = e.stats.in_use;
+
+    if tw > 0 && in_use > 0 && tw * 2 >= in_use {
+        if let Some(s) = e.settings {
+            let reuse_applies = s.tw_reuse == 1 || (s.tw_reuse == 2 && e.loopback);
+            if !reuse_applies {
+                out.push(finding(
+                    "TIME_WAIT holds most of these ports and connect() may not reuse them",
+                    format!(
+                        "{tw} of {in_use} ports in TIME_WAIT; tcp_tw_reuse={} ({})",
+                        s.tw_reuse,
+                        s.tw_reuse_meaning()
+                    ),
+                    "sysctl -w net.ipv4.tcp_tw_reuse=1 in this network namespace (outgoing connections only; needs TCP timestamps, on by default)",
+                ));
+            }
+        }
+    }
+
+    for (pid, comm, ports, holder_tw) in e.holders.iter().take(3) {
+        if *pid != 0 && *holder_tw >= 8 && holder_tw * 2 >= *ports && holder_tw * 4 >= in_use {
+            out.push(finding(
+                format!("{comm}[{pid}] churns short connections to this destination"),
+                format!(
+                    "it closed {holder_tw} connections first that now sit in TIME_WAIT for 60 s ({ports} ports held in all)"
+                ),
+                "reuse connections: a connection pool or HTTP keep-alive in the client; or let the server close first",
+            ));
+        }
+    }
+
+    for (pid, comm) in e.bind_zero_failures.iter().take(3) {
+        out.push(finding(
+            format!("{comm}[{pid}] binds before it connects"),
+            "bind() to port 0 failed with EADDRINUSE: bind() picks a port for every destination at once, so the range runs out long before each destination's would".to_string(),
+            "set IP_BIND_ADDRESS_NO_PORT on the socket before bind() (or do not bind() a client socket at all)",
+        ));
+    }
+
+    if let Some(s) = e.settings {
+        let usable = s.usable();
+        if usable < DEFAULT_RANGE {
+            out.push(finding(
+                "the ephemeral port range is narrower than Linux's default",
+                format!(
+                    "ip_local_port_range {}-{}: {usable} usable ports (default 32768-60999: {DEFAULT_RANGE})",
+                    s.range.0, s.range.1
+                ),
+                "widen it, e.g. sysctl -w net.ipv4.ip_local_port_range=\"10000 65000\" (keep listening ports out of it, or reserve them with ip_local_reserved_ports)",
+            ));
+        }
+        let total = u32::from(s.range.1) - u32::from(s.range.0) + 1;
+        let reserved = total - usable;
+        if reserved > 0 && reserved * 10 >= total {
+            out.push(finding(
+                "reserved ports take a notable part of the range",
+                format!("{reserved} of {total} ports in the range are in ip_local_reserved_ports"),
+                "check net.ipv4.ip_local_reserved_ports: reserve only the ports that listeners need",
+            ));
+        }
+        if e.per_destination && usable > 0 && in_use >= usable && usable >= 1024 {
+            out.push(finding(
+                "one destination used up the whole range",
+                format!("{in_use} ports to one (address, port) out of {usable}: the limit is per 4-tuple"),
+                "spread the connections: more destination addresses or ports (e.g. several backends), or more source addresses",
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portx_common::tcp_state as st;
+
+    fn settings(range: (u16, u16), tw_reuse: u8, reserved: Vec<(u16, u16)>) -> PortSettings {
+        PortSettings {
+            range,
+            reserved,
+            tw_reuse,
+            max_tw_buckets: None,
+        }
+    }
+
+    fn stats(established: u32, time_wait: u32) -> DestStats {
+        let mut s = DestStats::default();
+        s.by_state[st::ESTABLISHED as usize] = established;
+        s.by_state[st::TIME_WAIT as usize] = time_wait;
+        s.in_use = established + time_wait;
+        s
+    }
+
+    fn ev<'a>(
+        settings: Option<&'a PortSettings>,
+        stats: &'a DestStats,
+        holders: &'a [(u32, String, u32, u32)],
+        binds: &'a [(u32, String)],
+    ) -> Evidence<'a> {
+        Evidence {
+            settings,
+            stats,
+            loopback: false,
+            bind_zero_failures: binds,
+            holders,
+            per_destination: true,
+        }
+    }
+
+    fn says(f: &[Finding], what: &str) -> bool {
+        f.iter()
+            .any(|f| f.fix.contains(what) || f.finding.contains(what))
+    }
+
+    #[test]
+    fn time_wait_with_reuse_off_suggests_tw_reuse_and_a_pool() {
+        let s = settings((32768, 60999), 0, vec![]);
+        let st = stats(100, 28000);
+        let holders = [(42, "curl".to_string(), 28000, 28000)];
+        let f = advise(&ev(Some(&s), &st, &holders, &[]));
+        assert!(says(&f, "tcp_tw_reuse=1"), "{f:#?}");
+        assert!(says(&f, "connection pool"), "{f:#?}");
+        assert!(!says(&f, "narrower"), "default range: {f:#?}");
+    }
+
+    #[test]
+    fn no_evidence_no_advice() {
+        let s = settings((32768, 60999), 1, vec![]);
+        // Reuse on, all ESTABLISHED, default range, no bind failures.
+        let st = stats(500, 0);
+        let holders = [(42, "app".to_string(), 500, 0)];
+        assert_eq!(advise(&ev(Some(&s), &st, &holders, &[])), vec![]);
+        // Unknown settings: nothing about settings.
+        let tw = stats(1, 10);
+        assert!(!says(&advise(&ev(None, &tw, &[], &[])), "tcp_tw_reuse"));
+    }
+
+    #[test]
+    fn loopback_only_reuse_counts_only_for_loopback() {
+        let s = settings((32768, 60999), 2, vec![]);
+        let st = stats(0, 100);
+        let mut e = ev(Some(&s), &st, &[], &[]);
+        assert!(says(&advise(&e), "tcp_tw_reuse=1"), "remote destination");
+        e.loopback = true;
+        assert!(
+            !says(&advise(&e), "tcp_tw_reuse=1"),
+            "loopback: reuse applies"
+        );
+    }
+
+    #[test]
+    fn narrow_range_reserved_ports_and_bind_before_connect() {
+        let s = settings((40000, 40015), 0, vec![(40000, 40003)]);
+        let st = stats(12, 0);
+        let binds = [(9, "legacy".to_string())];
+        let f = advise(&ev(Some(&s), &st, &[], &binds));
+        assert!(says(&f, "ip_local_port_range"), "{f:#?}");
+        assert!(says(&f, "ip_local_reserved_ports"), "{f:#?}");
+        assert!(says(&f, "IP_BIND_ADDRESS_NO_PORT"), "{f:#?}");
+        assert!(f.iter().any(|f| f.finding.contains("legacy[9]")), "{f:#?}");
+    }
+
+    #[test]
+    fn a_full_wide_range_to_one_destination_is_the_four_tuple_limit() {
+        let s = settings((32768, 60999), 1, vec![]);
+        let st = stats(28232, 0);
+        let f = advise(&ev(Some(&s), &st, &[], &[]));
+        assert!(
+            says(&f, "per 4-tuple") || f.iter().any(|f| f.evidence.contains("per 4-tuple")),
+            "{f:#?}"
+        );
+        let mut netns_wide = ev(Some(&s), &st, &[], &[]);
+        netns_wide.per_destination = false;
+        assert!(!advise(&netns_wide)
+            .iter()
+            .any(|f| f.evidence.contains("4-tuple")));
+    }
+}
