@@ -102,3 +102,38 @@ fn snapshot_works_where_trace_is_refused() {
     assert_eq!(row["in_use"], 5, "{v:#}\n{stderr}");
     assert_eq!(row["top_holder"]["comm"], "hog", "{v:#}\n{stderr}");
 }
+
+#[test]
+fn doctor_reads_the_namespace_settings_and_advises_on_evidence() {
+    let _g = serial();
+    if !require_root("doctor_reads_the_namespace_settings_and_advises_on_evidence") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "16"]);
+    churner.expect("churned ok=16 failed=0");
+    churner.wait();
+    let out = Command::new(agent_bin())
+        .args(["doctor", "--json", "--netns", &ns.id.to_string()])
+        .output()
+        .expect("running the agent");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(text.lines().next().expect("one line")).expect("JSON");
+    assert_eq!(v["type"], "doctor", "{v:#}");
+    assert_eq!(v["netns"], ns.id, "{v:#}");
+    assert_eq!(v["port_range"], serde_json::json!([40000, 40015]), "{v:#}");
+    assert_eq!(v["usable"], 16, "{v:#}");
+    assert_eq!(v["tw_reuse"], 0, "{v:#}");
+    let d = &v["destinations"][0];
+    assert_eq!(d["dport"], 9000, "{v:#}");
+    assert!(d["by_state"]["TIME_WAIT"].as_u64() >= Some(12), "{v:#}");
+    let explain = d["explain"].to_string();
+    assert!(explain.contains("net.ipv4.tcp_tw_reuse=1"), "{v:#}");
+    assert!(explain.contains("ip_local_port_range"), "{v:#}");
+}

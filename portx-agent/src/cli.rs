@@ -15,6 +15,7 @@ EXAMPLES:
     sudo portx-agent trace --metrics            Prometheus/OpenMetrics on 127.0.0.1:9464/metrics
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
     sudo portx-agent snapshot --json            the table once, without eBPF (sock_diag + /proc)
+    sudo portx-agent doctor                     settings, what they mean, and what would help
 
 EXIT STATUS:
     0 stopped by SIGINT/SIGTERM or --duration; 1 runtime error (missing capability, kernel
@@ -38,6 +39,9 @@ pub enum Command {
     /// The table of ports in use per destination, once, from sock_diag and /proc: no eBPF, no
     /// CAP_BPF needed.
     Snapshot(SnapshotArgs),
+    /// Per network namespace: port settings and what they mean, ports in use, and advice for
+    /// the busiest destinations. No eBPF.
+    Doctor(DoctorArgs),
     /// Create a private network namespace with a 16-port range, exhaust it with a port hog and a
     /// TIME_WAIT churner, and trace it live. Cleans up after itself.
     Demo(DemoArgs),
@@ -160,6 +164,19 @@ impl SnapshotArgs {
             },
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// One JSON object per network namespace (`"type":"doctor"`).
+    #[arg(long)]
+    pub json: bool,
+    /// Destinations per namespace.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
+    /// Only this network namespace (inode number; repeatable). Default: all.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u32>,
 }
 
 #[derive(Debug, Args)]

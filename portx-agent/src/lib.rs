@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod decoder;
 pub mod demo;
+pub mod doctor;
 pub mod filter;
 pub mod forecast;
 pub mod identity;

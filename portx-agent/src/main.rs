@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             rt.block_on(portx_agent::trace::run(args.options(), Default::default()))
         }),
         Command::Snapshot(args) => portx_agent::snapshot::run(&args.options()),
+        Command::Doctor(args) => {
+            portx_agent::doctor::run(args.json, usize::from(args.top), &args.netns)
+        }
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(portx_agent::demo::run(&args))),
         Command::Workload(args) => portx_agent::workload::run(args),
         Command::Man => portx_agent::manpage::write_man(&mut std::io::stdout().lock())
