@@ -29,8 +29,6 @@ pub struct Evidence<'a> {
     pub loopback: bool,
     /// Processes seen failing bind(port 0) with EADDRINUSE in this namespace: (pid, comm).
     pub bind_zero_failures: &'a [(u32, String)],
-    /// Holders ranked, most ports first: (pid, comm, ports, time_wait).
-    pub holders: &'a [(u32, String, u32, u32)],
     /// A single destination (per-4-tuple limit) rather than a whole namespace.
     pub per_destination: bool,
 }
@@ -79,10 +77,11 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
         }
     }
 
-    for (pid, comm, ports, holder_tw) in e.holders.iter().take(3) {
-        if *pid != 0 && *holder_tw >= 8 && holder_tw * 2 >= *ports && holder_tw * 4 >= in_use {
+    for (pid, h) in e.stats.holders_ranked().into_iter().take(3) {
+        let (ports, holder_tw) = (h.ports, h.time_wait);
+        if pid != 0 && holder_tw >= 8 && holder_tw * 2 >= ports && holder_tw * 4 >= in_use {
             out.push(finding(
-                format!("{comm}[{pid}] churns short connections to this destination"),
+                format!("{}[{pid}] churns short connections to this destination", h.comm),
                 format!(
                     "it closed {holder_tw} connections first that now sit in TIME_WAIT for 60 s ({ports} ports held in all)"
                 ),
@@ -134,6 +133,7 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{decoder::Comm, tracker::Holder};
     use portx_common::tcp_state as st;
 
     fn settings(range: (u16, u16), tw_reuse: u8, reserved: Vec<(u16, u16)>) -> PortSettings {
@@ -156,7 +156,6 @@ mod tests {
     fn ev<'a>(
         settings: Option<&'a PortSettings>,
         stats: &'a DestStats,
-        holders: &'a [(u32, String, u32, u32)],
         binds: &'a [(u32, String)],
     ) -> Evidence<'a> {
         Evidence {
@@ -164,9 +163,20 @@ mod tests {
             stats,
             loopback: false,
             bind_zero_failures: binds,
-            holders,
             per_destination: true,
         }
+    }
+
+    fn held_by(mut s: DestStats, pid: u32, comm: &str, ports: u32, time_wait: u32) -> DestStats {
+        s.holders.insert(
+            pid,
+            Holder {
+                comm: Comm::new(comm),
+                ports,
+                time_wait,
+            },
+        );
+        s
     }
 
     fn says(f: &[Finding], what: &str) -> bool {
@@ -177,9 +187,8 @@ mod tests {
     #[test]
     fn time_wait_with_reuse_off_suggests_tw_reuse_and_a_pool() {
         let s = settings((32768, 60999), 0, vec![]);
-        let st = stats(100, 28000);
-        let holders = [(42, "curl".to_string(), 28000, 28000)];
-        let f = advise(&ev(Some(&s), &st, &holders, &[]));
+        let st = held_by(stats(100, 28000), 42, "curl", 28000, 28000);
+        let f = advise(&ev(Some(&s), &st, &[]));
         assert!(says(&f, "tcp_tw_reuse=1"), "{f:#?}");
         assert!(says(&f, "connection pool"), "{f:#?}");
         assert!(!says(&f, "narrower"), "default range: {f:#?}");
@@ -189,19 +198,18 @@ mod tests {
     fn no_evidence_no_advice() {
         let s = settings((32768, 60999), 1, vec![]);
         // Reuse on, all ESTABLISHED, default range, no bind failures.
-        let st = stats(500, 0);
-        let holders = [(42, "app".to_string(), 500, 0)];
-        assert_eq!(advise(&ev(Some(&s), &st, &holders, &[])), vec![]);
+        let st = held_by(stats(500, 0), 42, "app", 500, 0);
+        assert_eq!(advise(&ev(Some(&s), &st, &[])), vec![]);
         // Unknown settings: nothing about settings.
         let tw = stats(1, 10);
-        assert!(!says(&advise(&ev(None, &tw, &[], &[])), "tcp_tw_reuse"));
+        assert!(!says(&advise(&ev(None, &tw, &[])), "tcp_tw_reuse"));
     }
 
     #[test]
     fn loopback_only_reuse_counts_only_for_loopback() {
         let s = settings((32768, 60999), 2, vec![]);
         let st = stats(0, 100);
-        let mut e = ev(Some(&s), &st, &[], &[]);
+        let mut e = ev(Some(&s), &st, &[]);
         assert!(says(&advise(&e), "tcp_tw_reuse=1"), "remote destination");
         e.loopback = true;
         assert!(
@@ -215,7 +223,7 @@ mod tests {
         let s = settings((40000, 40015), 0, vec![(40000, 40003)]);
         let st = stats(12, 0);
         let binds = [(9, "legacy".to_string())];
-        let f = advise(&ev(Some(&s), &st, &[], &binds));
+        let f = advise(&ev(Some(&s), &st, &binds));
         assert!(says(&f, "ip_local_port_range"), "{f:#?}");
         assert!(says(&f, "ip_local_reserved_ports"), "{f:#?}");
         assert!(says(&f, "IP_BIND_ADDRESS_NO_PORT"), "{f:#?}");
@@ -226,12 +234,12 @@ mod tests {
     fn a_full_wide_range_to_one_destination_is_the_four_tuple_limit() {
         let s = settings((32768, 60999), 1, vec![]);
         let st = stats(28232, 0);
-        let f = advise(&ev(Some(&s), &st, &[], &[]));
+        let f = advise(&ev(Some(&s), &st, &[]));
         assert!(
             says(&f, "per 4-tuple") || f.iter().any(|f| f.evidence.contains("per 4-tuple")),
             "{f:#?}"
         );
-        let mut netns_wide = ev(Some(&s), &st, &[], &[]);
+        let mut netns_wide = ev(Some(&s), &st, &[]);
         netns_wide.per_destination = false;
         assert!(!advise(&netns_wide)
             .iter()

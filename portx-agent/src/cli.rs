@@ -95,8 +95,23 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     pub max_sockets: u32,
-    /// Only failures of, and destinations with ports held by, this process (repeatable). The
-    /// table still tracks everyone.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Serve OpenMetrics on http://ADDR/metrics (`--metrics` alone: 127.0.0.1:9464). Loopback
+    /// unless told otherwise; no authentication.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = crate::metrics_server::DEFAULT_ADDR)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Destinations (and processes) with their own series in the metrics.
+    #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub metrics_top: u16,
+}
+
+/// `--pid`, `--comm`, `--dport` of `trace` and `snapshot`: they narrow what is shown, never
+/// what is tracked (see [`crate::filter`]).
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only failures of, and destinations with ports held by, this process (repeatable).
     #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
     /// Only failures of, and destinations with ports held by, processes with this name
@@ -106,14 +121,16 @@ pub struct TraceArgs {
     /// Only this destination port (repeatable). Hides bind() failures, which have none.
     #[arg(long = "dport", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub dports: Vec<u16>,
-    /// Serve OpenMetrics on http://ADDR/metrics (`--metrics` alone: 127.0.0.1:9464). Loopback
-    /// unless told otherwise; no authentication.
-    #[arg(long, value_name = "ADDR", num_args = 0..=1,
-          default_missing_value = crate::metrics_server::DEFAULT_ADDR)]
-    pub metrics: Option<std::net::SocketAddr>,
-    /// Destinations (and processes) with their own series in the metrics.
-    #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub metrics_top: u16,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> crate::filter::Filter {
+        crate::filter::Filter {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            dports: self.dports.clone(),
+        }
+    }
 }
 
 /// A process name as the kernel keeps it: 1 to 15 bytes.
@@ -140,15 +157,8 @@ pub struct SnapshotArgs {
     /// Only this network namespace (inode number; repeatable). Default: all.
     #[arg(long = "netns", value_name = "INODE")]
     pub netns: Vec<u32>,
-    /// Only destinations where this process holds ports (repeatable).
-    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
-    pub pids: Vec<u32>,
-    /// Only destinations where a process with this name holds ports (repeatable).
-    #[arg(long = "comm", value_name = "NAME", value_parser = comm_name)]
-    pub comms: Vec<String>,
-    /// Only this destination port (repeatable).
-    #[arg(long = "dport", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub dports: Vec<u16>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 impl SnapshotArgs {
@@ -157,11 +167,7 @@ impl SnapshotArgs {
             json: self.json,
             top: usize::from(self.top),
             netns: self.netns.clone(),
-            filter: crate::filter::Filter {
-                pids: self.pids.clone(),
-                comms: self.comms.clone(),
-                dports: self.dports.clone(),
-            },
+            filter: self.filter.filter(),
         }
     }
 }
@@ -243,11 +249,7 @@ impl TraceArgs {
             seed: !self.no_seed,
             report_every: Duration::from_secs(1),
             max_sockets: self.max_sockets as usize,
-            filter: crate::filter::Filter {
-                pids: self.pids.clone(),
-                comms: self.comms.clone(),
-                dports: self.dports.clone(),
-            },
+            filter: self.filter.filter(),
             view_top: 0,
             metrics: self.metrics,
             metrics_top: usize::from(self.metrics_top),

@@ -161,11 +161,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         seed: true,
         ..Default::default()
     };
-    let links = trace::Links {
-        ready: Some(tx),
-        ..Default::default()
-    };
-    let (traced, workloads) = tokio::join!(trace::run(opts, links), scenario(ns, args.json, rx));
+    let (traced, workloads) = tokio::join!(trace::run(opts, Some(tx)), scenario(ns, args.json, rx));
     traced?;
     let keep = workloads?;
     drop(keep);

@@ -41,27 +41,6 @@ pub struct DoctorDest {
     pub explain: Vec<Finding>,
 }
 
-fn advise(
-    key: &DestKey,
-    stats: &DestStats,
-    settings: Option<&crate::sysctl::PortSettings>,
-) -> Vec<Finding> {
-    let ranked: Vec<(u32, String, u32, u32)> = stats
-        .holders_ranked()
-        .into_iter()
-        .take(3)
-        .map(|(pid, h)| (pid, h.comm.to_string(), h.ports, h.time_wait))
-        .collect();
-    advice::advise(&advice::Evidence {
-        settings,
-        stats,
-        loopback: key.daddr.is_loopback(),
-        bind_zero_failures: &[],
-        holders: &ranked,
-        per_destination: true,
-    })
-}
-
 /// One report per namespace of `pass`, busiest destinations first (`top` of them).
 pub fn reports(pass: &seed::Pass, top: usize, now_ns: u64) -> Vec<NetnsReport> {
     let mut tracker = Tracker::new();
@@ -81,7 +60,14 @@ pub fn reports(pass: &seed::Pass, top: usize, now_ns: u64) -> Vec<NetnsReport> {
             .take(top)
             .map(|(key, stats)| DoctorDest {
                 dest: report::destination(&key, stats, settings.as_ref()),
-                explain: advise(&key, stats, settings.as_ref()),
+                // sock_diag cannot show bind(0) failures: no bind-before-connect evidence.
+                explain: advice::advise(&advice::Evidence {
+                    settings: settings.as_ref(),
+                    stats,
+                    loopback: key.daddr.is_loopback(),
+                    bind_zero_failures: &[],
+                    per_destination: true,
+                }),
             })
             .collect();
         out.push(NetnsReport {

@@ -19,9 +19,9 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Trace(args) => runtime().and_then(|rt| {
-            rt.block_on(portx_agent::trace::run(args.options(), Default::default()))
-        }),
+        Command::Trace(args) => {
+            runtime().and_then(|rt| rt.block_on(portx_agent::trace::run(args.options(), None)))
+        }
         Command::Snapshot(args) => portx_agent::snapshot::run(&args.options()),
         Command::Doctor(args) => {
             portx_agent::doctor::run(args.json, usize::from(args.top), &args.netns)

@@ -317,18 +317,11 @@ pub fn exhaustion(
     bind_zero: &[(u32, String)],
 ) -> Exhaustion {
     let range = settings.map(PortSettings::usable);
-    let ranked: Vec<(u32, String, u32, u32)> = stats
-        .holders_ranked()
-        .into_iter()
-        .take(3)
-        .map(|(pid, h)| (pid, h.comm.to_string(), h.ports, h.time_wait))
-        .collect();
     let explain = advice::advise(&advice::Evidence {
         settings,
         stats,
         loopback: dest.is_some_and(|d| d.daddr.is_loopback()),
         bind_zero_failures: bind_zero,
-        holders: &ranked,
         per_destination: dest.is_some(),
     });
     Exhaustion {

@@ -83,18 +83,6 @@ impl Default for TraceOptions {
     }
 }
 
-/// What a run talks to besides stdout.
-#[derive(Default)]
-pub struct Links {
-    /// Told once everything is attached and seeded.
-    pub ready: Option<oneshot::Sender<()>>,
-    /// Gets a [`View`] about once a second while it has receivers (`Sender::subscribe` adds
-    /// more, e.g. the metrics endpoint).
-    pub view: Option<watch::Sender<Arc<View>>>,
-    /// Write no records to stdout (the `top` screen owns the terminal).
-    pub quiet: bool,
-}
-
 /// How often rates are sampled and a [`View`] is published.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
 /// Each [`VIEW_EVERY`], the identities of the top holders of the busiest destinations are read
@@ -538,10 +526,11 @@ fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
     }
 }
 
-/// Runs the tracer until SIGINT/SIGTERM (or `duration`); see [`Links`] for what it tells whom.
-pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
-    let Links { ready, view, quiet } = links;
-    let view = view.unwrap_or_else(|| watch::channel(Arc::new(View::default())).0);
+/// Runs the tracer until SIGINT/SIGTERM (or `duration`). `ready` is told once everything is
+/// attached and seeded.
+pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyhow::Result<()> {
+    // The View goes to whoever subscribes (the metrics endpoint); built only while someone does.
+    let view = watch::channel(Arc::new(View::default())).0;
     // Before anything is attached or announced: a signal that arrives once `started` is out
     // must reach the loop, not kill the process with the default action.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -590,11 +579,6 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         None => None,
     };
 
-    let out: Box<dyn io::Write + Send> = if quiet {
-        Box::new(io::sink())
-    } else {
-        Box::new(io::stdout())
-    };
     let mut session = Session {
         hooks: loaded.mode.to_string(),
         identities: Identities::new(),
@@ -604,7 +588,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         filter: opts.netns.iter().copied().collect(),
         tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),
-        out: Output::new(out, opts.json),
+        out: Output::stdout(opts.json),
         counters: Counters::default(),
         reports: HashMap::new(),
         bind_reports: HashMap::new(),

@@ -1,6 +1,6 @@
-//! The trace session's state as consumers other than stdout see it: the metrics endpoint and the
-//! `top` screen. Built about once a second by [`crate::trace`] and published through a
-//! `tokio::sync::watch` channel as an `Arc<View>`, so readers never lock the event loop.
+//! The trace session's state as consumers other than stdout see it (the metrics endpoint).
+//! Built about once a second by [`crate::trace`] while someone subscribes, and published through
+//! a `tokio::sync::watch` channel as an `Arc<View>`, so readers never lock the event loop.
 use serde::Serialize;
 
 use crate::report::{DestRecord, Who};
@@ -11,8 +11,8 @@ pub struct View {
     pub ts: u64,
     /// fentry, kprobe or tracepoint.
     pub hooks: String,
-    /// Destinations with the most ports in use, most first (as many as the biggest consumer
-    /// asked for: `--top`, `--metrics-top`, the screen).
+    /// Destinations with the most ports in use, most first (`--top` or `--metrics-top`,
+    /// whichever is larger).
     pub destinations: Vec<DestRecord>,
     /// Processes holding the most ports over all destinations, most first.
     pub processes: Vec<ProcessRecord>,
