@@ -13,6 +13,7 @@ EXAMPLES:
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
     sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
     sudo portx-agent trace --metrics            Prometheus/OpenMetrics on 127.0.0.1:9464/metrics
+    sudo portx-agent top                        live screen of the hottest destinations; q quits
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
     sudo portx-agent snapshot --json            the table once, without eBPF (sock_diag + /proc)
     sudo portx-agent doctor                     settings, what they mean, and what would help
@@ -36,6 +37,9 @@ pub enum Command {
     /// Trace port allocations, TCP state changes and connect()/bind() failures; report who holds
     /// the ports when a connect() fails with EADDRNOTAVAIL.
     Trace(TraceArgs),
+    /// A live screen: the hottest destinations (utilization, ports by state, churn, time to
+    /// exhaustion) and the processes holding the most ports, refreshed every second. q quits.
+    Top(TopArgs),
     /// The table of ports in use per destination, once, from sock_diag and /proc: no eBPF, no
     /// CAP_BPF needed.
     Snapshot(SnapshotArgs),
@@ -133,6 +137,38 @@ impl FilterArgs {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
+    #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
+    pub hooks: HookChoice,
+    /// Only this network namespace (inode number; repeatable, up to 256). Default: all.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u32>,
+    /// Destinations and processes listed (as many as fit are shown).
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
+    /// Do not read existing connections from sock_diag at start-up.
+    #[arg(long)]
+    pub no_seed: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+impl TopArgs {
+    pub fn options(&self) -> crate::trace::TraceOptions {
+        crate::trace::TraceOptions {
+            hooks: self.hooks,
+            netns: self.netns.clone(),
+            top: usize::from(self.top),
+            view_top: usize::from(self.top),
+            seed: !self.no_seed,
+            filter: self.filter.filter(),
+            ..Default::default()
+        }
+    }
+}
+
 /// A process name as the kernel keeps it: 1 to 15 bytes.
 fn comm_name(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 15 {
@@ -220,16 +256,19 @@ impl Cli {
     /// Checks what clap's per-value parsers cannot: exits with status 2 and a clap-style message.
     pub fn validate(self) -> Self {
         use clap::CommandFactory as _;
-        if let Command::Trace(t) = &self.command {
-            let max = portx_common::MAX_NETNS_FILTER as usize;
-            if t.netns.len() > max {
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::TooManyValues,
-                        format!("--netns given {} times; at most {max}", t.netns.len()),
-                    )
-                    .exit();
-            }
+        let netns = match &self.command {
+            Command::Trace(t) => t.netns.len(),
+            Command::Top(t) => t.netns.len(),
+            _ => 0,
+        };
+        let max = portx_common::MAX_NETNS_FILTER as usize;
+        if netns > max {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::TooManyValues,
+                    format!("--netns given {netns} times; at most {max}"),
+                )
+                .exit();
         }
         self
     }

@@ -161,7 +161,16 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         seed: true,
         ..Default::default()
     };
-    let (traced, workloads) = tokio::join!(trace::run(opts, Some(tx)), scenario(ns, args.json, rx));
+    let (traced, workloads) = tokio::join!(
+        trace::run(
+            opts,
+            trace::Links {
+                ready: Some(tx),
+                ..Default::default()
+            },
+        ),
+        scenario(ns, args.json, rx)
+    );
     traced?;
     let keep = workloads?;
     drop(keep);

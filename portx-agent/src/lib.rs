@@ -6,6 +6,8 @@
 //! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`]. The kernel's own truth comes from [`sockdiag`],
 //! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
 //! tracker by [`seed`]. Before anything loads: [`privilege`], [`tracefs`], [`btf`].
+//! Consumers of the once-a-second [`view`]: [`metrics`] (served by [`metrics_server`]) and the
+//! [`top`] screen (drawn by [`screen`], its logs kept by [`log_sink`]).
 pub mod advice;
 pub mod btf;
 pub mod cli;
@@ -17,6 +19,7 @@ pub mod filter;
 pub mod forecast;
 pub mod identity;
 pub mod loader;
+pub mod log_sink;
 pub mod manpage;
 pub mod metrics;
 pub mod metrics_server;
@@ -28,11 +31,13 @@ pub mod prog_stats;
 pub mod ranges;
 pub mod reader;
 pub mod report;
+pub mod screen;
 pub mod seed;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod sysctl;
 pub mod time_wait;
+pub mod top;
 pub mod trace;
 pub mod tracefs;
 pub mod tracker;

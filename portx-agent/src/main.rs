@@ -1,7 +1,10 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use portx_agent::cli::{Cli, Command};
+use portx_agent::{
+    cli::{Cli, Command},
+    log_sink::LOGS,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -11,16 +14,23 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+    );
+    if matches!(cli.command, Command::Top(_)) {
+        // The screen owns the terminal: lines are kept and shown there, written out after.
+        logs.with_writer(|| LOGS.writer()).with_ansi(false).init();
+    } else {
+        logs.with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+    }
     let result = match cli.command {
-        Command::Trace(args) => {
-            runtime().and_then(|rt| rt.block_on(portx_agent::trace::run(args.options(), None)))
+        Command::Trace(args) => runtime().and_then(|rt| {
+            rt.block_on(portx_agent::trace::run(args.options(), Default::default()))
+        }),
+        Command::Top(args) => {
+            runtime().and_then(|rt| rt.block_on(portx_agent::top::run(args.options())))
         }
         Command::Snapshot(args) => portx_agent::snapshot::run(&args.options()),
         Command::Doctor(args) => {

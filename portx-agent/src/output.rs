@@ -202,7 +202,7 @@ impl<W: Write> Output<W> {
     }
 }
 
-fn endpoint(addr: &str, port: u16) -> String {
+pub(crate) fn endpoint(addr: &str, port: u16) -> String {
     if addr.contains(':') {
         format!("[{addr}]:{port}")
     } else {

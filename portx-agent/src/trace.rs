@@ -83,6 +83,16 @@ impl Default for TraceOptions {
     }
 }
 
+/// What a run talks to besides stdout.
+#[derive(Default)]
+pub struct Links {
+    /// Told once everything is attached and seeded.
+    pub ready: Option<oneshot::Sender<()>>,
+    /// A screen (`portx-agent top`): gets a [`View`] each [`VIEW_EVERY`], and stdout gets no
+    /// records (the screen owns the terminal).
+    pub screen: Option<watch::Sender<Arc<View>>>,
+}
+
 /// How often rates are sampled and a [`View`] is published.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
 /// Each [`VIEW_EVERY`], the identities of the top holders of the busiest destinations are read
@@ -526,11 +536,13 @@ fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
     }
 }
 
-/// Runs the tracer until SIGINT/SIGTERM (or `duration`). `ready` is told once everything is
-/// attached and seeded.
-pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyhow::Result<()> {
-    // The View goes to whoever subscribes (the metrics endpoint); built only while someone does.
-    let view = watch::channel(Arc::new(View::default())).0;
+/// Runs the tracer until SIGINT/SIGTERM (or `duration`); see [`Links`] for what it tells whom.
+pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
+    let Links { ready, screen } = links;
+    let quiet = screen.is_some();
+    // The View goes to whoever subscribes (the screen, the metrics endpoint); built only while
+    // someone does.
+    let view = screen.unwrap_or_else(|| watch::channel(Arc::new(View::default())).0);
     // Before anything is attached or announced: a signal that arrives once `started` is out
     // must reach the loop, not kill the process with the default action.
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -579,6 +591,11 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         None => None,
     };
 
+    let out: Box<dyn io::Write + Send> = if quiet {
+        Box::new(io::sink())
+    } else {
+        Box::new(io::stdout())
+    };
     let mut session = Session {
         hooks: loaded.mode.to_string(),
         identities: Identities::new(),
@@ -588,7 +605,7 @@ pub async fn run(opts: TraceOptions, ready: Option<oneshot::Sender<()>>) -> anyh
         filter: opts.netns.iter().copied().collect(),
         tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),
-        out: Output::stdout(opts.json),
+        out: Output::new(out, opts.json),
         counters: Counters::default(),
         reports: HashMap::new(),
         bind_reports: HashMap::new(),

@@ -5,6 +5,7 @@
 //! Environment: `PORTX_AGENT` (agent binary; default `target/debug/portx-agent` of this
 //! workspace), `PORTX_HOOKS` (`--hooks` of the agent; default `auto`).
 use std::{
+    collections::HashSet,
     io::{BufRead as _, BufReader, Read as _},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
@@ -376,5 +377,64 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Names of the portx programs as the kernel shows them (truncated to 15 characters).
+pub const PROGRAMS: [&str; 4] = [
+    "inet_sock_set_s",
+    "sys_exit_connec",
+    "sys_enter_conne",
+    "sys_exit_bind",
+];
+
+/// IDs of loaded programs with portx's names, or None without bpftool.
+pub fn portx_program_ids() -> Option<HashSet<u32>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(
+        text.lines()
+            .filter(|l| PROGRAMS.iter().any(|p| l.contains(&format!("name {p}"))))
+            .filter_map(|l| l.split(':').next()?.trim().parse().ok())
+            .collect(),
+    )
+}
+
+/// The programs loaded since `before` (None without bpftool).
+pub fn loaded_since(before: &Option<HashSet<u32>>) -> Option<HashSet<u32>> {
+    match (before, portx_program_ids()) {
+        (Some(b), Some(now)) => Some(now.difference(b).copied().collect()),
+        _ => None,
+    }
+}
+
+/// Waits until none of `mine` is loaded. The kernel frees programs asynchronously once their
+/// last fd and link are gone.
+pub fn assert_unloaded(mine: Option<HashSet<u32>>) {
+    let Some(mine) = mine else {
+        println!("skipped the bpftool check: bpftool is not installed");
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u32> = portx_program_ids()
+            .unwrap_or_default()
+            .intersection(&mine)
+            .copied()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "programs {left:?} still loaded after exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -14,9 +14,10 @@ pub struct SetupArgs {
     pub no_vm: bool,
 }
 
-/// Debian packages: bpftool (tests check that nothing stays loaded); the VM tests' QEMU,
+/// Debian packages: bpftool (tests check that nothing stays loaded), tmux (the `top` screen's
+/// end-to-end test drives it in one); the VM tests' QEMU,
 /// busybox and cpio (installing qemu-system-x86 this way replaces the preinstalled qemu-utils).
-const PACKAGES: &[&str] = &["bpftool"];
+const PACKAGES: &[&str] = &["bpftool", "tmux"];
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 
 fn has_toolchain(name: &str) -> bool {
