@@ -19,7 +19,7 @@ EXAMPLES:
     sudo portx-agent doctor                     settings, what they mean, and what would help
 
 EXIT STATUS:
-    0 stopped by SIGINT/SIGTERM or --duration; 1 runtime error (missing capability, kernel
+    0 stopped by SIGINT/SIGTERM, --duration, or q in top; 1 runtime error (missing capability, kernel
     without BTF or ring buffers, attach failure); 2 invalid command line.";
 
 #[derive(Debug, Parser)]
