@@ -21,6 +21,12 @@ unsafe fn net_inum(net: u64) -> u32 {
     bpf_probe_read_kernel((net + off as u64) as *const u32).unwrap_or(0)
 }
 
+/// Network namespace inode of a `struct net *`, 0 when unknown.
+#[inline(always)]
+pub fn netns_of(net: u64) -> u32 {
+    unsafe { net_inum(net) }
+}
+
 /// Network namespace inode of a socket.
 #[inline(always)]
 pub fn sock_netns(sk: u64) -> u32 {

@@ -9,13 +9,15 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
 };
 use aya_log_ebpf::warn;
-use portx_common::{kind, tcp_state, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
+use portx_common::{
+    kind, tcp_state, KernelOffsets, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP,
+};
 
 use crate::{
     connect::CONNECT_ARGS,
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, offsets},
-    kernel::{sock_field, sock_netns},
+    kernel::{netns_of, sock_field, sock_netns},
     netns_filter,
 };
 
@@ -52,6 +54,63 @@ fn failure_will_be_reported(sk: u64, sport_off: u32) -> bool {
     unsafe { CONNECT_ARGS.get(&bpf_get_current_pid_tgid()) }.is_some_and(|call| call.sk == sk)
 }
 
+/// Where a socket is, as the record carries it (ports in network order).
+struct Endpoints {
+    family: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    dport: u16,
+    netns: u32,
+}
+
+/// The socket's family, addresses, destination port and namespace; None for a non-IP family.
+/// Where the kernel lays out `sock_common` as [`SockCommonHead`] (checked on the offsets from
+/// BTF), one copy reads them all: each `bpf_probe_read_kernel` is a helper call, and this runs
+/// on every state change of every client socket.
+#[inline(always)]
+fn endpoints(sk: u64, o: &KernelOffsets) -> Result<Option<Endpoints>, ()> {
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if o.head_matches() {
+        let head: SockCommonHead = sock_field(sk, 0).ok_or(())?;
+        if head.family == AF_INET {
+            saddr[..4].copy_from_slice(&head.rcv_saddr);
+            daddr[..4].copy_from_slice(&head.daddr);
+        } else if head.family == AF_INET6 {
+            saddr = head.v6_rcv_saddr;
+            daddr = head.v6_daddr;
+        } else {
+            return Ok(None);
+        }
+        return Ok(Some(Endpoints {
+            family: head.family,
+            saddr,
+            daddr,
+            dport: head.dport,
+            netns: netns_of(head.net),
+        }));
+    }
+    let family: u16 = sock_field(sk, o.sock_family).ok_or(())?;
+    if family == AF_INET {
+        let s: [u8; 4] = sock_field(sk, o.sock_rcv_saddr).ok_or(())?;
+        let d: [u8; 4] = sock_field(sk, o.sock_daddr).ok_or(())?;
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        saddr = sock_field(sk, o.sock_v6_rcv_saddr).ok_or(())?;
+        daddr = sock_field(sk, o.sock_v6_daddr).ok_or(())?;
+    } else {
+        return Ok(None);
+    }
+    Ok(Some(Endpoints {
+        family,
+        saddr,
+        daddr,
+        dport: sock_field(sk, o.sock_dport).ok_or(())?,
+        netns: sock_netns(sk),
+    }))
+}
+
 fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     // trace_inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
@@ -84,21 +143,16 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     {
         return Ok(());
     }
-    let family: u16 = sock_field(sk, o.sock_family).ok_or(())?;
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        let s: [u8; 4] = sock_field(sk, o.sock_rcv_saddr).ok_or(())?;
-        let d: [u8; 4] = sock_field(sk, o.sock_daddr).ok_or(())?;
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
-    } else if family == AF_INET6 {
-        saddr = sock_field(sk, o.sock_v6_rcv_saddr).ok_or(())?;
-        daddr = sock_field(sk, o.sock_v6_daddr).ok_or(())?;
-    } else {
+    let Some(Endpoints {
+        family,
+        saddr,
+        daddr,
+        dport,
+        netns,
+    }) = endpoints(sk, &o)?
+    else {
         return Ok(());
-    }
-    let netns = sock_netns(sk);
+    };
     if !netns_filter::wanted(netns) {
         return Ok(());
     }
@@ -106,7 +160,6 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
         // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr.
         warn!(ctx, "portx: cannot read the netns of socket {:x}", sk);
     }
-    let dport: u16 = sock_field(sk, o.sock_dport).ok_or(())?;
     // inet_sport, not skc_num: on ->CLOSE, inet_put_port() has already zeroed skc_num.
     let sport: u16 = sock_field(sk, o.inet_sport).ok_or(())?;
     emit(
