@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: portx's cost, measured side by side in one run inside a private network
 //! namespace. For each close mode (rst, close, fail) and round, the same connect storm runs with
 //! nothing attached, with `portx-agent trace`, with bcc's CO-RE `tcpstates` (libbpf-tools) and with
-//! a bpftrace script counting the same tracepoints — in a rotated order each round. Reported: the
+//! a bpftrace script counting the same tracepoints, and with empty programs on portx's hooks (the
+//! floor any tool attached there pays) — in a rotated order each round. Reported: the
 //! rate each keeps relative to nothing attached (median, min–max over rounds), the agent's CPU per
 //! 100k connections and peak RSS, lost/missed events, loss with an undersized ring buffer, the
 //! latency from a failing connect() to its record, and the tracker's scale on synthetic events.
@@ -42,10 +43,17 @@ pub struct BenchArgs {
     pub modes: Vec<String>,
 }
 
-const TOOLS: [&str; 4] = ["none", "portx", "tcpstates", "bpftrace"];
+const TOOLS: [&str; 5] = ["none", "portx", "tcpstates", "bpftrace", "floor"];
 const MODES: [&str; 3] = ["rst", "close", "fail"];
 const BPFTRACE: &str = "tracepoint:sock:inet_sock_set_state { @states[args->newstate] = count(); }
 tracepoint:syscalls:sys_exit_connect { @connects = count(); }
+";
+/// The floor for any tool on portx's tracepoint-mode hooks: empty programs on the state change and
+/// connect()'s entry and exit (classic tracepoints: bpftrace 0.17 has no raw tracepoints, which
+/// portx uses for the state change). What is left of the rate above this is the programs' work.
+const FLOOR: &str = "tracepoint:sock:inet_sock_set_state { }
+tracepoint:syscalls:sys_enter_connect { }
+tracepoint:syscalls:sys_exit_connect { }
 ";
 
 fn now_ns() -> u128 {
@@ -95,9 +103,9 @@ fn start_tool(
         // tcpstates' header stays in its stdout buffer when writing to a file: no line to wait
         // for, so it gets a fixed settle time below.
         "tcpstates" => (Command::new("/usr/sbin/tcpstates"), ""),
-        "bpftrace" => {
-            let script = dir.join("count.bt");
-            fs::write(&script, BPFTRACE)?;
+        "bpftrace" | "floor" => {
+            let script = dir.join(format!("{tool}.bt"));
+            fs::write(&script, if tool == "floor" { FLOOR } else { BPFTRACE })?;
             let mut c = Command::new("bpftrace");
             c.arg(script);
             (c, "Attaching")
