@@ -93,13 +93,6 @@ impl Drop for Cgroup {
     }
 }
 
-fn victim_fails(ns: &Netns, name: &str, dest: &str) -> u32 {
-    let mut victim = ns.spawn(name, &["connect", "--connect", dest]);
-    victim.expect("connect failed errno=99");
-    assert_eq!(victim.wait().code(), Some(3));
-    victim.pid()
-}
-
 #[test]
 fn holders_are_named_by_container_and_pod() {
     let _g = serial();
@@ -109,11 +102,7 @@ fn holders_are_named_by_container_and_pod() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
-    let (hog, _) = ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
+    let (hog, _) = ns.hog("hog", V4);
     let Some(mut cg) = Cgroup::container("attr") else {
         return;
     };
@@ -121,7 +110,7 @@ fn holders_are_named_by_container_and_pod() {
     // The agent may have read the hog's identity before the move (it reads the top holders'
     // once a second); a looked-up identity is re-read after at most 2 s.
     std::thread::sleep(std::time::Duration::from_millis(2200));
-    let victim = victim_fails(&ns, "victim", V4);
+    let victim = ns.victim_fails("victim", V4);
 
     let failed = agent.wait_for("connect_failed", |v| {
         v["type"] == "connect_failed" && v["pid"] == victim
@@ -180,19 +169,11 @@ fn dport_and_comm_filters_narrow_the_records_not_the_table() {
         ns.id,
         &["--dport", "9001", "--comm", "victim", "--comm", "hog2"],
     );
-    ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    ns.keep(
-        "hog2",
-        &["hold", "--connect", V4_OTHER, "--count", "16"],
-        "held 16",
-    );
-    victim_fails(&ns, "victim", V4);
-    victim_fails(&ns, "bystander", V4_OTHER);
-    let last = victim_fails(&ns, "victim", V4_OTHER);
+    ns.hog("hog", V4);
+    ns.hog("hog2", V4_OTHER);
+    ns.victim_fails("victim", V4);
+    ns.victim_fails("bystander", V4_OTHER);
+    let last = ns.victim_fails("victim", V4_OTHER);
     agent.wait_for("exhaustion on 9001", |v| {
         v["type"] == "exhaustion" && v["victim"]["pid"] == last
     });
@@ -276,11 +257,7 @@ fn a_full_range_has_no_time_left() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
-    ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
+    ns.hog("hog", V4);
     let full = agent.wait_for("summary with the range full", |v| {
         v["type"] == "summary"
             && v["destinations"].as_array().is_some_and(|d| {

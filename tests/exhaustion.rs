@@ -9,13 +9,6 @@ const V6: &str = "[::1]:9000";
 /// 127.0.0.1:9000 from an IPv6 socket: the kernel connects it as IPv4.
 const V4_MAPPED: &str = "[::ffff:127.0.0.1]:9000";
 
-fn victim_fails(ns: &Netns, dest: &str) -> u32 {
-    let mut victim = ns.spawn("victim", &["connect", "--connect", dest]);
-    victim.expect("connect failed errno=99");
-    assert_eq!(victim.wait().code(), Some(3));
-    victim.pid()
-}
-
 fn is_failure_of(v: &Value, pid: u32, dport: u64) -> bool {
     v["type"] == "connect_failed" && v["pid"] == pid && v["dport"] == dport
 }
@@ -35,13 +28,9 @@ fn held_ports_name_the_hog() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
-    let (hog, held) = ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
+    let (hog, held) = ns.hog("hog", V4);
     println!("hog {hog}: {held}");
-    let victim = victim_fails(&ns, V4);
+    let victim = ns.victim_fails("victim", V4);
 
     let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, victim, 9000));
     assert_eq!(failed["comm"], "victim");
@@ -67,7 +56,7 @@ fn held_ports_name_the_hog() {
     // Failed allocations leave nothing behind: each victim's socket ended its pending connect
     // (by its failure record, or by SYN_SENT->CLOSE), so a later summary has none pending.
     for _ in 0..3 {
-        victim_fails(&ns, V4);
+        ns.victim_fails("victim", V4);
     }
     let summary = agent.wait_for("a summary with no connect pending", |v| {
         v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(4) && v["pending"] == 0
@@ -84,12 +73,8 @@ fn without_netns_every_namespace_is_traced() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     let mut agent = Agent::start_everywhere();
-    let (hog, _) = ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    let victim = victim_fails(&ns, V4);
+    let (hog, _) = ns.hog("hog", V4);
+    let victim = ns.victim_fails("victim", V4);
     let report = exhaustion_for(&mut agent, victim, 9000);
     assert_eq!(report["netns"], ns.id, "{report:#}");
     assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
@@ -118,7 +103,7 @@ fn time_wait_churn_names_the_churner() {
                     .any(|d| d["dport"] == 9000 && d["by_state"]["TIME_WAIT"] == 16)
             })
     });
-    let victim = victim_fails(&ns, V4);
+    let victim = ns.victim_fails("victim", V4);
 
     let report = exhaustion_for(&mut agent, victim, 9000);
     let ctx = format!("{report:#}\n{}", agent.context());
@@ -152,12 +137,8 @@ fn ipv6_exhaustion() {
     let mut ns = Netns::new();
     ns.serve(&[V6]);
     let mut agent = Agent::start(ns.id);
-    let (hog, _) = ns.keep(
-        "hog6",
-        &["hold", "--connect", V6, "--count", "16"],
-        "held 16",
-    );
-    let victim = victim_fails(&ns, V6);
+    let (hog, _) = ns.hog("hog6", V6);
+    let victim = ns.victim_fails("victim", V6);
 
     let failed = agent.wait_for("connect_failed", |v| is_failure_of(v, victim, 9000));
     assert_eq!(failed["family"], "ipv6");
@@ -178,12 +159,8 @@ fn second_destination_still_works() {
     let mut ns = Netns::new();
     ns.serve(&[V4, V4_OTHER]);
     let mut agent = Agent::start(ns.id);
-    ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    let victim = victim_fails(&ns, V4);
+    ns.hog("hog", V4);
+    let victim = ns.victim_fails("victim", V4);
     exhaustion_for(&mut agent, victim, 9000);
 
     // Exhaustion is per destination: another port on the same host still connects.
@@ -243,15 +220,11 @@ fn existing_connections_are_seeded_at_start() {
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     // The hog connects before the agent exists.
-    let (hog, _) = ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
+    let (hog, _) = ns.hog("hog", V4);
     let mut agent = Agent::start(ns.id);
     let started = agent.wait_for("started", |v| v["type"] == "started");
     assert_eq!(started["seeded"], 16, "{started:#}");
-    let victim = victim_fails(&ns, V4);
+    let victim = ns.victim_fails("victim", V4);
     let report = exhaustion_for(&mut agent, victim, 9000);
     assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
     assert_eq!(report["holders"][0]["ports"], 16);
@@ -293,7 +266,7 @@ fn syn_sent_ports_are_charged_at_allocation() {
         ],
         "held 16",
     );
-    let victim = victim_fails(&ns, "127.0.0.1:9002");
+    let victim = ns.victim_fails("victim", "127.0.0.1:9002");
     let report = exhaustion_for(&mut agent, victim, 9002);
     assert_eq!(report["in_use"], 16, "{report:#}");
     let syn_sent = report["by_state"]["SYN_SENT"].as_u64().unwrap_or(0);
@@ -327,7 +300,7 @@ fn v4_mapped_ipv6_connections_count_against_the_ipv4_range() {
         &["hold", "--connect", V4_MAPPED, "--count", "8"],
         "held 8",
     );
-    let victim = victim_fails(&ns, V4);
+    let victim = ns.victim_fails("victim", V4);
     let report = exhaustion_for(&mut agent, victim, 9000);
     assert_eq!(report["daddr"], "127.0.0.1", "{report:#}");
     assert_eq!(report["in_use"], 16, "{report:#}");

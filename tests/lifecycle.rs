@@ -44,11 +44,7 @@ fn after_sigkill_nothing_stays_loaded_and_a_new_agent_still_names_the_hog() {
     }
     let mut ns = Netns::new();
     ns.serve(&["127.0.0.1:9000"]);
-    let (hog, _) = ns.keep(
-        "hog",
-        &["hold", "--connect", "127.0.0.1:9000", "--count", "16"],
-        "held 16",
-    );
+    let (hog, _) = ns.hog("hog", "127.0.0.1:9000");
     let before = portx_program_ids();
     let first = Agent::start(ns.id);
     let mine = loaded_since(&before);
@@ -60,10 +56,7 @@ fn after_sigkill_nothing_stays_loaded_and_a_new_agent_still_names_the_hog() {
     let mut second = Agent::start(ns.id);
     let started = second.wait_for("started", |v| v["type"] == "started");
     assert_eq!(started["seeded"], 16, "{started:#}");
-    let mut victim = ns.spawn("victim", &["connect", "--connect", "127.0.0.1:9000"]);
-    victim.expect("connect failed errno=99");
-    assert_eq!(victim.wait().code(), Some(3));
-    let victim = victim.pid();
+    let victim = ns.victim_fails("victim", "127.0.0.1:9000");
     let report = second.wait_for("exhaustion", |v| {
         v["type"] == "exhaustion" && v["victim"]["pid"] == victim
     });

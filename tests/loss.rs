@@ -102,14 +102,8 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
     );
 
     // An exhaustion report says how much was lost, so that its reader knows how far to trust it.
-    ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    let victim = ns.spawn("victim", &["connect", "--connect", V4]);
-    victim.expect("connect failed errno=99");
-    let victim = victim.pid();
+    ns.hog("hog", V4);
+    let victim = ns.victim_fails("victim", V4);
     let report = agent.wait_for("exhaustion", |v| {
         v["type"] == "exhaustion" && v["victim"]["pid"] == victim
     });

@@ -49,14 +49,8 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
     ns.serve(&[V4]);
     let addr = free_addr();
     let mut agent = Agent::start_with(ns.id, &["--metrics", &addr]);
-    ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    let mut victim = ns.spawn("victim", &["connect", "--connect", V4]);
-    victim.expect("connect failed errno=99");
-    victim.wait();
+    ns.hog("hog", V4);
+    ns.victim_fails("victim", V4);
     agent.wait_for("exhaustion", |v| v["type"] == "exhaustion");
 
     let est = format!(

@@ -159,14 +159,8 @@ fn top_shows_the_full_destination_its_holder_and_the_failure_and_quits_on_q() {
     let mine = loaded_since(&before);
 
     // Every port of the 16-port range, then a connect() that cannot get one.
-    let (hog, _) = ns.keep(
-        "hog",
-        &["hold", "--connect", V4, "--count", "16"],
-        "held 16",
-    );
-    let mut victim = ns.spawn("victim", &["connect", "--connect", V4]);
-    victim.expect("connect failed errno=99");
-    victim.wait();
+    let (hog, _) = ns.hog("hog", V4);
+    ns.victim_fails("victim", V4);
 
     let hog_pid = format!("hog[{hog}] 16");
     let screen = t.wait_for("full destination with its holder and the failure", |s| {

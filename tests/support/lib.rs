@@ -197,6 +197,25 @@ impl Netns {
         (pid, line)
     }
 
+    /// A process named `name` holding every port of the namespace's 16-port range to `dest`
+    /// (kept until the namespace is dropped); its pid and its `held …` line.
+    pub fn hog(&mut self, name: &str, dest: &str) -> (u32, String) {
+        self.keep(
+            name,
+            &["hold", "--connect", dest, "--count", "16"],
+            "held 16",
+        )
+    }
+
+    /// One connect() to `dest` by a process named `name`, which must fail with EADDRNOTAVAIL
+    /// (exit status 3); its pid.
+    pub fn victim_fails(&self, name: &str, dest: &str) -> u32 {
+        let mut victim = self.spawn(name, &["connect", "--connect", dest]);
+        victim.expect("connect failed errno=99");
+        assert_eq!(victim.wait().code(), Some(3), "{name}'s exit status");
+        victim.pid()
+    }
+
     /// A server that reads each connection to EOF and then closes (client-first close => the
     /// client side gets TIME_WAIT).
     pub fn serve(&mut self, listen: &[&str]) {
