@@ -172,18 +172,28 @@ fn top_shows_the_full_destination_its_holder_and_the_failure_and_quits_on_q() {
                 && l.contains(&hog_pid)
         }) && s.contains("EADDRNOTAVAIL 1 ")
     });
+    // The process row, found by PID and COMM: its COMMAND column is cut at the screen's edge,
+    // and where depends on how long the checkout's path is.
+    let pid = hog.to_string();
     let process = screen
         .lines()
-        .find(|l| l.contains("--name hog hold"))
-        .unwrap_or_else(|| panic!("no process row with the hog's command line:\n{screen}"));
-    let cols: Vec<&str> = process
-        .trim_matches(|c: char| c == '│' || c.is_whitespace())
-        .split_whitespace()
-        .collect();
-    assert_eq!(
-        cols[..5],
-        [hog.to_string().as_str(), "hog", "16", "0", "1"],
-        "PID COMM PORTS TW DESTS of {process}"
+        .map(|l| l.trim_matches(|c: char| c == '│' || c.is_whitespace()))
+        .find(|l| l.split_whitespace().take(2).eq([pid.as_str(), "hog"]))
+        .unwrap_or_else(|| panic!("no process row for hog[{hog}]:\n{screen}"));
+    let cols: Vec<&str> = process.split_whitespace().collect();
+    assert_eq!(cols[2..5], ["16", "0", "1"], "PORTS TW DESTS of {process}");
+    // COMMAND: the hog's own command line, as far as it fits.
+    let cmdline = std::fs::read(format!("/proc/{hog}/cmdline")).expect("the hog's cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = cmdline.trim_end();
+    let shown = cmdline
+        .get(..24)
+        .and_then(|head| process.find(head))
+        .map(|at| &process[at..])
+        .unwrap_or_else(|| panic!("no command line {cmdline:?} in {process}"));
+    assert!(
+        cmdline.starts_with(shown),
+        "COMMAND {shown:?} is not the hog's {cmdline:?}"
     );
     assert!(
         screen.contains("failures by container or cgroup"),
