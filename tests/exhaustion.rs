@@ -394,3 +394,62 @@ fn connect_af_unspec_releases_the_port_and_a_reconnect_takes_one_again() {
         holds(v, 1) && v["ts"].as_u64() > Some(after)
     });
 }
+
+/// Only connect() calls that put a TCP socket into SYN_SENT are reported: those are the ones that
+/// seek a port. A thread whose last TCP connect went through sendto(MSG_FASTOPEN) (no connect()
+/// returned for it) then fails connect() before any port is sought — a unix socket path that
+/// does not exist, an address without a route: no record, neither with the fast-open
+/// connection's destination nor without one. The fast-open connection itself holds a port like
+/// any other, and the EADDRNOTAVAIL that follows is reported.
+#[test]
+fn connects_that_seek_no_port_are_not_reported() {
+    let _g = serial();
+    if !require_root("connects_that_seek_no_port_are_not_reported") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let noport = ns.spawn(
+        "noport",
+        &[
+            "no-port",
+            "--fastopen",
+            V4,
+            "--unix",
+            "/nonexistent/portx-e2e.sock",
+            "--noroute",
+            "10.255.255.1:80",
+        ],
+    );
+    noport.expect("fastopen ok");
+    noport.expect("unix failed errno=2");
+    // The namespace has only lo: no route to 10.0.0.0/8.
+    noport.expect("noroute failed errno=101");
+    let no_port = noport.pid();
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", "15"],
+        "held 15",
+    );
+    let victim = ns.victim_fails("victim", V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["in_use"], 16, "{report:#}");
+    let holders = report["holders"].as_array().cloned().unwrap_or_default();
+    for (pid, ports) in [(no_port, 1), (hog, 15)] {
+        assert!(
+            holders
+                .iter()
+                .any(|h| h["pid"] == pid && h["ports"] == ports),
+            "pid {pid} with {ports} ports: {report:#}"
+        );
+    }
+    // The ring buffer is ordered: everything the no-port process did was read before the
+    // victim's failure.
+    let noise: Vec<&Value> = agent
+        .seen()
+        .iter()
+        .filter(|v| v["type"] == "connect_failed" && v["pid"] == no_port)
+        .collect();
+    assert!(noise.is_empty(), "reported: {noise:#?}");
+}

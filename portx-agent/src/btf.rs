@@ -287,6 +287,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sock_v6_daddr: sk("__sk_common.skc_v6_daddr")?,
         sock_num: btf.member_offset("sock", "__sk_common.skc_num")?,
         inet_sport: btf.member_offset("inet_sock", "inet_sport")?,
+        sock_state: sk("__sk_common.skc_state")?,
         sock_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
         net_inum: btf.member_offset("net", "ns.inum")?,
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
@@ -510,6 +511,8 @@ mod tests {
         assert!(o.sock_net > o.sock_num && o.sock_net < 128, "{o:?}");
         assert!(o.net_inum > 0 && o.net_inum < 1024, "{o:?}");
         assert!(o.task_nsproxy > 0 && o.nsproxy_net > 0, "{o:?}");
+        // skc_state follows skc_family (a u16) in every layout since 2.6.
+        assert_eq!(o.sock_state, o.sock_family + 2, "{o:?}");
         // The state program's one-copy read of sock_common's head applies on x86-64.
         #[cfg(target_arch = "x86_64")]
         assert!(o.head_matches(), "{o:?}");

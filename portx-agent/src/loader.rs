@@ -89,9 +89,9 @@ pub struct LoadOptions {
 /// Raw tracepoint attached in every mode: TCP state changes.
 const STATE_TP: &str = "inet_sock_set_state";
 
-/// Tracepoints attached in every mode: (program, category, event).
-const TRACEPOINTS: [(&str, &str, &str); 4] = [
-    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+/// Tracepoints attached in every mode: (program, category, event). connect() needs no entry
+/// program: the state change into SYN_SENT notes what its exit needs.
+const TRACEPOINTS: [(&str, &str, &str); 3] = [
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_bind", "syscalls", "sys_enter_bind"),
     ("sys_exit_bind", "syscalls", "sys_exit_bind"),

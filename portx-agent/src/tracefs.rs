@@ -105,18 +105,11 @@ fn check(
 
 /// Checks every tracepoint layout the kernel programs rely on.
 pub fn verify_layouts(root: &Path) -> Result<(), TracefsError> {
-    for (event, fields) in [
-        (
-            "syscalls/sys_enter_connect",
-            &[("fd", syscall_tp::ARG0), ("uservaddr", syscall_tp::ARG1)],
-        ),
-        (
-            "syscalls/sys_enter_bind",
-            &[("fd", syscall_tp::ARG0), ("umyaddr", syscall_tp::ARG1)],
-        ),
-    ] {
-        check(root, event, fields)?;
-    }
+    check(
+        root,
+        "syscalls/sys_enter_bind",
+        &[("fd", syscall_tp::ARG0), ("umyaddr", syscall_tp::ARG1)],
+    )?;
     check(
         root,
         "syscalls/sys_exit_connect",

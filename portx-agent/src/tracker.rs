@@ -363,9 +363,9 @@ impl Tracker {
         }
     }
 
-    /// A connect() failed. The kernel side does not report SYN_SENT->CLOSE for a port allocation
-    /// that failed inside connect(): this record, which names the socket, ends its pending
-    /// connect instead. (A socket that got a port has already left pending.)
+    /// A connect() failed. Its socket's SYN_SENT->CLOSE, written just before, has normally ended
+    /// the pending connect already; should that record be missing (lost, say), this one, which
+    /// names the socket, ends it. (A socket that got a port has already left pending.)
     pub fn on_connect_failed(&mut self, f: &SyscallFailure) {
         if f.skaddr != 0 {
             self.pending.remove(&f.skaddr);
@@ -843,7 +843,7 @@ mod tests {
         };
         t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
         t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
-        // The kernel skipped SYN_SENT->CLOSE for socket 5: its failure record names it.
+        // Socket 5's SYN_SENT->CLOSE is missing: its failure record names it.
         t.on_connect_failed(&failure(0));
         assert_eq!(t.pending(), 2, "a record without a socket ends nothing");
         t.on_connect_failed(&failure(5));

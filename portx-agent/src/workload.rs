@@ -100,6 +100,19 @@ pub enum WorkloadCmd {
         #[arg(long)]
         connect: std::net::SocketAddrV4,
     },
+    /// connect() calls that seek no port, made by a thread whose last TCP connect did not go
+    /// through connect(): a connection opened by TCP Fast Open's sendto(MSG_FASTOPEN), then
+    /// connect() to a unix socket path that does not exist and to an IPv4 address without a
+    /// route. Prints `fastopen ok sport=P`, `unix failed errno=E`, `noroute failed errno=E`, and
+    /// keeps the connection.
+    NoPort {
+        #[arg(long)]
+        fastopen: std::net::SocketAddrV4,
+        #[arg(long)]
+        unix: PathBuf,
+        #[arg(long)]
+        noroute: SocketAddr,
+    },
     /// bind() COUNT sockets to port 0 without connecting, and keep them. Prints `bound N`, or
     /// `bind failed errno=E` and exits 3.
     BindHold {
@@ -176,6 +189,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
+        WorkloadCmd::NoPort {
+            fastopen,
+            unix,
+            noroute,
+        } => no_port(fastopen, &unix, noroute),
         WorkloadCmd::Storm {
             threads,
             seconds,
@@ -497,6 +515,61 @@ fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {
             std::process::exit(EXIT_SOCKET_ERROR);
         }
     }
+}
+
+/// A blocking TCP connection opened by sendto(MSG_FASTOPEN): the kernel connects inside sendto,
+/// so no connect() returns for it.
+fn fastopen(addr: std::net::SocketAddrV4) -> anyhow::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: socket() with constant arguments; the fd is owned by the TcpStream at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a one-byte buffer and a sockaddr_in we own, with their true lengths.
+    let sent = unsafe {
+        libc::sendto(
+            stream.as_raw_fd(),
+            b"x".as_ptr().cast(),
+            1,
+            libc::MSG_FASTOPEN,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent != 1 {
+        return Err(std::io::Error::last_os_error()).context("sendto(MSG_FASTOPEN)");
+    }
+    Ok(stream)
+}
+
+fn no_port(
+    fast: std::net::SocketAddrV4,
+    unix: &std::path::Path,
+    noroute: SocketAddr,
+) -> anyhow::Result<()> {
+    let kept = fastopen(fast)?;
+    let sport = kept.local_addr().map(|a| a.port()).unwrap_or(0);
+    say(&format!("fastopen ok sport={sport}"));
+    match std::os::unix::net::UnixStream::connect(unix) {
+        Ok(_) => bail!("{} accepted a connection", unix.display()),
+        Err(e) => say(&format!("unix failed errno={}", errno(&e))),
+    }
+    match TcpStream::connect(noroute) {
+        Ok(_) => bail!("{noroute} has a route"),
+        Err(e) => say(&format!("noroute failed errno={}", errno(&e))),
+    }
+    sleep_forever()
 }
 
 fn bind_hold(count: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {

@@ -37,7 +37,7 @@ pub mod kind {
     pub const STATE: u32 = 1;
     /// A connect()'s source port is known, or its allocation failed: [`super::PortEvent`].
     pub const PORT: u32 = 2;
-    /// A connect() syscall failed: [`super::SyscallEvent`].
+    /// A connect() syscall that put a TCP socket into SYN_SENT failed: [`super::SyscallEvent`].
     pub const CONNECT_FAIL: u32 = 3;
     /// A bind() syscall failed: [`super::SyscallEvent`].
     pub const BIND_FAIL: u32 = 4;
@@ -82,7 +82,7 @@ pub const EADDRINUSE: i32 = 98;
 /// Offsets in `syscalls:sys_enter_*` / `sys_exit_*` records (stable since the syscall tracepoints
 /// exist; also checked by the agent).
 pub mod syscall_tp {
-    /// `sys_enter_connect`/`sys_enter_bind`: the fd argument.
+    /// `sys_enter_bind`: the fd argument.
     pub const ARG0: usize = 16;
     /// The `struct sockaddr *` argument.
     pub const ARG1: usize = 24;
@@ -145,12 +145,13 @@ pub struct PortEvent {
     pub _pad: [u16; 3],
 }
 
-/// A failed `connect()` or `bind()`, with the address the caller passed.
+/// A failed `connect()` (the destination of the socket it put into SYN_SENT) or `bind()` (the
+/// address the caller passed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyscallEvent {
     pub hdr: EventHeader,
-    /// The socket that connect() was working on, when the kernel side knows it; else 0.
+    /// connect(): the socket it put into SYN_SENT; bind(): 0.
     pub skaddr: u64,
     pub netns: u32,
     /// Negative errno returned by the syscall.
@@ -158,12 +159,13 @@ pub struct SyscallEvent {
     pub family: u16,
     /// Destination port (connect) or requested local port (bind; 0 = "any"), host order.
     pub port: u16,
+    /// bind(): the fd argument; connect(): -1 (its arguments are not read).
     pub fd: i32,
     /// Destination (connect) or local (bind) address.
     pub addr: [u8; 16],
 }
 
-/// Arguments of a `connect()`/`bind()` in flight, stashed at syscall entry by thread.
+/// Arguments of a `bind()` in flight, stashed at syscall entry by thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyscallArgs {
@@ -198,6 +200,8 @@ pub struct KernelOffsets {
     pub sock_num: u32,
     /// `struct inet_sock` -> `inet_sport` (__be16): the local port, kept through CLOSE.
     pub inet_sport: u32,
+    /// `skc_state` (u8): the TCP state.
+    pub sock_state: u32,
     /// `struct sock` -> `__sk_common.skc_net.net` (`struct net *`).
     pub sock_net: u32,
     /// `struct net` -> `ns.inum` (u32).
@@ -253,7 +257,7 @@ const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 80);
 const _: () = assert!(size_of::<SyscallArgs>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 52);
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{kind, syscall_tp};
+use portx_common::syscall_tp;
 
 use crate::{
     kernel::current_netns,
@@ -41,7 +41,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     if !netns_filter::wanted(netns) {
         return 0;
     }
-    if sockaddr::emit_failure(kind::BIND_FAIL, 0, netns, ret, &call).is_err() {
+    if sockaddr::emit_bind_failure(netns, ret, &call).is_err() {
         return 1;
     }
     0

@@ -1,34 +1,42 @@
-//! `syscalls:sys_{enter,exit}_connect`: the destination and errno of every failing connect(), so
-//! that an EADDRNOTAVAIL names the process and the destination; in tracepoint mode also the port a
-//! non-blocking connect got.
+//! `syscalls:sys_exit_connect`: the errno of a failing connect(), so that an EADDRNOTAVAIL names
+//! the process and the destination; in tracepoint mode also the port a non-blocking connect got.
+//!
+//! No program at connect()'s entry: the socket and its destination are noted by `state` when
+//! the call puts the socket into SYN_SENT (in the calling thread, before any port is sought), and
+//! taken here. So only calls that put a TCP socket into SYN_SENT are reported: every failure
+//! that involves a port does; a call that fails before (no route, EALREADY, a non-IP socket)
+//! never sought one.
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::TracePointContext,
 };
-use portx_common::{hook_mode, kind, syscall_tp, PortEvent, EINPROGRESS};
+use portx_common::{hook_mode, kind, syscall_tp, tcp_state, PortEvent, SyscallEvent, EINPROGRESS};
 
 use crate::{
     emit::{emit, header, Wake},
-    globals::hook_mode,
-    kernel::{current_netns, sock_netns, sock_port},
-    netns_filter,
-    sockaddr::{self, InFlight},
+    globals::{hook_mode, offsets},
+    kernel::{sock_field, sock_port},
 };
 
-/// connect() calls in flight, by thread. In tracepoint mode `state` also notes in the entry the
-/// socket the call put into SYN_SENT: one map, one insert and one delete per connect().
-#[map(name = "CONNECT_ARGS")]
-pub static CONNECT_ARGS: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
-
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    match sockaddr::enter(&ctx, &CONNECT_ARGS) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+/// The socket a thread's connect() put into SYN_SENT, and where it goes; written by `state`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Connecting {
+    pub sk: u64,
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub family: u16,
+    /// Host order.
+    pub dport: u16,
 }
+
+/// By thread. LRU: a connect made outside connect() (io_uring, TCP Fast Open's sendto, a kernel
+/// socket) leaves its entry behind; the thread's next connect replaces it, and the map cannot
+/// fill up with them.
+#[map(name = "CONNECTING")]
+pub static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(16384, 0);
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
@@ -39,46 +47,61 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(call) = sockaddr::take(&CONNECT_ARGS, pid_tgid) else {
-        return Ok(());
-    };
     let ret = unsafe { ctx.read_at::<i64>(syscall_tp::RET)? } as i32;
-    // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
-    // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port read
-    // here (the other modes have it from inet_hash_connect).
-    let port_record = ret == -EINPROGRESS && call.sk != 0 && hook_mode() == hook_mode::TRACEPOINT;
-    let failed = ret < 0 && ret != -EINPROGRESS;
-    if !port_record && !failed {
-        // The common case, a connect() that succeeded: nothing to read or write.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if ret == 0 {
+        // The common case, a connect() that succeeded: only its entry to drop (if any; a UDP or
+        // unix socket has none).
+        let _ = CONNECTING.remove(&pid_tgid);
         return Ok(());
     }
-    // The socket's namespace when there is one (a task may have moved since it created it).
-    let netns = if call.sk != 0 {
-        sock_netns(call.sk)
-    } else {
-        current_netns()
+    let Some(call) = (unsafe { CONNECTING.get(&pid_tgid) }).copied() else {
+        // No TCP socket went into SYN_SENT in this call (or the agent's own, or a namespace not
+        // traced): no port was sought.
+        return Ok(());
     };
-    if !netns_filter::wanted(netns) {
+    let _ = CONNECTING.remove(&pid_tgid);
+    // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
+    // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
+    // entry left by a connect made outside connect() names a socket that has moved on.
+    let state: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
+    let state = u32::from(state);
+    if ret == -EINPROGRESS {
+        // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
+        // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port
+        // read here (the other modes have it from inet_hash_connect).
+        if hook_mode() == hook_mode::TRACEPOINT
+            && (state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED)
+        {
+            emit(
+                PortEvent {
+                    hdr: header(kind::PORT, hook_mode::TRACEPOINT),
+                    skaddr: call.sk,
+                    netns: call.netns,
+                    ret: 0,
+                    sport: sock_port(call.sk),
+                    _pad: [0; 3],
+                },
+                Wake::Batch,
+            );
+        }
         return Ok(());
     }
-    if port_record {
-        emit(
-            PortEvent {
-                hdr: header(kind::PORT, hook_mode::TRACEPOINT),
-                skaddr: call.sk,
-                netns,
-                ret: 0,
-                sport: sock_port(call.sk),
-                _pad: [0; 3],
-            },
-            Wake::Batch,
-        );
+    if ret > 0 || (state != tcp_state::SYN_SENT && state != tcp_state::CLOSE) {
+        return Ok(());
     }
-    // `call.sk` is the socket this call put into SYN_SENT (0 if none): for a failed port
-    // allocation the agent ends that socket's pending connect on this record (see `state`).
-    if failed {
-        sockaddr::emit_failure(kind::CONNECT_FAIL, call.sk, netns, ret, &call)?;
-    }
+    emit(
+        SyscallEvent {
+            hdr: header(kind::CONNECT_FAIL, 0),
+            skaddr: call.sk,
+            netns: call.netns,
+            ret,
+            family: call.family,
+            port: call.dport,
+            fd: -1,
+            addr: call.daddr,
+        },
+        Wake::Now,
+    );
     Ok(())
 }

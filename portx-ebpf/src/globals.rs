@@ -31,6 +31,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_v6_daddr: 0,
     sock_num: 0,
     inet_sport: 0,
+    sock_state: 0,
     sock_net: 0,
     net_inum: 0,
     task_nsproxy: 0,

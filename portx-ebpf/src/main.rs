@@ -1,8 +1,8 @@
 //! portx kernel programs. Each hook lives in its own module; this file only wires them together.
 //!
 //! - `state`: `sock:inet_sock_set_state` — every TCP state change (all modes).
-//! - `connect`: `syscalls:sys_{enter,exit}_connect` — failed connects, and in tracepoint mode the
-//!   port a non-blocking connect got.
+//! - `connect`: `syscalls:sys_exit_connect` — failed connects (of sockets `state` saw enter
+//!   SYN_SENT), and in tracepoint mode the port a non-blocking connect got.
 //! - `bind`: `syscalls:sys_{enter,exit}_bind` — failed binds (EADDRINUSE on port 0).
 //! - `hash_connect`: fexit or kprobe/kretprobe on `inet_hash_connect` — the port allocation itself.
 #![no_std]

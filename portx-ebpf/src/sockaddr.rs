@@ -1,15 +1,15 @@
-//! connect()/bind() in flight: the syscall's fd and `struct sockaddr *` stashed per thread at
-//! entry, the destination read back at exit, and only when the syscall failed.
+//! bind() in flight: the syscall's fd and `struct sockaddr *` stashed per thread at entry, the
+//! address read back at exit, and only when the syscall failed.
 //!
 //! Entry reads nothing from user memory but the address family (to skip non-IP sockets): a
-//! successful connect() never needs its sockaddr. At exit the kernel has just copied the same
+//! successful bind() never needs its sockaddr. At exit the kernel has just copied the same
 //! bytes (`move_addr_to_kernel`), so the page is resident and `bpf_probe_read_user` succeeds.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
+use portx_common::{kind, syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
 
 use crate::{
     emit::{emit, header, Wake},
@@ -22,9 +22,6 @@ use crate::{
 pub struct InFlight {
     /// User address of the `struct sockaddr`.
     pub uaddr: u64,
-    /// connect() only: the socket that went CLOSE->SYN_SENT in this call (set by `state`), 0 if
-    /// none. Tracepoint mode reads its port at exit; a failure record names it.
-    pub sk: u64,
     pub fd: i32,
     pub family: u16,
     pub _pad: u16,
@@ -50,7 +47,6 @@ pub fn enter(ctx: &TracePointContext, map: &HashMap<u64, InFlight>) -> Result<()
         &pid_tgid,
         &InFlight {
             uaddr,
-            sk: 0,
             fd,
             family,
             _pad: 0,
@@ -90,20 +86,14 @@ fn read_sockaddr(call: &InFlight) -> Result<SyscallArgs, i64> {
     })
 }
 
-/// Emits a failed connect()/bind() with the address it was called with.
+/// Emits a failed bind() with the address it was called with.
 #[inline(always)]
-pub fn emit_failure(
-    kind: u32,
-    skaddr: u64,
-    netns: u32,
-    ret: i32,
-    call: &InFlight,
-) -> Result<(), i64> {
+pub fn emit_bind_failure(netns: u32, ret: i32, call: &InFlight) -> Result<(), i64> {
     let args = read_sockaddr(call)?;
     emit(
         SyscallEvent {
-            hdr: header(kind, 0),
-            skaddr,
+            hdr: header(kind::BIND_FAIL, 0),
+            skaddr: 0,
             netns,
             ret,
             family: args.family,

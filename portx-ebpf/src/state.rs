@@ -14,7 +14,7 @@ use portx_common::{
 };
 
 use crate::{
-    connect::CONNECT_ARGS,
+    connect::{Connecting, CONNECTING},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, offsets},
     kernel::{netns_of, sock_field, sock_netns},
@@ -39,19 +39,6 @@ fn server_side(old: u32, new: u32) -> bool {
         || old == tcp_state::SYN_RECV
         || new == tcp_state::SYN_RECV
         || new == tcp_state::NEW_SYN_RECV
-}
-
-/// SYN_SENT->CLOSE without a port is a failed port allocation inside connect(), in process
-/// context. When this thread's connect() is the one that put `sk` into SYN_SENT, its failure
-/// record (sys_exit_connect, which names the socket) tells the agent the same: skip this one.
-/// Connects without the syscall (io_uring, kernel sockets) still get their SYN_SENT->CLOSE.
-#[inline(always)]
-fn failure_will_be_reported(sk: u64, sport_off: u32) -> bool {
-    if sock_field::<u16>(sk, sport_off) != Some(0) {
-        return false;
-    }
-    // SAFETY: read-only look at this thread's own entry.
-    unsafe { CONNECT_ARGS.get(&bpf_get_current_pid_tgid()) }.is_some_and(|call| call.sk == sk)
 }
 
 /// Where a socket is, as the record carries it (ports in network order).
@@ -124,23 +111,14 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
+    // connect() in process context: the one moment the current task owns this socket.
     let connecting = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
-    if connecting {
-        // connect() in process context: the one moment the current task owns this socket.
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if (pid_tgid >> 32) as u32 == agent_tgid() {
-            return Ok(());
-        }
-        // The port is assigned after this point: in tracepoint mode sys_exit_connect reads it
-        // from the socket; in every mode a failed connect's record names the socket.
-        if let Some(call) = CONNECT_ARGS.get_ptr_mut(&pid_tgid) {
-            // SAFETY: a map value of this thread's own entry; only this thread writes it.
-            unsafe { (*call).sk = sk };
-        }
-    } else if old == tcp_state::SYN_SENT
-        && new == tcp_state::CLOSE
-        && failure_will_be_reported(sk, o.inet_sport)
-    {
+    let pid_tgid = if connecting {
+        bpf_get_current_pid_tgid()
+    } else {
+        0
+    };
+    if connecting && (pid_tgid >> 32) as u32 == agent_tgid() {
         return Ok(());
     }
     let Some(Endpoints {
@@ -159,6 +137,21 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
     if netns == 0 {
         // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr.
         warn!(ctx, "portx: cannot read the netns of socket {:x}", sk);
+    }
+    if connecting {
+        // The port is sought after this point: in tracepoint mode sys_exit_connect reads it from
+        // the socket; in every mode a failed connect()'s record comes from this entry.
+        let _ = CONNECTING.insert(
+            &pid_tgid,
+            &Connecting {
+                sk,
+                daddr,
+                netns,
+                family,
+                dport: u16::from_be(dport),
+            },
+            0,
+        );
     }
     // inet_sport, not skc_num: on ->CLOSE, inet_put_port() has already zeroed skc_num.
     let sport: u16 = sock_field(sk, o.inet_sport).ok_or(())?;
