@@ -49,10 +49,9 @@ const BPFTRACE: &str = "tracepoint:sock:inet_sock_set_state { @states[args->news
 tracepoint:syscalls:sys_exit_connect { @connects = count(); }
 ";
 /// The floor for any tool on portx's tracepoint-mode hooks: empty programs on the state change and
-/// connect()'s entry and exit (classic tracepoints: bpftrace 0.17 has no raw tracepoints, which
-/// portx uses for the state change). What is left of the rate above this is the programs' work.
+/// connect()'s exit (classic tracepoints: bpftrace 0.17 has no raw tracepoints, which portx uses
+/// for the state change). What is left of the rate above this is the programs' work.
 const FLOOR: &str = "tracepoint:sock:inet_sock_set_state { }
-tracepoint:syscalls:sys_enter_connect { }
 tracepoint:syscalls:sys_exit_connect { }
 ";
 
