@@ -281,14 +281,7 @@ fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     let SocketAddr::V4(v4) = addr else {
         bail!("--nonblock supports IPv4 destinations only");
     };
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(v4.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let sa = sockaddr_v4(v4);
     let mut ports = Vec::new();
     for _ in 0..count {
         // SAFETY: plain socket calls on fds we own (kept open until we are killed).
@@ -528,14 +521,7 @@ fn fastopen(addr: std::net::SocketAddrV4) -> anyhow::Result<TcpStream> {
     }
     // SAFETY: fd was just created and is owned by nothing else.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let sa = sockaddr_v4(addr);
     // SAFETY: a one-byte buffer and a sockaddr_in we own, with their true lengths.
     let sent = unsafe {
         libc::sendto(
@@ -582,14 +568,7 @@ fn bind_hold(count: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
                 -1
             } else {
                 fds.push(fd);
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(addr.octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
+                let sa = sockaddr_v4(std::net::SocketAddrV4::new(addr, 0));
                 libc::bind(
                     fd,
                     (&sa as *const libc::sockaddr_in).cast(),

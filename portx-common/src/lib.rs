@@ -165,16 +165,6 @@ pub struct SyscallEvent {
     pub addr: [u8; 16],
 }
 
-/// Arguments of a `bind()` in flight, stashed at syscall entry by thread.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SyscallArgs {
-    pub family: u16,
-    pub port: u16,
-    pub fd: i32,
-    pub addr: [u8; 16],
-}
-
 /// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
 /// `OFFSETS` global before load (Rust eBPF has no CO-RE relocations). All `struct sock` offsets
 /// are from the start of `struct sock` (`__sk_common` is its first member).
@@ -256,7 +246,6 @@ const _: () = assert!(size_of::<SockCommonHead>() == 88);
 const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 80);
-const _: () = assert!(size_of::<SyscallArgs>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 #[cfg(feature = "user")]
@@ -264,5 +253,4 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays, with explicit
     // padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
-    unsafe impl aya::Pod for super::SyscallArgs {}
 }

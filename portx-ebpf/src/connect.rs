@@ -64,15 +64,19 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
     // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
     // entry left by a connect made outside connect() names a socket that has moved on.
-    let state: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
-    let state = u32::from(state);
+    let state = || -> Result<u32, i64> {
+        let s: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
+        Ok(u32::from(s))
+    };
     if ret == -EINPROGRESS {
         // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
         // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port
         // read here (the other modes have it from inet_hash_connect).
-        if hook_mode() == hook_mode::TRACEPOINT
-            && (state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED)
-        {
+        if hook_mode() != hook_mode::TRACEPOINT {
+            return Ok(());
+        }
+        let state = state()?;
+        if state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED {
             emit(
                 PortEvent {
                     hdr: header(kind::PORT, hook_mode::TRACEPOINT),
@@ -87,7 +91,8 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         }
         return Ok(());
     }
-    if ret > 0 || (state != tcp_state::SYN_SENT && state != tcp_state::CLOSE) {
+    let state = state()?;
+    if state != tcp_state::SYN_SENT && state != tcp_state::CLOSE {
         return Ok(());
     }
     emit(

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TracePointContext,
 };
-use portx_common::{kind, syscall_tp, SyscallArgs, SyscallEvent, AF_INET, AF_INET6};
+use portx_common::{kind, syscall_tp, SyscallEvent, AF_INET, AF_INET6};
 
 use crate::{
     emit::{emit, header, Wake},
@@ -69,7 +69,7 @@ pub fn take(map: &HashMap<u64, InFlight>, pid_tgid: u64) -> Option<InFlight> {
 /// The port and address the call named. sockaddr_in: port @2, addr @4 (4 bytes);
 /// sockaddr_in6: port @2, addr @8 (16 bytes).
 #[inline(always)]
-fn read_sockaddr(call: &InFlight) -> Result<SyscallArgs, i64> {
+fn read_sockaddr(call: &InFlight) -> Result<(u16, [u8; 16]), i64> {
     let port = u16::from_be(unsafe { bpf_probe_read_user((call.uaddr + 2) as *const u16)? });
     let mut addr = [0u8; 16];
     if call.family == AF_INET {
@@ -78,28 +78,23 @@ fn read_sockaddr(call: &InFlight) -> Result<SyscallArgs, i64> {
     } else {
         addr = unsafe { bpf_probe_read_user((call.uaddr + 8) as *const [u8; 16])? };
     }
-    Ok(SyscallArgs {
-        family: call.family,
-        port,
-        fd: call.fd,
-        addr,
-    })
+    Ok((port, addr))
 }
 
 /// Emits a failed bind() with the address it was called with.
 #[inline(always)]
 pub fn emit_bind_failure(netns: u32, ret: i32, call: &InFlight) -> Result<(), i64> {
-    let args = read_sockaddr(call)?;
+    let (port, addr) = read_sockaddr(call)?;
     emit(
         SyscallEvent {
             hdr: header(kind::BIND_FAIL, 0),
             skaddr: 0,
             netns,
             ret,
-            family: args.family,
-            port: args.port,
-            fd: args.fd,
-            addr: args.addr,
+            family: call.family,
+            port,
+            fd: call.fd,
+            addr,
         },
         Wake::Now,
     );
