@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cmd,
+    floor::Floor,
     host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
     setup,
 };
@@ -48,13 +49,6 @@ const MODES: [&str; 3] = ["rst", "close", "fail"];
 const BPFTRACE: &str = "tracepoint:sock:inet_sock_set_state { @states[args->newstate] = count(); }
 tracepoint:syscalls:sys_exit_connect { @connects = count(); }
 ";
-/// The floor for any tool on portx's tracepoint-mode hooks: empty programs on the state change and
-/// connect()'s exit (classic tracepoints: bpftrace 0.17 has no raw tracepoints, which portx uses
-/// for the state change). What is left of the rate above this is the programs' work.
-const FLOOR: &str = "tracepoint:sock:inet_sock_set_state { }
-tracepoint:syscalls:sys_exit_connect { }
-";
-
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -64,6 +58,8 @@ fn now_ns() -> u128 {
 
 struct Started {
     proc: Option<Proc>,
+    /// The `floor`'s empty programs, attached while this lives.
+    floor: Option<Floor>,
     out: PathBuf,
     cpu0: f64,
 }
@@ -79,12 +75,17 @@ fn start_tool(
     let out = dir.join(format!("{tool}.out"));
     let err = dir.join(format!("{tool}.err"));
     let (mut c, ready) = match tool {
-        "none" => {
+        "none" | "floor" => {
             return Ok(Started {
                 proc: None,
+                floor: if tool == "floor" {
+                    Some(Floor::attach().context("floor")?)
+                } else {
+                    None
+                },
                 out,
                 cpu0: 0.0,
-            })
+            });
         }
         "portx" => {
             let mut c = Command::new(agent);
@@ -102,9 +103,9 @@ fn start_tool(
         // tcpstates' header stays in its stdout buffer when writing to a file: no line to wait
         // for, so it gets a fixed settle time below.
         "tcpstates" => (Command::new("/usr/sbin/tcpstates"), ""),
-        "bpftrace" | "floor" => {
+        "bpftrace" => {
             let script = dir.join(format!("{tool}.bt"));
-            fs::write(&script, if tool == "floor" { FLOOR } else { BPFTRACE })?;
+            fs::write(&script, BPFTRACE)?;
             let mut c = Command::new("bpftrace");
             c.arg(script);
             (c, "Attaching")
@@ -127,6 +128,7 @@ fn start_tool(
     let cpu0 = proc_cpu_secs(p.pid(), tick);
     Ok(Started {
         proc: Some(p),
+        floor: None,
         out,
         cpu0,
     })
@@ -220,6 +222,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 if let Some(mut p) = t.proc.take() {
                     p.interrupt();
                 }
+                drop(t.floor.take());
                 let summary = if tool == "portx" {
                     last_summary(&t.out)
                 } else {

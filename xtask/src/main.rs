@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | test | vm-test | bench | soak | fuzz`.
 mod bench;
 mod cmd;
+mod floor;
 mod fuzz;
 mod host;
 mod setup;
