@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::loader::HookChoice;
+use crate::loader::{HookChoice, StateHookChoice};
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -71,6 +71,10 @@ pub struct TraceArgs {
     /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
+    /// How to observe state changes: tp_btf (one checked load per field) where the kernel takes
+    /// it, else a raw tracepoint (a helper call per field); the same records either way.
+    #[arg(long, value_enum, default_value_t = StateHookChoice::Auto)]
+    pub state_hook: StateHookChoice,
     /// Only this network namespace (inode number; repeatable, up to 256). The kernel side then
     /// writes nothing for the others. Default: all.
     #[arg(long = "netns", value_name = "INODE")]
@@ -279,6 +283,7 @@ impl TraceArgs {
         crate::trace::TraceOptions {
             json: self.json,
             hooks: self.hooks,
+            state_hook: self.state_hook,
             netns: self.netns.clone(),
             interval: self.interval,
             top: usize::from(self.top),
@@ -340,6 +345,7 @@ mod tests {
         };
         let o = t.options();
         assert_eq!(o.hooks, HookChoice::Auto);
+        assert_eq!(o.state_hook, StateHookChoice::Auto);
         assert_eq!(o.interval, Duration::from_secs(5));
         assert!(o.seed && !o.json && o.netns.is_empty());
         assert_eq!(o.metrics, None, "metrics are off by default");

@@ -11,7 +11,7 @@ use std::fmt;
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::HashMap,
-    programs::{FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use portx_common::{hook_mode, names, KernelOffsets};
@@ -67,6 +67,28 @@ impl HookChoice {
     }
 }
 
+/// `--state-hook`: how the state-change program attaches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateHookChoice {
+    /// `tp_btf` where the kernel has BTF and takes it, else a raw tracepoint.
+    #[default]
+    Auto,
+    /// `tp_btf` only: fields read with checked loads, no helper call each.
+    TpBtf,
+    /// Raw tracepoint only: fields read with `bpf_probe_read_kernel`.
+    RawTracepoint,
+}
+
+impl StateHookChoice {
+    fn tp_btf(self) -> bool {
+        self != StateHookChoice::RawTracepoint
+    }
+
+    fn raw(self) -> bool {
+        self != StateHookChoice::TpBtf
+    }
+}
+
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub mode: HookMode,
@@ -78,6 +100,7 @@ pub struct Loaded {
 
 pub struct LoadOptions {
     pub hooks: HookChoice,
+    pub state_hook: StateHookChoice,
     pub offsets: KernelOffsets,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: Option<u32>,
@@ -86,8 +109,10 @@ pub struct LoadOptions {
     pub netns: Vec<u32>,
 }
 
-/// Raw tracepoint attached in every mode: TCP state changes.
+/// Attached in every mode: TCP state changes, as `tp_btf` (program `STATE_BTF`) or as a raw
+/// tracepoint (program `STATE_TP`).
 const STATE_TP: &str = "inet_sock_set_state";
+const STATE_BTF: &str = "inet_sock_set_state_btf";
 
 /// Tracepoints attached in every mode: (program, category, event). connect() needs no entry
 /// program: the state change into SYN_SENT notes what its exit needs.
@@ -159,12 +184,15 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         }
     };
     let mut attached = Vec::new();
+    let btf = Btf::from_sys_fs();
     // The mode-specific hook first: it is the one most likely to be refused.
     match mode {
         HookMode::Fentry => {
-            let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+            let btf = btf
+                .as_ref()
+                .map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
             let prog: &mut FExit = program(&mut ebpf, "inet_hash_connect_fexit")?;
-            prog.load(HASH_CONNECT, &btf)
+            prog.load(HASH_CONNECT, btf)
                 .with_context(|| format!("loading fexit/{HASH_CONNECT}"))?;
             prog.attach()
                 .with_context(|| format!("attaching fexit/{HASH_CONNECT}"))?;
@@ -185,12 +213,7 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         }
         HookMode::Tracepoint => {}
     }
-    let prog: &mut RawTracePoint = program(&mut ebpf, STATE_TP)?;
-    prog.load()
-        .with_context(|| format!("loading raw tracepoint {STATE_TP}"))?;
-    prog.attach(STATE_TP)
-        .with_context(|| format!("attaching raw tracepoint {STATE_TP}"))?;
-    attached.push(format!("raw_tracepoint:{STATE_TP}"));
+    attached.push(attach_state(&mut ebpf, btf.as_ref().ok(), opts.state_hook)?);
     for (name, category, event) in TRACEPOINTS {
         let prog: &mut TracePoint = program(&mut ebpf, name)?;
         prog.load()
@@ -206,6 +229,46 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         attached,
         logger,
     })
+}
+
+/// The state-change program, as `tp_btf` if `choice` allows and the kernel takes it, else as a
+/// raw tracepoint; returns what got attached as `kind:target`.
+fn attach_state(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    choice: StateHookChoice,
+) -> anyhow::Result<String> {
+    let mut why = None;
+    if choice.tp_btf() {
+        let tried = (|| -> anyhow::Result<()> {
+            let btf =
+                btf.ok_or_else(|| anyhow!("the kernel has no BTF (/sys/kernel/btf/vmlinux)"))?;
+            let prog: &mut BtfTracePoint = program(ebpf, STATE_BTF)?;
+            prog.load(STATE_TP, btf)
+                .with_context(|| format!("loading tp_btf/{STATE_TP}"))?;
+            prog.attach()
+                .with_context(|| format!("attaching tp_btf/{STATE_TP}"))?;
+            Ok(())
+        })();
+        match tried {
+            Ok(()) => return Ok(format!("tp_btf:{STATE_TP}")),
+            Err(e) if choice.raw() => {
+                tracing::info!("tp_btf unavailable for {STATE_TP}, using a raw tracepoint: {e:#}");
+                why = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let prog: &mut RawTracePoint = program(ebpf, STATE_TP)?;
+    prog.load()
+        .with_context(|| format!("loading raw tracepoint {STATE_TP}"))
+        .map_err(|e| match why {
+            Some(w) => e.context(format!("(after tp_btf failed: {w:#})")),
+            None => e,
+        })?;
+    prog.attach(STATE_TP)
+        .with_context(|| format!("attaching raw tracepoint {STATE_TP}"))?;
+    Ok(format!("raw_tracepoint:{STATE_TP}"))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>

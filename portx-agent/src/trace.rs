@@ -23,7 +23,7 @@ use crate::{
     filter::Filter,
     forecast::Rates,
     identity::Identities,
-    loader::{self, HookChoice, LoadOptions},
+    loader::{self, HookChoice, LoadOptions, StateHookChoice},
     metrics_server,
     output::Output,
     privilege, prog_stats,
@@ -39,6 +39,7 @@ use crate::{
 pub struct TraceOptions {
     pub json: bool,
     pub hooks: HookChoice,
+    pub state_hook: StateHookChoice,
     /// Only these network namespaces (inode numbers); all when empty.
     pub netns: Vec<u32>,
     pub interval: Duration,
@@ -66,6 +67,7 @@ impl Default for TraceOptions {
         Self {
             json: false,
             hooks: HookChoice::Auto,
+            state_hook: StateHookChoice::Auto,
             netns: Vec::new(),
             interval: Duration::from_secs(5),
             top: 10,
@@ -569,6 +571,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
 
     let mut loaded = loader::load(&LoadOptions {
         hooks: opts.hooks,
+        state_hook: opts.state_hook,
         offsets,
         ring_bytes: opts.ring_bytes,
         netns: opts.netns.clone(),

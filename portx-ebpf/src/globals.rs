@@ -21,7 +21,7 @@ static FILTER_NETNS: u32 = 0;
 
 /// Kernel struct offsets from BTF.
 #[no_mangle]
-static OFFSETS: KernelOffsets = KernelOffsets {
+pub static OFFSETS: KernelOffsets = KernelOffsets {
     sock_family: 0,
     sock_protocol: 0,
     sock_dport: 0,
@@ -46,6 +46,16 @@ pub fn agent_tgid() -> u32 {
 #[inline(always)]
 pub fn hook_mode() -> u32 {
     unsafe { core::ptr::read_volatile(&HOOK_MODE) }
+}
+
+/// One offset, read straight from `.rodata` so that the verifier sees a constant (a copy of the
+/// whole struct through the stack may not be one to it): for loads through BTF pointers.
+#[macro_export]
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain u32 in the agent-written, frozen `.rodata`.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::globals::OFFSETS.$field)) }
+    };
 }
 
 #[inline(always)]

@@ -63,3 +63,29 @@ pub fn sock_field<T>(sk: u64, off: u32) -> Option<T> {
     }
     unsafe { bpf_probe_read_kernel((sk + off as u64) as *const T).ok() }
 }
+
+/// A field of type `T` at `off` bytes into `base`, loaded directly: only for BTF-typed pointers
+/// (`tp_btf`, fentry), where the verifier checks the load against the type and turns it into a
+/// fault-safe one, and `off` must be a constant to it (read from `.rodata` with [`offset!`]).
+/// `T` must be exactly the field's width, or within an array field.
+///
+/// # Safety
+/// `base` must be a BTF-typed pointer the verifier knows.
+#[inline(always)]
+pub unsafe fn btf_load<T>(base: u64, off: u32) -> T {
+    core::ptr::read_volatile((base as *const u8).add(off as usize) as *const T)
+}
+
+/// An `in6_addr` at `off` bytes into `base`, as two 8-byte loads within its array.
+///
+/// # Safety
+/// As [`btf_load`].
+#[inline(always)]
+pub unsafe fn btf_load_in6(base: u64, off: u32) -> [u8; 16] {
+    let lo: u64 = btf_load(base, off);
+    let hi: u64 = btf_load(base, off + 8);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo.to_ne_bytes());
+    out[8..].copy_from_slice(&hi.to_ne_bytes());
+    out
+}

@@ -1,29 +1,66 @@
-//! `inet_sock_set_state` as a raw tracepoint: every TCP state change, IPv4 and IPv6.
+//! `inet_sock_set_state`: every TCP state change, IPv4 and IPv6, as `tp_btf` where the kernel
+//! allows it, else as a raw tracepoint.
 //!
-//! Raw, not the classic `sock:` tracepoint: classic tracepoint and kprobe programs share one
-//! per-CPU recursion guard, so a state change in softirq that interrupts another portx program
-//! on the same CPU would be skipped by the kernel; raw tracepoints guard per program. It also
-//! avoids copying the event's fields on every hit: the program reads only what it keeps, from the
-//! socket, at offsets the agent found in BTF.
+//! Not the classic `sock:` tracepoint: classic tracepoint and kprobe programs share one per-CPU
+//! recursion guard, so a state change in softirq that interrupts another portx program on the
+//! same CPU would be skipped by the kernel; raw tracepoints (and `tp_btf`, one of them) guard per
+//! program. Neither copies the event's fields on every hit: the program reads only what it keeps,
+//! from the socket, at offsets the agent found in BTF. As `tp_btf` the socket is a BTF-typed
+//! pointer: each field is one load the verifier checks against BTF (the offsets are constants
+//! to it: `.rodata` is frozen before the programs load) instead of a `bpf_probe_read_kernel`
+//! call, and `bpf_skc_to_tcp_sock` tells TCP sockets apart.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
-use portx_common::{
-    kind, tcp_state, KernelOffsets, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP,
-};
+use portx_common::{kind, tcp_state, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
 
 use crate::{
     connect::{Connecting, CONNECTING},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, offsets},
-    kernel::{netns_of, sock_field, sock_netns},
-    netns_filter,
+    kernel::{btf_load, btf_load_in6, netns_of, sock_field, sock_netns},
+    netns_filter, offset,
 };
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    // inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u32;
+    let new = ctx.arg::<u64>(2) as u32;
+    if server_side(old, new) {
+        return 0;
+    }
+    // SAFETY: sk is the tracepoint's socket; the helper returns it if it is a full TCP socket.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as u64;
+    if tcp == 0 {
+        return 0;
+    }
+    match state_change(&ctx, tcp, old, new, &BtfRead) {
+        Ok(()) => 0,
+        Err(()) => 1,
+    }
+}
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    match try_set_state(&ctx) {
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u32;
+    let new = ctx.arg::<u64>(2) as u32;
+    if server_side(old, new) {
+        return 0;
+    }
+    let Some(protocol) = sock_field::<u16>(sk, offsets().sock_protocol) else {
+        return 1;
+    };
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    match state_change(&ctx, sk, old, new, &ProbeRead) {
         Ok(()) => 0,
         Err(()) => 1,
     }
@@ -50,67 +87,122 @@ struct Endpoints {
     netns: u32,
 }
 
-/// The socket's family, addresses, destination port and namespace; None for a non-IP family.
-/// Where the kernel lays out `sock_common` as [`SockCommonHead`] (checked on the offsets from
-/// BTF), one copy reads them all: each `bpf_probe_read_kernel` is a helper call, and this runs
-/// on every state change of every client socket.
-#[inline(always)]
-fn endpoints(sk: u64, o: &KernelOffsets) -> Result<Option<Endpoints>, ()> {
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if o.head_matches() {
-        let head: SockCommonHead = sock_field(sk, 0).ok_or(())?;
-        if head.family == AF_INET {
-            saddr[..4].copy_from_slice(&head.rcv_saddr);
-            daddr[..4].copy_from_slice(&head.daddr);
-        } else if head.family == AF_INET6 {
-            saddr = head.v6_rcv_saddr;
-            daddr = head.v6_daddr;
+/// How a program reads the socket.
+trait SockRead {
+    /// The socket's family, addresses, destination port and namespace; None for a non-IP family.
+    fn endpoints(&self, sk: u64) -> Result<Option<Endpoints>, ()>;
+    /// `inet_sport` (network order), not skc_num: on ->CLOSE, inet_put_port() has already
+    /// zeroed skc_num.
+    fn sport(&self, sk: u64) -> Result<u16, ()>;
+}
+
+/// Any pointer (raw tracepoint): a `bpf_probe_read_kernel` per read.
+struct ProbeRead;
+
+impl SockRead for ProbeRead {
+    /// Where the kernel lays out `sock_common` as [`SockCommonHead`] (checked on the offsets from
+    /// BTF), one copy reads them all: each `bpf_probe_read_kernel` is a helper call.
+    #[inline(always)]
+    fn endpoints(&self, sk: u64) -> Result<Option<Endpoints>, ()> {
+        let o = offsets();
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        if o.head_matches() {
+            let head: SockCommonHead = sock_field(sk, 0).ok_or(())?;
+            if head.family == AF_INET {
+                saddr[..4].copy_from_slice(&head.rcv_saddr);
+                daddr[..4].copy_from_slice(&head.daddr);
+            } else if head.family == AF_INET6 {
+                saddr = head.v6_rcv_saddr;
+                daddr = head.v6_daddr;
+            } else {
+                return Ok(None);
+            }
+            return Ok(Some(Endpoints {
+                family: head.family,
+                saddr,
+                daddr,
+                dport: head.dport,
+                netns: netns_of(head.net),
+            }));
+        }
+        let family: u16 = sock_field(sk, o.sock_family).ok_or(())?;
+        if family == AF_INET {
+            let s: [u8; 4] = sock_field(sk, o.sock_rcv_saddr).ok_or(())?;
+            let d: [u8; 4] = sock_field(sk, o.sock_daddr).ok_or(())?;
+            saddr[..4].copy_from_slice(&s);
+            daddr[..4].copy_from_slice(&d);
+        } else if family == AF_INET6 {
+            saddr = sock_field(sk, o.sock_v6_rcv_saddr).ok_or(())?;
+            daddr = sock_field(sk, o.sock_v6_daddr).ok_or(())?;
         } else {
             return Ok(None);
         }
-        return Ok(Some(Endpoints {
-            family: head.family,
+        Ok(Some(Endpoints {
+            family,
             saddr,
             daddr,
-            dport: head.dport,
-            netns: netns_of(head.net),
-        }));
+            dport: sock_field(sk, o.sock_dport).ok_or(())?,
+            netns: sock_netns(sk),
+        }))
     }
-    let family: u16 = sock_field(sk, o.sock_family).ok_or(())?;
-    if family == AF_INET {
-        let s: [u8; 4] = sock_field(sk, o.sock_rcv_saddr).ok_or(())?;
-        let d: [u8; 4] = sock_field(sk, o.sock_daddr).ok_or(())?;
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
-    } else if family == AF_INET6 {
-        saddr = sock_field(sk, o.sock_v6_rcv_saddr).ok_or(())?;
-        daddr = sock_field(sk, o.sock_v6_daddr).ok_or(())?;
-    } else {
-        return Ok(None);
+
+    #[inline(always)]
+    fn sport(&self, sk: u64) -> Result<u16, ()> {
+        sock_field(sk, offsets().inet_sport).ok_or(())
     }
-    Ok(Some(Endpoints {
-        family,
-        saddr,
-        daddr,
-        dport: sock_field(sk, o.sock_dport).ok_or(())?,
-        netns: sock_netns(sk),
-    }))
 }
 
-fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
-    // trace_inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
-    let sk: u64 = ctx.arg(0);
-    let old = ctx.arg::<u64>(1) as u32;
-    let new = ctx.arg::<u64>(2) as u32;
-    if server_side(old, new) {
-        return Ok(());
+/// A BTF-typed `struct tcp_sock *` (`tp_btf`): a checked load per field, each of the field's
+/// own width (the verifier refuses a load that spans two fields).
+struct BtfRead;
+
+impl SockRead for BtfRead {
+    #[inline(always)]
+    fn endpoints(&self, sk: u64) -> Result<Option<Endpoints>, ()> {
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        // SAFETY (all loads): sk is the verifier-checked BTF pointer, each offset a field's.
+        let family: u16 = unsafe { btf_load(sk, offset!(sock_family)) };
+        if family == AF_INET {
+            saddr[..4]
+                .copy_from_slice(&unsafe { btf_load::<[u8; 4]>(sk, offset!(sock_rcv_saddr)) });
+            daddr[..4].copy_from_slice(&unsafe { btf_load::<[u8; 4]>(sk, offset!(sock_daddr)) });
+        } else if family == AF_INET6 {
+            saddr = unsafe { btf_load_in6(sk, offset!(sock_v6_rcv_saddr)) };
+            daddr = unsafe { btf_load_in6(sk, offset!(sock_v6_daddr)) };
+        } else {
+            return Ok(None);
+        }
+        let net: u64 = unsafe { btf_load(sk, offset!(sock_net)) };
+        Ok(Some(Endpoints {
+            family,
+            saddr,
+            daddr,
+            dport: unsafe { btf_load(sk, offset!(sock_dport)) },
+            netns: if net == 0 {
+                0
+            } else {
+                unsafe { btf_load(net, offset!(net_inum)) }
+            },
+        }))
     }
-    let o = offsets();
-    let protocol: u16 = sock_field(sk, o.sock_protocol).ok_or(())?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+
+    #[inline(always)]
+    fn sport(&self, sk: u64) -> Result<u16, ()> {
+        Ok(unsafe { btf_load(sk, offset!(inet_sport)) })
     }
+}
+
+/// A TCP socket's state change, past the early returns both programs share.
+#[inline(always)]
+fn state_change<C: EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    old: u32,
+    new: u32,
+    read: &impl SockRead,
+) -> Result<(), ()> {
     // connect() in process context: the one moment the current task owns this socket.
     let connecting = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
     let pid_tgid = if connecting {
@@ -127,7 +219,7 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
         daddr,
         dport,
         netns,
-    }) = endpoints(sk, &o)?
+    }) = read.endpoints(sk)?
     else {
         return Ok(());
     };
@@ -135,8 +227,12 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     if netns == 0 {
-        // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr.
-        warn!(ctx, "portx: cannot read the netns of socket {:x}", sk);
+        // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr. (Not
+        // the socket's address: as tp_btf it is a pointer, and formatting it shifts it.)
+        warn!(
+            ctx,
+            "portx: cannot read the netns of a socket ({}->{})", old, new
+        );
     }
     if connecting {
         // The port is sought after this point: in tracepoint mode sys_exit_connect reads it from
@@ -153,8 +249,7 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
             0,
         );
     }
-    // inet_sport, not skc_num: on ->CLOSE, inet_put_port() has already zeroed skc_num.
-    let sport: u16 = sock_field(sk, o.inet_sport).ok_or(())?;
+    let sport = read.sport(sk)?;
     emit(
         StateEvent {
             // Other transitions run in whatever context (softirq, timers): the current task is
@@ -169,7 +264,7 @@ fn try_set_state(ctx: &RawTracePointContext) -> Result<(), ()> {
             oldstate: old,
             newstate: new,
             family,
-            protocol,
+            protocol: IPPROTO_TCP,
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
             _pad: 0,

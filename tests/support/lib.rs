@@ -3,7 +3,8 @@
 //! root. Every guard kills and reaps what it started when dropped, also when a test panics.
 //!
 //! Environment: `PORTX_AGENT` (agent binary; default `target/debug/portx-agent` of this
-//! workspace), `PORTX_HOOKS` (`--hooks` of the agent; default `auto`).
+//! workspace), `PORTX_HOOKS` (`--hooks` of the agent; default `auto`), `PORTX_STATE_HOOK`
+//! (`--state-hook`; default `auto`).
 use std::{
     collections::HashSet,
     io::{BufRead as _, BufReader, Read as _},
@@ -40,6 +41,10 @@ pub fn agent_bin() -> PathBuf {
 
 pub fn hooks() -> String {
     std::env::var("PORTX_HOOKS").unwrap_or_else(|_| "auto".into())
+}
+
+pub fn state_hook() -> String {
+    std::env::var("PORTX_STATE_HOOK").unwrap_or_else(|_| "auto".into())
 }
 
 /// Tests share the kernel's tracepoints and a 2-core machine: one at a time.
@@ -255,6 +260,7 @@ impl Agent {
     fn spawn(args: &[String]) -> Agent {
         let mut child = Command::new(agent_bin())
             .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
+            .args(["--state-hook", &state_hook()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -285,7 +291,16 @@ impl Agent {
         };
         let started = agent.wait_for("started", |v| v["type"] == "started");
         agent.hooks = started["hooks"].as_str().unwrap_or("?").to_string();
-        println!("portx-e2e: agent hooks={}", agent.hooks);
+        // How the state change attached, in `--state-hook`'s spelling.
+        let state = started["attached"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find_map(|a| a.strip_suffix(":inet_sock_set_state"))
+            .map(|kind| kind.replace('_', "-"))
+            .unwrap_or_else(|| "?".into());
+        println!("portx-e2e: agent hooks={}/{state}", agent.hooks);
         agent
     }
 

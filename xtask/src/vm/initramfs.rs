@@ -1,6 +1,6 @@
 //! The guest's initramfs: busybox, the static agent, the static end-to-end test binaries, and an
 //! `/init` that mounts what the agent needs, runs every test binary with the hook mode given on
-//! the kernel command line (`portx.hooks=`), prints `PORTX-VM-RESULT rc=N` and powers off.
+//! the kernel command line (`portx.hooks=`, `portx.state_hook=`), prints `PORTX-VM-RESULT rc=N` and powers off.
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -34,11 +34,12 @@ done
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     portx.hooks=*) HOOKS="${arg#portx.hooks=}" ;;
+    portx.state_hook=*) STATE_HOOK="${arg#portx.state_hook=}" ;;
     portx.probe=1) echo "PORTX-VM-PROBE ok"; poweroff -f ;;
   esac
 done
-echo "portx-vm: kernel $(uname -r), hooks ${HOOKS:-auto}"
-export PORTX_AGENT=/portx/portx-agent PORTX_HOOKS="${HOOKS:-auto}" RUST_BACKTRACE=1
+echo "portx-vm: kernel $(uname -r), hooks ${HOOKS:-auto}, state hook ${STATE_HOOK:-auto}"
+export PORTX_AGENT=/portx/portx-agent PORTX_HOOKS="${HOOKS:-auto}" PORTX_STATE_HOOK="${STATE_HOOK:-auto}" RUST_BACKTRACE=1
 rc=0
 for t in /portx/tests/*; do
   echo "portx-vm: running $t"

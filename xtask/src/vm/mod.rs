@@ -20,8 +20,10 @@ pub struct VmArgs {
     /// Kernel to test (repeatable): 6.1, 6.12, 5.10, backports. Default: 6.1 and 6.12.
     #[arg(long = "kernel", value_name = "SPEC")]
     pub kernels: Vec<String>,
-    /// Hook mode to force (repeatable): auto, fentry, kprobe, tracepoint. Default: the last three.
-    #[arg(long = "hooks", value_name = "MODE", value_parser = ["auto", "fentry", "kprobe", "tracepoint"])]
+    /// Hook mode to force (repeatable): auto, fentry, kprobe or tracepoint, optionally with the
+    /// state hook after a slash (`tracepoint/raw-tracepoint`, `fentry/tp-btf`). Default: fentry,
+    /// kprobe and tracepoint/raw-tracepoint (the host's own tests cover tracepoint with tp_btf).
+    #[arg(long = "hooks", value_name = "MODE[/STATE]", value_parser = row_spec)]
     pub hooks: Vec<String>,
     /// The wider kernel set: 5.10, 6.1, 6.12 and the newest trixie-backports kernel.
     #[arg(long)]
@@ -64,6 +66,40 @@ pub struct Row {
     pub note: String,
 }
 
+const MODES: [&str; 4] = ["auto", "fentry", "kprobe", "tracepoint"];
+const STATE_HOOKS: [&str; 3] = ["auto", "tp-btf", "raw-tracepoint"];
+
+fn row_spec(s: &str) -> Result<String, String> {
+    let (mode, state) = s.split_once('/').unwrap_or((s, "auto"));
+    if !MODES.contains(&mode) {
+        return Err(format!("hook mode {mode:?} is not one of {MODES:?}"));
+    }
+    if !STATE_HOOKS.contains(&state) {
+        return Err(format!(
+            "state hook {state:?} is not one of {STATE_HOOKS:?}"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// The kernel command line a row boots with.
+fn row_cmdline(spec: &str) -> String {
+    let (mode, state) = spec.split_once('/').unwrap_or((spec, "auto"));
+    format!("portx.hooks={mode} portx.state_hook={state}")
+}
+
+/// True when every agent the tests started attached what the row forced: its mode (unless
+/// `auto`) and its state hook (if the row names one other than `auto`). Reported as
+/// `MODE/STATE`.
+fn attached_as_asked(spec: &str, reported: &[String]) -> bool {
+    let (mode, state) = spec.split_once('/').unwrap_or((spec, "auto"));
+    !reported.is_empty()
+        && reported.iter().all(|r| {
+            let (rm, rs) = r.split_once('/').unwrap_or((r, "?"));
+            (mode == "auto" || rm == mode) && (state == "auto" || rs == state)
+        })
+}
+
 /// Sums libtest's `test result:` lines and collects the hooks the tests saw the agent attach.
 fn parse_log(text: &str) -> (u32, u32, Vec<String>) {
     let (mut passed, mut failed) = (0, 0);
@@ -100,7 +136,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
         kernels::DEFAULT.iter().map(|s| s.to_string()).collect()
     };
     let modes: Vec<String> = if args.hooks.is_empty() {
-        ["fentry", "kprobe", "tracepoint"]
+        ["fentry", "kprobe", "tracepoint/raw-tracepoint"]
             .map(String::from)
             .to_vec()
     } else {
@@ -134,7 +170,11 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                 let Some((k, m)) = next else { break };
                 let (kernel, mode) = (&fetched[k], &modes[m]);
                 // The index keeps repeated rows (`--hooks kprobe --hooks kprobe`) apart.
-                let log = logs.join(format!("{}-{mode}-{m}.log", kernel.spec));
+                let log = logs.join(format!(
+                    "{}-{}-{m}.log",
+                    kernel.spec,
+                    mode.replace('/', "-")
+                ));
                 eprintln!(
                     "vm: booting {} ({}) with --hooks {mode}",
                     kernel.spec, kernel.package
@@ -143,7 +183,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                     accel,
                     &kernel.vmlinuz,
                     &initrds[k],
-                    &format!("portx.hooks={mode}"),
+                    &row_cmdline(mode),
                     &log,
                     timeout,
                     initramfs::MARKER,
@@ -151,9 +191,7 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                     Ok(b) => {
                         let text = fs::read_to_string(&log).unwrap_or_default();
                         let (passed, failed, hooks_reported) = parse_log(&text);
-                        let hooks_ok = mode == "auto"
-                            || (!hooks_reported.is_empty()
-                                && hooks_reported.iter().all(|h| h == mode));
+                        let hooks_ok = mode == "auto" || attached_as_asked(mode, &hooks_reported);
                         let pass = b.rc == Some(0) && failed == 0 && passed > 0 && hooks_ok;
                         let note = if b.timed_out {
                             "timed out".to_string()
@@ -246,12 +284,12 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
 fn print_matrix(rows: &[Row], accel: qemu::Accel) {
     eprintln!("\nkernel matrix ({accel:?}):");
     eprintln!(
-        "  {:<10} {:<40} {:<11} {:<5} {:<12} {:>6} {:>7}  NOTE",
+        "  {:<10} {:<40} {:<25} {:<5} {:<25} {:>6} {:>7}  NOTE",
         "KERNEL", "PACKAGE", "HOOKS", "", "ATTACHED", "TESTS", "SECS"
     );
     for r in rows {
         eprintln!(
-            "  {:<10} {:<40} {:<11} {:<5} {:<12} {:>6} {:>7.1}  {}",
+            "  {:<10} {:<40} {:<25} {:<5} {:<25} {:>6} {:>7.1}  {}",
             r.kernel,
             r.package,
             r.mode,
@@ -270,12 +308,39 @@ mod tests {
 
     #[test]
     fn counts_libtest_results_and_reported_hooks() {
-        let log = "portx-e2e: agent hooks=fentry\r\n\
+        let log = "portx-e2e: agent hooks=fentry/tp-btf\r\n\
                    test result: ok. 6 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
-                   portx-e2e: agent hooks=fentry\n\
+                   portx-e2e: agent hooks=fentry/tp-btf\n\
                    test result: FAILED. 2 passed; 1 failed; 0 ignored\n";
         let (p, f, h) = parse_log(log);
         assert_eq!((p, f), (8, 1));
-        assert_eq!(h, vec!["fentry".to_string()]);
+        assert_eq!(h, vec!["fentry/tp-btf".to_string()]);
+    }
+
+    #[test]
+    fn a_row_passes_only_if_the_agent_attached_what_it_forced() {
+        let r = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(attached_as_asked("fentry", &r(&["fentry/tp-btf"])));
+        assert!(attached_as_asked("fentry", &r(&["fentry/raw-tracepoint"])));
+        assert!(!attached_as_asked(
+            "fentry",
+            &r(&["fentry/tp-btf", "kprobe/tp-btf"])
+        ));
+        assert!(!attached_as_asked("fentry", &[]));
+        let raw = "tracepoint/raw-tracepoint";
+        assert!(attached_as_asked(raw, &r(&[raw])));
+        assert!(!attached_as_asked(raw, &r(&["tracepoint/tp-btf"])));
+        assert!(!attached_as_asked(raw, &r(&["tracepoint"])));
+        assert_eq!(
+            row_cmdline(raw),
+            "portx.hooks=tracepoint portx.state_hook=raw-tracepoint"
+        );
+        assert_eq!(
+            row_cmdline("kprobe"),
+            "portx.hooks=kprobe portx.state_hook=auto"
+        );
+        assert!(row_spec("tracepoint/raw-tracepoint").is_ok());
+        assert!(row_spec("tracepoint/raw").is_err());
+        assert!(row_spec("uprobe").is_err());
     }
 }
