@@ -34,6 +34,34 @@ fn churn(ns: &Netns, count: u32) {
 }
 
 #[test]
+fn state_records_wake_the_agent_before_the_ring_fills() {
+    let _g = serial();
+    if !require_root("state_records_wake_the_agent_before_the_ring_fills") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    // 64 KiB hold ~580 records; the connections below make ~20 times that within a second or
+    // two, in which the summaries (each drains the ring) come once a second. Only the wake-ups
+    // the kernel side sends after each CPU's share of an eighth of the ring keep anything from
+    // being lost.
+    let agent = Agent::start_with(ns.id, &["--ring-buffer-kib", "64"]);
+    const COUNT: u64 = 3000;
+    churn(&ns, COUNT as u32);
+    let (status, rest) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+    let last = rest
+        .iter()
+        .rev()
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no final summary in {rest:?}"));
+    let (events, lost) = (field(last, "events"), field(last, "lost"));
+    println!("{COUNT} connections: read {events}, lost {lost}");
+    assert_eq!(lost, 0, "{last}");
+    assert!(events >= 3 * COUNT, "{last}");
+}
+
+#[test]
 fn a_full_ring_buffer_is_counted_record_for_record() {
     let _g = serial();
     if !require_root("a_full_ring_buffer_is_counted_record_for_record") {
