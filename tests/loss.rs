@@ -39,6 +39,14 @@ fn state_records_wake_the_agent_before_the_ring_fills() {
     if !require_root("state_records_wake_the_agent_before_the_ring_fills") {
         return;
     }
+    // On one CPU the churner and the server it talks to can keep the woken agent off the CPU for
+    // longer than the ring lasts (seen in single-CPU TCG guests: 77 and 2998 of 12000 lost in 2
+    // of 15 boots); what this checks — that the kernel side wakes the agent at all — needs a CPU
+    // for the agent to run on.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        println!("skipped: state_records_wake_the_agent_before_the_ring_fills needs 2 CPUs");
+        return;
+    }
     let mut ns = Netns::new();
     ns.serve(&[V4]);
     // 64 KiB hold ~580 records; the connections below make ~20 times that within a second or
