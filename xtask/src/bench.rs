@@ -446,7 +446,8 @@ fn report(
             } else {
                 "-".into()
             };
-            let (cpu_s, hwm_s) = if tool == "none" {
+            // No process of its own: `floor`'s programs are held by this one.
+            let (cpu_s, hwm_s) = if tool == "none" || tool == "floor" {
                 ("-".to_string(), "-".to_string())
             } else {
                 (format!("{cpu:.3}"), format!("{hwm:.1}"))
