@@ -1,6 +1,7 @@
 //! portx kernel programs. Each hook lives in its own module; this file only wires them together.
 //!
-//! - `state`: `sock:inet_sock_set_state` — every TCP state change (all modes).
+//! - `state`: `inet_sock_set_state` as tp_btf, else as a raw tracepoint — every TCP state change
+//!   (all modes).
 //! - `connect`: `syscalls:sys_exit_connect` — failed connects (of sockets `state` saw enter
 //!   SYN_SENT), and in tracepoint mode the port a non-blocking connect got.
 //! - `bind`: `syscalls:sys_{enter,exit}_bind` — failed binds (EADDRINUSE on port 0).
