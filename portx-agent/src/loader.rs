@@ -213,7 +213,11 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         }
         HookMode::Tracepoint => {}
     }
-    attached.push(attach_state(&mut ebpf, btf.as_ref().ok(), opts.state_hook)?);
+    attached.push(attach_state(
+        &mut ebpf,
+        btf.as_ref().map_err(ToString::to_string),
+        opts.state_hook,
+    )?);
     for (name, category, event) in TRACEPOINTS {
         let prog: &mut TracePoint = program(&mut ebpf, name)?;
         prog.load()
@@ -235,14 +239,13 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
 /// raw tracepoint; returns what got attached as `kind:target`.
 fn attach_state(
     ebpf: &mut Ebpf,
-    btf: Option<&Btf>,
+    btf: Result<&Btf, String>,
     choice: StateHookChoice,
 ) -> anyhow::Result<String> {
     let mut why = None;
     if choice.tp_btf() {
         let tried = (|| -> anyhow::Result<()> {
-            let btf =
-                btf.ok_or_else(|| anyhow!("the kernel has no BTF (/sys/kernel/btf/vmlinux)"))?;
+            let btf = btf.map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
             let prog: &mut BtfTracePoint = program(ebpf, STATE_BTF)?;
             prog.load(STATE_TP, btf)
                 .with_context(|| format!("loading tp_btf/{STATE_TP}"))?;
