@@ -29,39 +29,35 @@ use crate::{
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     // inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
-    let sk: u64 = ctx.arg(0);
-    let old = ctx.arg::<u64>(1) as u32;
-    let new = ctx.arg::<u64>(2) as u32;
-    if server_side(old, new) {
-        return 0;
-    }
-    // SAFETY: sk is the tracepoint's socket; the helper returns it if it is a full TCP socket.
-    let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as u64;
-    if tcp == 0 {
-        return 0;
-    }
-    match state_change(&ctx, tcp, old, new, &BtfRead) {
-        Ok(()) => 0,
-        Err(()) => 1,
-    }
+    let (sk, old, new) = (
+        ctx.arg(0),
+        ctx.arg::<u64>(1) as u32,
+        ctx.arg::<u64>(2) as u32,
+    );
+    on_state(&ctx, sk, old, new, &BtfRead)
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let old = ctx.arg::<u64>(1) as u32;
-    let new = ctx.arg::<u64>(2) as u32;
+    let (sk, old, new) = (
+        ctx.arg(0),
+        ctx.arg::<u64>(1) as u32,
+        ctx.arg::<u64>(2) as u32,
+    );
+    on_state(&ctx, sk, old, new, &ProbeRead)
+}
+
+#[inline(always)]
+fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u32, new: u32, read: &impl SockRead) -> i32 {
     if server_side(old, new) {
         return 0;
     }
-    let Some(protocol) = sock_field::<u16>(sk, offsets().sock_protocol) else {
-        return 1;
-    };
-    if protocol != IPPROTO_TCP {
-        return 0;
-    }
-    match state_change(&ctx, sk, old, new, &ProbeRead) {
-        Ok(()) => 0,
+    match read.tcp(sk) {
+        Ok(Some(tcp)) => match state_change(ctx, tcp, old, new, read) {
+            Ok(()) => 0,
+            Err(()) => 1,
+        },
+        Ok(None) => 0,
         Err(()) => 1,
     }
 }
@@ -89,6 +85,8 @@ struct Endpoints {
 
 /// How a program reads the socket.
 trait SockRead {
+    /// The socket to read from if it is a TCP socket, else None.
+    fn tcp(&self, sk: u64) -> Result<Option<u64>, ()>;
     /// The socket's family, addresses, destination port and namespace; None for a non-IP family.
     fn endpoints(&self, sk: u64) -> Result<Option<Endpoints>, ()>;
     /// `inet_sport` (network order), not skc_num: on ->CLOSE, inet_put_port() has already
@@ -100,6 +98,12 @@ trait SockRead {
 struct ProbeRead;
 
 impl SockRead for ProbeRead {
+    #[inline(always)]
+    fn tcp(&self, sk: u64) -> Result<Option<u64>, ()> {
+        let protocol: u16 = sock_field(sk, offsets().sock_protocol).ok_or(())?;
+        Ok((protocol == IPPROTO_TCP).then_some(sk))
+    }
+
     /// Where the kernel lays out `sock_common` as [`SockCommonHead`] (checked on the offsets from
     /// BTF), one copy reads them all: each `bpf_probe_read_kernel` is a helper call.
     #[inline(always)]
@@ -158,6 +162,14 @@ impl SockRead for ProbeRead {
 struct BtfRead;
 
 impl SockRead for BtfRead {
+    /// `bpf_skc_to_tcp_sock`: the socket as a `struct tcp_sock *` if it is a full TCP socket.
+    #[inline(always)]
+    fn tcp(&self, sk: u64) -> Result<Option<u64>, ()> {
+        // SAFETY: sk is the tracepoint's BTF-typed socket.
+        let tcp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as u64;
+        Ok((tcp != 0).then_some(tcp))
+    }
+
     #[inline(always)]
     fn endpoints(&self, sk: u64) -> Result<Option<Endpoints>, ()> {
         let mut saddr = [0u8; 16];

@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     fs,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::{bail, Context as _};
@@ -73,10 +73,7 @@ impl Floor {
         let name = CString::new("inet_sock_set_state")?;
         let mut attr = [0u64; 2];
         attr[0] = name.as_ptr() as u64;
-        attr[1] = {
-            use std::os::fd::AsRawFd as _;
-            raw.as_raw_fd() as u64
-        };
+        attr[1] = raw.as_raw_fd() as u64;
         let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)
             .context("attaching to raw tracepoint inet_sock_set_state")?;
 
@@ -107,16 +104,13 @@ impl Floor {
         }
         // SAFETY: a new fd the kernel just returned to us.
         let perf = unsafe { OwnedFd::from_raw_fd(pfd as i32) };
-        {
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: ioctls on the perf fd with a program fd argument / none.
-            unsafe {
-                if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, tp.as_raw_fd()) < 0 {
-                    return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_SET_BPF");
-                }
-                if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) < 0 {
-                    return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_ENABLE");
-                }
+        // SAFETY: ioctls on the perf fd with a program fd argument / none.
+        unsafe {
+            if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, tp.as_raw_fd()) < 0 {
+                return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_SET_BPF");
+            }
+            if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) < 0 {
+                return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_ENABLE");
             }
         }
         Ok(Self {
