@@ -453,3 +453,52 @@ fn connects_that_seek_no_port_are_not_reported() {
         .collect();
     assert!(noise.is_empty(), "reported: {noise:#?}");
 }
+
+/// A failed port search writes one record, connect()'s failure, not also the socket's
+/// SYN_SENT->CLOSE. A search that fails outside connect() (TCP Fast Open's sendto) has no such
+/// record: the thread's next connect() writes the held-back state change instead — whether that
+/// call seeks no port (a unix socket) or fails in its own search — so no connect stays pending,
+/// and neither call is reported with the other's destination or errno.
+#[test]
+fn a_port_search_failed_outside_connect_is_closed_by_the_threads_next_connect() {
+    let _g = serial();
+    if !require_root("a_port_search_failed_outside_connect_is_closed_by_the_threads_next_connect") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    ns.hog("hog", V4);
+    let unix = ns.spawn(
+        "tfo-unix",
+        &[
+            "fastopen-fails",
+            "--fastopen",
+            V4,
+            "--unix",
+            "/nonexistent/portx-e2e.sock",
+        ],
+    );
+    unix.expect("fastopen failed errno=99");
+    unix.expect("unix failed errno=2");
+    let tcp = ns.spawn(
+        "tfo-tcp",
+        &["fastopen-fails", "--fastopen", V4, "--connect", V4],
+    );
+    tcp.expect("fastopen failed errno=99");
+    tcp.expect("connect failed errno=99");
+    let summary = agent.wait_for("a summary after the TCP connect()'s failure", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(1)
+    });
+    assert_eq!(summary["pending"], 0, "{summary:#}");
+    assert_eq!(summary["connect_failures"], 1, "{summary:#}");
+    let failures: Vec<&Value> = agent
+        .seen()
+        .iter()
+        .filter(|v| v["type"] == "connect_failed")
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert_eq!(failures[0]["pid"], tcp.pid(), "{failures:#?}");
+    assert_eq!(failures[0]["errno"], 99, "{failures:#?}");
+    assert_eq!(failures[0]["dport"], 9000, "{failures:#?}");
+}

@@ -363,9 +363,10 @@ impl Tracker {
         }
     }
 
-    /// A connect() failed. Its socket's SYN_SENT->CLOSE, written just before, has normally ended
-    /// the pending connect already; should that record be missing (lost, say), this one, which
-    /// names the socket, ends it. (A socket that got a port has already left pending.)
+    /// A connect() failed: this record, which names the socket, ends its pending connect. When
+    /// the port search failed the kernel writes no SYN_SENT->CLOSE for the socket, only this;
+    /// for other failures (a refused connect) the state change has ended it already. (A socket
+    /// that got a port has already left pending.)
     pub fn on_connect_failed(&mut self, f: &SyscallFailure) {
         if f.skaddr != 0 {
             self.pending.remove(&f.skaddr);
@@ -843,7 +844,7 @@ mod tests {
         };
         t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
         t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
-        // Socket 5's SYN_SENT->CLOSE is missing: its failure record names it.
+        // Socket 5's port search failed (no SYN_SENT->CLOSE for it): its failure record names it.
         t.on_connect_failed(&failure(0));
         assert_eq!(t.pending(), 2, "a record without a socket ends nothing");
         t.on_connect_failed(&failure(5));

@@ -113,6 +113,19 @@ pub enum WorkloadCmd {
         #[arg(long)]
         noroute: SocketAddr,
     },
+    /// A port search that fails outside connect(): sendto(MSG_FASTOPEN) with the range exhausted
+    /// (no connect() returns for it). Then, from the same thread, connect() to a unix socket
+    /// path that does not exist (`--unix`, seeks no port) or to `--connect` (TCP). Prints
+    /// `fastopen failed errno=E`, then `unix failed errno=E` or `connect failed errno=E`, and
+    /// stays.
+    FastopenFails {
+        #[arg(long)]
+        fastopen: std::net::SocketAddrV4,
+        #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
+        unix: Option<PathBuf>,
+        #[arg(long)]
+        connect: Option<SocketAddr>,
+    },
     /// bind() COUNT sockets to port 0 without connecting, and keep them. Prints `bound N`, or
     /// `bind failed errno=E` and exits 3.
     BindHold {
@@ -194,6 +207,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             unix,
             noroute,
         } => no_port(fastopen, &unix, noroute),
+        WorkloadCmd::FastopenFails {
+            fastopen: fast,
+            unix,
+            connect,
+        } => fastopen_fails(fast, unix.as_deref(), connect),
         WorkloadCmd::Storm {
             threads,
             seconds,
@@ -554,6 +572,35 @@ fn no_port(
     match TcpStream::connect(noroute) {
         Ok(_) => bail!("{noroute} has a route"),
         Err(e) => say(&format!("noroute failed errno={}", errno(&e))),
+    }
+    sleep_forever()
+}
+
+fn fastopen_fails(
+    fast: std::net::SocketAddrV4,
+    unix: Option<&std::path::Path>,
+    connect: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    match fastopen(fast) {
+        Ok(_) => bail!("sendto(MSG_FASTOPEN) to {fast} connected: the range is not exhausted"),
+        Err(e) => {
+            let errno = e
+                .downcast_ref::<std::io::Error>()
+                .map_or(0, |e| e.raw_os_error().unwrap_or(0));
+            say(&format!("fastopen failed errno={errno}"));
+        }
+    }
+    if let Some(unix) = unix {
+        match std::os::unix::net::UnixStream::connect(unix) {
+            Ok(_) => bail!("{} accepted a connection", unix.display()),
+            Err(e) => say(&format!("unix failed errno={}", errno(&e))),
+        }
+    }
+    if let Some(addr) = connect {
+        match TcpStream::connect(addr) {
+            Ok(_) => bail!("{addr} accepted a connection: the range is not exhausted"),
+            Err(e) => say(&format!("connect failed errno={}", errno(&e))),
+        }
     }
     sleep_forever()
 }

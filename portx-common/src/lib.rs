@@ -78,6 +78,7 @@ pub const IPPROTO_TCP: u16 = 6;
 pub const EINPROGRESS: i32 = 115;
 pub const EADDRNOTAVAIL: i32 = 99;
 pub const EADDRINUSE: i32 = 98;
+pub const ENOMEM: i32 = 12;
 
 /// Offsets in `syscalls:sys_enter_*` / `sys_exit_*` records (stable since the syscall tracepoints
 /// exist; also checked by the agent).

@@ -5,17 +5,22 @@
 //! the call puts the socket into SYN_SENT (in the calling thread, before any port is sought), and
 //! taken here. So only calls that put a TCP socket into SYN_SENT are reported: every failure
 //! that involves a port does; a call that fails before (no route, EALREADY, a non-IP socket)
-//! never sought one.
+//! never sought one. A connect() whose port search failed writes one record here, not also its
+//! SYN_SENT->CLOSE (see [`phase::SEARCH_FAILED`]).
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
+    EbpfContext,
 };
-use portx_common::{hook_mode, kind, syscall_tp, tcp_state, PortEvent, SyscallEvent, EINPROGRESS};
+use portx_common::{
+    hook_mode, kind, syscall_tp, tcp_state, PortEvent, StateEvent, SyscallEvent, EADDRNOTAVAIL,
+    EINPROGRESS, ENOMEM, IPPROTO_TCP,
+};
 
 use crate::{
-    emit::{emit, header, Wake},
+    emit::{emit, header, header_without_task, Wake},
     globals::{hook_mode, offsets},
     kernel::{sock_field, sock_port},
 };
@@ -25,18 +30,103 @@ use crate::{
 #[derive(Clone, Copy)]
 pub struct Connecting {
     pub sk: u64,
+    pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub netns: u32,
     pub family: u16,
     /// Host order.
     pub dport: u16,
+    /// One of [`phase`].
+    pub phase: u32,
+    pub _pad: u32,
+}
+
+/// Where a noted connect is.
+pub mod phase {
+    /// Taken by connect()'s exit: nothing left to do with it.
+    pub const TAKEN: u32 = 0;
+    /// In SYN_SENT, the port being sought or found.
+    pub const SEEKING: u32 = 1;
+    /// The port search failed (SYN_SENT->CLOSE with no port) and that state change was not
+    /// written: connect()'s failure record names the socket and says it all. Should no
+    /// connect() return for it (TCP Fast Open's sendto, io_uring), the thread's next connect or
+    /// connect() exit writes it.
+    pub const SEARCH_FAILED: u32 = 2;
 }
 
 /// By thread. LRU: a connect made outside connect() (io_uring, TCP Fast Open's sendto, a kernel
 /// socket) leaves its entry behind; the thread's next connect replaces it, and the map cannot
-/// fill up with them.
+/// fill up with them. Entries are updated in place (a lookup and stores, no allocation or lock):
+/// only the thread itself writes its entry. (An LRU may hand an element to another key while a
+/// program holds it; that needs more threads in connect() at once than the map has entries.)
 #[map(name = "CONNECTING")]
 pub static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(16384, 0);
+
+/// Notes the calling thread's connect (CLOSE->SYN_SENT), in place if the thread has an entry.
+/// Returns the entry it replaced if that one still owes its socket's SYN_SENT->CLOSE.
+#[inline(always)]
+pub fn note(pid_tgid: u64, call: &Connecting) -> Option<Connecting> {
+    match CONNECTING.get_ptr_mut(&pid_tgid) {
+        Some(entry) => {
+            // SAFETY: a value of this map; only this thread writes its own entry.
+            let prev = unsafe { entry.read() };
+            unsafe { entry.write(*call) };
+            (prev.phase == phase::SEARCH_FAILED).then_some(prev)
+        }
+        None => {
+            let _ = CONNECTING.insert(&pid_tgid, call, 0);
+            None
+        }
+    }
+}
+
+/// In the connecting thread, at SYN_SENT->CLOSE with no port: true (and the entry marked) if
+/// this is the socket the thread's connect is seeking a port for, so that the state change need
+/// not be written (see [`phase::SEARCH_FAILED`]).
+#[inline(always)]
+pub fn search_failed(sk: u64) -> bool {
+    let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
+        return false;
+    };
+    // SAFETY: a value of this map; only this thread writes its own entry.
+    unsafe {
+        if (*entry).sk != sk || (*entry).phase != phase::SEEKING {
+            return false;
+        }
+        (*entry).phase = phase::SEARCH_FAILED;
+    }
+    true
+}
+
+/// The SYN_SENT->CLOSE that [`search_failed`] held back, for a call that no failure record
+/// covers.
+#[inline(always)]
+pub fn emit_held_close(call: &Connecting) {
+    emit(
+        StateEvent {
+            hdr: header_without_task(kind::STATE, 0),
+            skaddr: call.sk,
+            netns: call.netns,
+            oldstate: tcp_state::SYN_SENT,
+            newstate: tcp_state::CLOSE,
+            family: call.family,
+            protocol: IPPROTO_TCP,
+            sport: 0,
+            dport: call.dport,
+            _pad: 0,
+            saddr: call.saddr,
+            daddr: call.daddr,
+        },
+        Wake::Batch,
+    );
+}
+
+/// What a failed port search returns (`__inet_hash_connect`): with another error, a
+/// search-failed entry is not this call's.
+#[inline(always)]
+fn search_error(ret: i32) -> bool {
+    ret == -EADDRNOTAVAIL || ret == -ENOMEM
+}
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
@@ -47,20 +137,36 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
-    let ret = unsafe { ctx.read_at::<i64>(syscall_tp::RET)? } as i32;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if ret == 0 {
-        // The common case, a connect() that succeeded: only its entry to drop (if any; a UDP or
-        // unix socket has none).
-        let _ = CONNECTING.remove(&pid_tgid);
-        return Ok(());
-    }
-    let Some(call) = (unsafe { CONNECTING.get(&pid_tgid) }).copied() else {
-        // No TCP socket went into SYN_SENT in this call (or the agent's own, or a namespace not
-        // traced): no port was sought.
+    // SAFETY: the tracepoint's record is at least RET + 8 bytes; a direct load of the context
+    // (checked by the verifier) instead of a helper call.
+    let ret = unsafe {
+        (ctx.as_ptr() as *const u8)
+            .add(syscall_tp::RET)
+            .cast::<i64>()
+            .read()
+    } as i32;
+    let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
+        // No TCP socket of this thread ever went into SYN_SENT (or only the agent's, or in a
+        // namespace not traced).
         return Ok(());
     };
-    let _ = CONNECTING.remove(&pid_tgid);
+    // SAFETY: a value of this map; only this thread writes its own entry.
+    let call = unsafe { entry.read() };
+    if call.phase == phase::TAKEN {
+        // Taken by an earlier exit: this call put no TCP socket into SYN_SENT.
+        return Ok(());
+    }
+    unsafe { (*entry).phase = phase::TAKEN };
+    if call.phase == phase::SEARCH_FAILED && !search_error(ret) {
+        // Left by a connect made outside connect() whose port search failed: its state change,
+        // and nothing for this call (which sought no port).
+        emit_held_close(&call);
+        return Ok(());
+    }
+    if ret == 0 {
+        // The common case, a connect() that succeeded.
+        return Ok(());
+    }
     // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
     // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
     // entry left by a connect made outside connect() names a socket that has moved on.
@@ -91,10 +197,14 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         }
         return Ok(());
     }
-    let state = state()?;
-    if state != tcp_state::SYN_SENT && state != tcp_state::CLOSE {
-        return Ok(());
+    // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed.
+    if call.phase != phase::SEARCH_FAILED {
+        let state = state()?;
+        if state != tcp_state::SYN_SENT && state != tcp_state::CLOSE {
+            return Ok(());
+        }
     }
+    // For a failed search, this record also stands for the SYN_SENT->CLOSE not written.
     emit(
         SyscallEvent {
             hdr: header(kind::CONNECT_FAIL, 0),

@@ -19,7 +19,7 @@ use aya_log_ebpf::warn;
 use portx_common::{kind, tcp_state, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
 
 use crate::{
-    connect::{Connecting, CONNECTING},
+    connect::{self, phase, Connecting},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, offsets},
     kernel::{btf_load, btf_load_in6, netns_of, sock_field, sock_netns},
@@ -225,6 +225,14 @@ fn state_change<C: EbpfContext>(
     if connecting && (pid_tgid >> 32) as u32 == agent_tgid() {
         return Ok(());
     }
+    if old == tcp_state::SYN_SENT && new == tcp_state::CLOSE {
+        // A failed port search, in the thread that sought it: connect()'s failure record will
+        // name the socket; this record would say nothing more (two records a failed connect
+        // instead of three, under exactly the storm portx is for).
+        if read.sport(sk)? == 0 && connect::search_failed(sk) {
+            return Ok(());
+        }
+    }
     let Some(Endpoints {
         family,
         saddr,
@@ -249,17 +257,24 @@ fn state_change<C: EbpfContext>(
     if connecting {
         // The port is sought after this point: in tracepoint mode sys_exit_connect reads it from
         // the socket; in every mode a failed connect()'s record comes from this entry.
-        let _ = CONNECTING.insert(
-            &pid_tgid,
+        let held = connect::note(
+            pid_tgid,
             &Connecting {
                 sk,
+                saddr,
                 daddr,
                 netns,
                 family,
                 dport: u16::from_be(dport),
+                phase: phase::SEEKING,
+                _pad: 0,
             },
-            0,
         );
+        if let Some(prev) = held {
+            // The thread's previous connect failed its search outside connect(): its state
+            // change, before this one.
+            connect::emit_held_close(&prev);
+        }
     }
     let sport = read.sport(sk)?;
     emit(
