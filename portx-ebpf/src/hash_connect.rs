@@ -27,6 +27,11 @@ fn is_agent(pid_tgid: u64) -> bool {
 
 #[inline(always)]
 fn emit_port(sk: u64, ret: i32, mode: u32) {
+    if ret != 0 {
+        // A failed search: connect()'s failure record (or, outside connect(), the socket's
+        // SYN_SENT->CLOSE) says so; a record here would tell the agent nothing.
+        return;
+    }
     let netns = sock_netns(sk);
     if !netns_filter::wanted(netns) {
         return;
@@ -37,7 +42,7 @@ fn emit_port(sk: u64, ret: i32, mode: u32) {
             skaddr: sk,
             netns,
             ret,
-            sport: if ret == 0 { sock_port(sk) } else { 0 },
+            sport: sock_port(sk),
             _pad: [0; 3],
         },
         Wake::Batch,
