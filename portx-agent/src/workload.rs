@@ -296,27 +296,24 @@ fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
 }
 
 fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
-    let SocketAddr::V4(v4) = addr else {
-        bail!("--nonblock supports IPv4 destinations only");
+    let (sa, len) = sockaddr_any(addr);
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
     };
-    let sa = sockaddr_v4(v4);
     let mut ports = Vec::new();
     for _ in 0..count {
         // SAFETY: plain socket calls on fds we own (kept open until we are killed).
         let (rc, fd) = unsafe {
             let fd = libc::socket(
-                libc::AF_INET,
+                family,
                 libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 0,
             );
             if fd < 0 {
                 return Err(std::io::Error::last_os_error()).context("socket");
             }
-            let rc = libc::connect(
-                fd,
-                (&sa as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            );
+            let rc = libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len);
             (rc, fd)
         };
         let err = std::io::Error::last_os_error();
@@ -324,17 +321,39 @@ fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
             say(&format!("connect failed errno={}", errno(&err)));
             std::process::exit(EXIT_SOCKET_ERROR);
         }
-        // SAFETY: getsockname into a sockaddr_in we own.
-        let port = unsafe {
-            let mut local: libc::sockaddr_in = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            libc::getsockname(fd, (&mut local as *mut libc::sockaddr_in).cast(), &mut len);
-            u16::from_be(local.sin_port)
-        };
-        ports.push(port.to_string());
+        ports.push(local_port(fd).to_string());
     }
     say(&format!("held {} ports={}", ports.len(), ports.join(",")));
     sleep_forever()
+}
+
+/// `addr` as a sockaddr for connect(), with its length.
+fn sockaddr_any(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid (empty) value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sa = sockaddr_v4(v4);
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
 }
 
 fn set_linger_zero(s: &TcpStream) {

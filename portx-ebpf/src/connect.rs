@@ -15,8 +15,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portx_common::{
-    hook_mode, kind, syscall_tp, tcp_state, PortEvent, StateEvent, SyscallEvent, EADDRNOTAVAIL,
-    EINPROGRESS, ENOMEM, IPPROTO_TCP,
+    hook_mode, kind, syscall_tp, tcp_state, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6,
+    EADDRNOTAVAIL, EINPROGRESS, ENOMEM, IPPROTO_TCP,
 };
 
 use crate::{
@@ -102,6 +102,10 @@ pub fn search_failed(sk: u64) -> bool {
 /// covers.
 #[inline(always)]
 pub fn emit_held_close(call: &Connecting) {
+    if call.family == AF_INET && hook_mode() == hook_mode::FENTRY {
+        // No record opened this connect (fexit writes it only for a port found).
+        return;
+    }
     emit(
         StateEvent {
             hdr: header_without_task(kind::STATE, 0),
@@ -176,9 +180,10 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     };
     if ret == -EINPROGRESS {
         // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
-        // SYN_SENT->CLOSE; in tracepoint mode only a connect still in progress needs the port
-        // read here (the other modes have it from inet_hash_connect).
-        if hook_mode() != hook_mode::TRACEPOINT {
+        // SYN_SENT->CLOSE; a connect still in progress needs the port read here in tracepoint
+        // mode, and in the others for IPv6 sockets: those seek their port in
+        // inet6_hash_connect, which the fexit/kprobe programs do not see.
+        if hook_mode() != hook_mode::TRACEPOINT && call.family != AF_INET6 {
             return Ok(());
         }
         let state = state()?;

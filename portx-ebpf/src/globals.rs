@@ -52,10 +52,15 @@ pub fn hook_mode() -> u32 {
 /// whole struct through the stack may not be one to it): for loads through BTF pointers.
 #[macro_export]
 macro_rules! offset {
-    ($field:ident) => {
+    ($field:ident) => {{
+        // Also used inside `unsafe` blocks (the loads it feeds).
+        #[allow(unused_unsafe)]
         // SAFETY: a plain u32 in the agent-written, frozen `.rodata`.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::globals::OFFSETS.$field)) }
-    };
+        let offset = unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!($crate::globals::OFFSETS.$field))
+        };
+        offset
+    }};
 }
 
 #[inline(always)]

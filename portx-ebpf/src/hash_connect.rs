@@ -1,6 +1,8 @@
 //! `inet_hash_connect(struct inet_timewait_death_row *, struct sock *)`: where connect() gets its
-//! source port. fexit sees the socket and the result together; the kprobe pair stashes the socket
-//! at entry because a kretprobe only sees the return value. Either way the socket's tuple is still
+//! source port. fexit sees the socket and the result together, and writes the connect's
+//! CLOSE->SYN_SENT record with its port (fentry mode: the state program writes none for it); the
+//! kprobe pair stashes the socket at entry because a kretprobe only sees the return value, and
+//! writes a port record. Either way the socket's tuple is still
 //! intact here (tcp_v4_connect clears it only after this returns).
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
@@ -14,7 +16,7 @@ use crate::{
     emit::{emit, header, Wake},
     globals::agent_tgid,
     kernel::{sock_netns, sock_port},
-    netns_filter,
+    netns_filter, state,
 };
 
 #[map(name = "HASH_SK")]
@@ -54,12 +56,18 @@ pub fn inet_hash_connect_fexit(ctx: FExitContext) -> u32 {
     if is_agent(bpf_get_current_pid_tgid()) {
         return 0;
     }
-    let sk: u64 = ctx.arg(1);
     // fexit's return value follows the arguments (arg 2 here); unlike bpf_get_func_ret this
     // works on every kernel with fexit (5.5+).
     let ret: u64 = ctx.arg(2);
-    emit_port(sk, ret as i32, hook_mode::FENTRY);
-    0
+    if ret as i32 != 0 {
+        // connect()'s failure record says it.
+        return 0;
+    }
+    // The socket is BTF-typed here, as in the state program's tp_btf: checked loads.
+    match state::connect_with_port(ctx.arg(1)) {
+        Ok(()) => 0,
+        Err(()) => 1,
+    }
 }
 
 #[kprobe]

@@ -16,12 +16,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::warn;
-use portx_common::{kind, tcp_state, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP};
+use portx_common::{
+    hook_mode, kind, tcp_state, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP,
+};
 
 use crate::{
     connect::{self, phase, Connecting},
     emit::{emit, header, header_without_task, Wake},
-    globals::{agent_tgid, offsets},
+    globals::{agent_tgid, hook_mode, offsets},
     kernel::{btf_load, btf_load_in6, netns_of, sock_field, sock_netns},
     netns_filter, offset,
 };
@@ -275,6 +277,12 @@ fn state_change<C: EbpfContext>(
             // change, before this one.
             connect::emit_held_close(&prev);
         }
+        if family == AF_INET && hook_mode() == hook_mode::FENTRY {
+            // fexit on inet_hash_connect writes this record, with the port, once it is found
+            // (one record where there were two); a failed search's is connect()'s failure.
+            // (IPv6 seeks its port in inet6_hash_connect, which fexit does not see.)
+            return Ok(());
+        }
     }
     let sport = read.sport(sk)?;
     emit(
@@ -290,6 +298,53 @@ fn state_change<C: EbpfContext>(
             netns,
             oldstate: old,
             newstate: new,
+            family,
+            protocol: IPPROTO_TCP,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            _pad: 0,
+            saddr,
+            daddr,
+        },
+        Wake::Batch,
+    );
+    Ok(())
+}
+
+/// fexit on `inet_hash_connect` returned 0, in the connecting thread (fentry mode): the
+/// connect's CLOSE->SYN_SENT record, with the port it got. The state program wrote none for it,
+/// and no other record of the socket can come before this one (the SYN goes out after).
+#[inline(always)]
+pub fn connect_with_port(sk: u64) -> Result<(), ()> {
+    // (IPv6 seeks its port in inet6_hash_connect, not here.)
+    let read = BtfRead;
+    let Some(tcp) = read.tcp(sk)? else {
+        // inet_hash_connect also serves DCCP on kernels that have it.
+        return Ok(());
+    };
+    let Some(Endpoints {
+        family,
+        saddr,
+        daddr,
+        dport,
+        netns,
+    }) = read.endpoints(tcp)?
+    else {
+        return Ok(());
+    };
+    if family != AF_INET || !netns_filter::wanted(netns) {
+        // An IPv6 socket connecting to a v4-mapped address comes through here too; the state
+        // program wrote its record (it does so for every IPv6 socket).
+        return Ok(());
+    }
+    let sport = read.sport(tcp)?;
+    emit(
+        StateEvent {
+            hdr: header(kind::STATE, 0),
+            skaddr: tcp,
+            netns,
+            oldstate: tcp_state::CLOSE,
+            newstate: tcp_state::SYN_SENT,
             family,
             protocol: IPPROTO_TCP,
             sport: u16::from_be(sport),
