@@ -15,14 +15,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portx_common::{
-    hook_mode, kind, syscall_tp, tcp_state, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6,
-    EADDRNOTAVAIL, EINPROGRESS, ENOMEM, IPPROTO_TCP,
+    hook_mode, kind, syscall_tp, tcp_state, PortEvent, SyscallEvent, AF_INET, AF_INET6,
+    EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
 };
 
 use crate::{
     emit::{emit, header, header_without_task, Wake},
     globals::{hook_mode, offsets},
     kernel::{sock_field, sock_port},
+    state::Endpoints,
 };
 
 /// The socket a thread's connect() put into SYN_SENT, and where it goes; written by `state`.
@@ -106,23 +107,16 @@ pub fn emit_held_close(call: &Connecting) {
         // No record opened this connect (fexit writes it only for a port found).
         return;
     }
-    emit(
-        StateEvent {
-            hdr: header_without_task(kind::STATE, 0),
-            skaddr: call.sk,
-            netns: call.netns,
-            oldstate: tcp_state::SYN_SENT,
-            newstate: tcp_state::CLOSE,
-            family: call.family,
-            protocol: IPPROTO_TCP,
-            sport: 0,
-            dport: call.dport,
-            _pad: 0,
-            saddr: call.saddr,
-            daddr: call.daddr,
-        },
-        Wake::Batch,
-    );
+    let at = Endpoints {
+        family: call.family,
+        saddr: call.saddr,
+        daddr: call.daddr,
+        dport: call.dport.to_be(),
+        netns: call.netns,
+    };
+    let hdr = header_without_task(kind::STATE, 0);
+    let event = at.state_event(hdr, call.sk, tcp_state::SYN_SENT, tcp_state::CLOSE, 0);
+    emit(event, Wake::Batch);
 }
 
 /// What a failed port search returns (`__inet_hash_connect`): with another error, a

@@ -2,8 +2,8 @@
 //! source port. fexit sees the socket and the result together, and writes the connect's
 //! CLOSE->SYN_SENT record with its port (fentry mode: the state program writes none for it); the
 //! kprobe pair stashes the socket at entry because a kretprobe only sees the return value, and
-//! writes a port record. Either way the socket's tuple is still
-//! intact here (tcp_v4_connect clears it only after this returns).
+//! writes a port record. Either way the socket's tuple is still intact here (tcp_v4_connect
+//! clears it only after this returns).
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{fexit, kprobe, kretprobe, map},

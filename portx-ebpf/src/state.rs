@@ -17,7 +17,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portx_common::{
-    hook_mode, kind, tcp_state, SockCommonHead, StateEvent, AF_INET, AF_INET6, IPPROTO_TCP,
+    hook_mode, kind, tcp_state, EventHeader, SockCommonHead, StateEvent, AF_INET, AF_INET6,
+    IPPROTO_TCP,
 };
 
 use crate::{
@@ -77,12 +78,41 @@ fn server_side(old: u32, new: u32) -> bool {
 }
 
 /// Where a socket is, as the record carries it (ports in network order).
-struct Endpoints {
-    family: u16,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    dport: u16,
-    netns: u32,
+pub struct Endpoints {
+    pub family: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub dport: u16,
+    pub netns: u32,
+}
+
+impl Endpoints {
+    /// The record of socket `sk` going from `old` to `new` with source port `sport` (network
+    /// order), under `hdr`.
+    #[inline(always)]
+    pub fn state_event(
+        &self,
+        hdr: EventHeader,
+        sk: u64,
+        old: u32,
+        new: u32,
+        sport: u16,
+    ) -> StateEvent {
+        StateEvent {
+            hdr,
+            skaddr: sk,
+            netns: self.netns,
+            oldstate: old,
+            newstate: new,
+            family: self.family,
+            protocol: IPPROTO_TCP,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(self.dport),
+            _pad: 0,
+            saddr: self.saddr,
+            daddr: self.daddr,
+        }
+    }
 }
 
 /// How a program reads the socket.
@@ -235,20 +265,13 @@ fn state_change<C: EbpfContext>(
             return Ok(());
         }
     }
-    let Some(Endpoints {
-        family,
-        saddr,
-        daddr,
-        dport,
-        netns,
-    }) = read.endpoints(sk)?
-    else {
+    let Some(at) = read.endpoints(sk)? else {
         return Ok(());
     };
-    if !netns_filter::wanted(netns) {
+    if !netns_filter::wanted(at.netns) {
         return Ok(());
     }
-    if netns == 0 {
+    if at.netns == 0 {
         // Only possible with wrong BTF offsets: worth a (rare) word on the agent's stderr. (Not
         // the socket's address: as tp_btf it is a pointer, and formatting it shifts it.)
         warn!(
@@ -263,11 +286,11 @@ fn state_change<C: EbpfContext>(
             pid_tgid,
             &Connecting {
                 sk,
-                saddr,
-                daddr,
-                netns,
-                family,
-                dport: u16::from_be(dport),
+                saddr: at.saddr,
+                daddr: at.daddr,
+                netns: at.netns,
+                family: at.family,
+                dport: u16::from_be(at.dport),
                 phase: phase::SEEKING,
                 _pad: 0,
             },
@@ -277,35 +300,22 @@ fn state_change<C: EbpfContext>(
             // change, before this one.
             connect::emit_held_close(&prev);
         }
-        if family == AF_INET && hook_mode() == hook_mode::FENTRY {
+        if at.family == AF_INET && hook_mode() == hook_mode::FENTRY {
             // fexit on inet_hash_connect writes this record, with the port, once it is found
             // (one record where there were two); a failed search's is connect()'s failure.
             // (IPv6 seeks its port in inet6_hash_connect, which fexit does not see.)
             return Ok(());
         }
     }
-    let sport = read.sport(sk)?;
+    // Other transitions run in whatever context (softirq, timers): the current task is unrelated
+    // to the socket, so it is not recorded (and comm not read).
+    let hdr = if connecting {
+        header(kind::STATE, 0)
+    } else {
+        header_without_task(kind::STATE, 0)
+    };
     emit(
-        StateEvent {
-            // Other transitions run in whatever context (softirq, timers): the current task is
-            // unrelated to the socket, so it is not recorded (and comm not read).
-            hdr: if connecting {
-                header(kind::STATE, 0)
-            } else {
-                header_without_task(kind::STATE, 0)
-            },
-            skaddr: sk,
-            netns,
-            oldstate: old,
-            newstate: new,
-            family,
-            protocol: IPPROTO_TCP,
-            sport: u16::from_be(sport),
-            dport: u16::from_be(dport),
-            _pad: 0,
-            saddr,
-            daddr,
-        },
+        at.state_event(hdr, sk, old, new, read.sport(sk)?),
         Wake::Batch,
     );
     Ok(())
@@ -322,38 +332,22 @@ pub fn connect_with_port(sk: u64) -> Result<(), ()> {
         // inet_hash_connect also serves DCCP on kernels that have it.
         return Ok(());
     };
-    let Some(Endpoints {
-        family,
-        saddr,
-        daddr,
-        dport,
-        netns,
-    }) = read.endpoints(tcp)?
-    else {
+    let Some(at) = read.endpoints(tcp)? else {
         return Ok(());
     };
-    if family != AF_INET || !netns_filter::wanted(netns) {
+    if at.family != AF_INET || !netns_filter::wanted(at.netns) {
         // An IPv6 socket connecting to a v4-mapped address comes through here too; the state
         // program wrote its record (it does so for every IPv6 socket).
         return Ok(());
     }
-    let sport = read.sport(tcp)?;
-    emit(
-        StateEvent {
-            hdr: header(kind::STATE, 0),
-            skaddr: tcp,
-            netns,
-            oldstate: tcp_state::CLOSE,
-            newstate: tcp_state::SYN_SENT,
-            family,
-            protocol: IPPROTO_TCP,
-            sport: u16::from_be(sport),
-            dport: u16::from_be(dport),
-            _pad: 0,
-            saddr,
-            daddr,
-        },
-        Wake::Batch,
+    let hdr = header(kind::STATE, 0);
+    let event = at.state_event(
+        hdr,
+        tcp,
+        tcp_state::CLOSE,
+        tcp_state::SYN_SENT,
+        read.sport(tcp)?,
     );
+    emit(event, Wake::Batch);
     Ok(())
 }
