@@ -66,6 +66,9 @@ pub struct Row {
     pub note: String,
 }
 
+/// At most this many log lines are shown for a failed row: enough for the panic messages.
+const FAILED_LOG_LINES: usize = 60;
+
 const MODES: [&str; 4] = ["auto", "fentry", "kprobe", "tracepoint"];
 const STATE_HOOKS: [&str; 3] = ["auto", "tp-btf", "raw-tracepoint"];
 
@@ -98,6 +101,55 @@ fn attached_as_asked(spec: &str, reported: &[String]) -> bool {
             let (rm, rs) = r.split_once('/').unwrap_or((r, "?"));
             (mode == "auto" || rm == mode) && (state == "auto" || rs == state)
         })
+}
+
+/// The tests libtest reported as failed (`test NAME ... FAILED`, possibly with the test's own
+/// output between the name and the verdict) in the order they failed.
+fn failed_tests(text: &str) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut current: Option<&str> = None;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, _)) = rest.split_once(" ... ") {
+                current = Some(name);
+            }
+        }
+        if line.ends_with("FAILED") && !line.starts_with("test result:") {
+            if let Some(name) = current.take() {
+                if !failed.iter().any(|f| f == name) {
+                    failed.push(name.to_string());
+                }
+            }
+        }
+    }
+    failed
+}
+
+/// What to show of a failed row's log: each panic with the lines after it up to the test's
+/// verdict, or when nothing panicked (a hang, a crash, a row that never ran) the log's tail.
+fn failure_excerpt(text: &str) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let mut out = Vec::new();
+    let mut in_panic = false;
+    for line in &lines {
+        if line.starts_with("thread '") && line.contains("panicked at") {
+            in_panic = true;
+        }
+        if in_panic {
+            if out.len() >= FAILED_LOG_LINES {
+                break;
+            }
+            out.push(*line);
+            if *line == "FAILED" || line.starts_with("stack backtrace:") {
+                in_panic = false;
+            }
+        }
+    }
+    if out.is_empty() {
+        out = lines[lines.len().saturating_sub(FAILED_LOG_LINES)..].to_vec();
+    }
+    out
 }
 
 /// Sums libtest's `test result:` lines and collects the hooks the tests saw the agent attach.
@@ -199,6 +251,8 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                             "no result marker".to_string()
                         } else if !hooks_ok {
                             format!("agent attached {hooks_reported:?}, not {mode}")
+                        } else if failed > 0 {
+                            format!("failed: {}", failed_tests(&text).join(", "))
                         } else {
                             String::new()
                         };
@@ -275,6 +329,12 @@ pub fn run(args: &VmArgs) -> anyhow::Result<Vec<Row>> {
                 r.note,
                 r.log.as_deref().unwrap_or("-")
             );
+            // The log lives in the CI machine's target/ and goes with it: say why here.
+            if let Some(text) = r.log.as_deref().and_then(|l| fs::read_to_string(l).ok()) {
+                for line in failure_excerpt(&text) {
+                    eprintln!("  | {line}");
+                }
+            }
         }
         bail!("{} of {} VM runs failed", failed.len(), rows.len());
     }
@@ -315,6 +375,34 @@ mod tests {
         let (p, f, h) = parse_log(log);
         assert_eq!((p, f), (8, 1));
         assert_eq!(h, vec!["fentry/tp-btf".to_string()]);
+    }
+
+    #[test]
+    fn a_failed_row_names_its_tests_and_shows_their_panics() {
+        let log = "test a_ok ... portx-e2e: agent hooks=fentry/tp-btf\r\nok\r\n\
+                   test loses ... portx-e2e: agent hooks=fentry/tp-btf\n\
+                   3000 connections: read 9002, lost 2998\n\
+                   \n\
+                   thread 'loses' (1140) panicked at tests/loss.rs:60:5:\n\
+                   assertion `left == right` failed\n\
+                   stack backtrace:\n   0: rust_begin_unwind\nFAILED\n\
+                   test also_fails ... FAILED\n\
+                   failures:\n    loses\n    also_fails\n\
+                   test result: FAILED. 1 passed; 2 failed; 0 ignored\n";
+        assert_eq!(failed_tests(log), vec!["loses", "also_fails"]);
+        assert_eq!(
+            failure_excerpt(log),
+            vec![
+                "thread 'loses' (1140) panicked at tests/loss.rs:60:5:",
+                "assertion `left == right` failed",
+                "stack backtrace:",
+            ]
+        );
+        let hung = "portx-vm: running /portx/tests/loss\nrunning 3 tests\n";
+        assert_eq!(
+            failure_excerpt(hung),
+            vec!["portx-vm: running /portx/tests/loss", "running 3 tests"]
+        );
     }
 
     #[test]
