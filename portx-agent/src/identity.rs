@@ -5,7 +5,7 @@
 //! /proc at most once per [`RECHECK_NS`], when it is looked up: a new start time or cgroup
 //! replaces it. A process that has exited keeps its last identity (the TIME_WAIT ports of a
 //! churner that exited are still charged to it, and so is its container).
-use std::{collections::HashMap, fs, sync::Arc};
+use std::{collections::HashMap, fs, io::Read, sync::Arc};
 
 use crate::procfs;
 
@@ -182,6 +182,17 @@ pub fn parse_cmdline(raw: &[u8]) -> String {
     text.trim_end_matches('\0').replace('\0', " ")
 }
 
+/// The first [`CMDLINE_MAX`] bytes of `/proc/<pid>/cmdline`, in one read(2). Every read of that
+/// file copies from the process' memory afresh, so a line read in pieces (`fs::read` first reads
+/// 32 bytes) can end where an exiting process' memory went away: a torn command line, seen as
+/// `/portx/portx-agent workload --ne` for a victim that exited as the agent read it.
+fn read_cmdline(pid: u32) -> std::io::Result<Vec<u8>> {
+    let mut raw = vec![0u8; CMDLINE_MAX];
+    let n = fs::File::open(format!("/proc/{pid}/cmdline"))?.read(&mut raw)?;
+    raw.truncate(n);
+    Ok(raw)
+}
+
 /// True for a zombie or dead process (`State:` Z or X): its cgroup and command line are no
 /// longer its own (the kernel shows the root cgroup and no arguments).
 pub fn parse_status_exited(status: &str) -> bool {
@@ -201,7 +212,7 @@ pub fn read(pid: u32) -> Option<Identity> {
     let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|t| parse_cgroup(&t));
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+    let cmdline = read_cmdline(pid)
         .map(|raw| parse_cmdline(&raw))
         .unwrap_or_default();
     // No arguments: an exiting process whose memory is gone (and whose cgroup may already read
@@ -389,6 +400,16 @@ mod tests {
         assert_eq!(parse_cmdline(b"curl\0-s\0http://x\0"), "curl -s http://x");
         assert_eq!(parse_cmdline(b""), "");
         assert_eq!(parse_cmdline(&[b'a'; 1000]).len(), CMDLINE_MAX);
+    }
+
+    #[test]
+    fn a_command_line_is_read_whole_in_one_read() {
+        // Our own command line is longer than the 32 bytes `fs::read` reads first.
+        let me = std::process::id();
+        let whole = fs::read(format!("/proc/{me}/cmdline")).expect("our cmdline");
+        assert!(whole.len() > 32, "{whole:?}");
+        let once = read_cmdline(me).expect("our cmdline");
+        assert_eq!(once, whole[..whole.len().min(CMDLINE_MAX)]);
     }
 
     #[test]
