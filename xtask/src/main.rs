@@ -34,8 +34,20 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Errors are printed as their chain of contexts, without the backtrace `anyhow` captures under
+/// `RUST_BACKTRACE=1` (set in CI): a failed VM row's own report is the part worth reading.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Setup(a) => setup::run(&a),
         Command::Test(a) => test::run(&a),
         Command::VmTest(a) => vm::run(&a).map(|_| ()),
