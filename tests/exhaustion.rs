@@ -502,3 +502,58 @@ fn a_port_search_failed_outside_connect_is_closed_by_the_threads_next_connect() 
     assert_eq!(failures[0]["errno"], 99, "{failures:#?}");
     assert_eq!(failures[0]["dport"], 9000, "{failures:#?}");
 }
+
+/// A process failing as fast as the kernel lets it gets about a line a second, not a line per
+/// failure, and the `failures` of its lines add up to every failure it made (the last ones are
+/// flushed once it goes quiet, or at exit).
+#[test]
+fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
+    let _g = serial();
+    if !require_root("a_failure_storm_gets_a_line_a_second_that_counts_every_failure") {
+        return;
+    }
+    let ns = Netns::new();
+    let mut agent = Agent::start(ns.id);
+    // One thread holds the 16-port range to its own listener, then fails for 2 s.
+    let mut storm = ns.spawn(
+        "stormer",
+        &[
+            "storm",
+            "--threads",
+            "1",
+            "--seconds",
+            "2",
+            "--close",
+            "fail",
+        ],
+    );
+    let said = storm.expect("storm ");
+    assert!(storm.wait().success(), "{said}");
+    let failed: u64 = said
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("failed=")?.parse().ok())
+        .unwrap_or_else(|| panic!("storm said `{said}`"));
+    assert!(failed >= 100, "a storm, not a trickle: {said}");
+    let pid = storm.pid();
+    let summary = agent.wait_for("a summary counting every failure", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(failed)
+    });
+    assert_eq!(summary["lost"], 0, "{summary:#}");
+    let mut all = agent.seen().to_vec();
+    let (status, rest) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "agent exit: {status:?}");
+    all.extend(rest);
+    let lines: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["type"] == "connect_failed" && v["pid"] == pid)
+        .collect();
+    let counted: u64 = lines.iter().filter_map(|v| v["failures"].as_u64()).sum();
+    assert_eq!(counted, failed, "{said}; lines: {lines:#?}");
+    // The first at once, one a second after, the rest flushed when it went quiet.
+    assert!(
+        (2..=6).contains(&lines.len()),
+        "{} lines for {failed} failures: {lines:#?}",
+        lines.len()
+    );
+    assert_eq!(lines[0]["failures"], 1, "the first is shown at once");
+}

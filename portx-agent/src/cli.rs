@@ -103,6 +103,11 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     pub max_sockets: u32,
+    /// A `connect_failed`/`bind_failed` line for every failure. Default: at most one a second
+    /// per process, destination (or local address) and errno, its `failures` counting those
+    /// without a line of their own.
+    #[arg(long)]
+    pub every_failure: bool,
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Serve OpenMetrics on http://ADDR/metrics (`--metrics` alone: 127.0.0.1:9464). Loopback
@@ -292,6 +297,11 @@ impl TraceArgs {
             duration: self.duration,
             seed: !self.no_seed,
             report_every: Duration::from_secs(1),
+            failure_line_every: if self.every_failure {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1)
+            },
             max_sockets: self.max_sockets as usize,
             filter: self.filter.filter(),
             view_top: 0,

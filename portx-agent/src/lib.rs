@@ -15,6 +15,7 @@ pub mod clock;
 pub mod decoder;
 pub mod demo;
 pub mod doctor;
+pub mod failure_lines;
 pub mod filter;
 pub mod forecast;
 pub mod identity;

@@ -58,7 +58,7 @@ impl<W: Write> Output<W> {
             (_, _, Some(a), Some(p)) => (a.as_str(), p, "on"),
             _ => ("?", 0, "->"),
         };
-        writeln!(
+        write!(
             self.out,
             "{} {what}() FAILED {} ({})  {}[{}] {dir} {}  netns {}",
             clock(f.ts),
@@ -68,7 +68,11 @@ impl<W: Write> Output<W> {
             f.pid,
             endpoint(addr, port),
             f.netns
-        )
+        )?;
+        if f.failures > 1 {
+            write!(self.out, "  ({} failures since its last line)", f.failures)?;
+        }
+        writeln!(self.out)
     }
 
     fn exhaustion(&mut self, e: &Exhaustion) -> io::Result<()> {
@@ -267,6 +271,7 @@ mod tests {
             sport: None,
             netns: 1,
             ts: 3_600_000_000_000 + 61_000_000_000,
+            failures: 1,
             who: Default::default(),
         }
     }
@@ -307,6 +312,15 @@ mod tests {
         assert_eq!(
             text,
             "01:01:01 connect() FAILED EADDRNOTAVAIL (99)  victim[7] -> 10.1.2.3:443  netns 1\n"
+        );
+        let storm = Failure {
+            failures: 4000,
+            ..failure()
+        };
+        let text = render(false, &[Record::ConnectFailed(storm)]);
+        assert!(
+            text.ends_with("netns 1  (4000 failures since its last line)\n"),
+            "{text}"
         );
     }
 

@@ -69,6 +69,10 @@ pub struct Failure {
     pub sport: Option<u16>,
     pub netns: u32,
     pub ts: u64,
+    /// Failures this line stands for: itself and those of the same process, destination (or
+    /// local address) and errno since that key's previous line, which had none (see
+    /// [`crate::failure_lines`]). 1 unless the process fails faster than a line a second.
+    pub failures: u64,
     #[serde(flatten)]
     pub who: Who,
 }
@@ -299,6 +303,7 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
         sport: if connect { None } else { port },
         netns: f.netns,
         ts,
+        failures: 1,
         who: Who::default(),
     }
 }

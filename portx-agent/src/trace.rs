@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     btf, clock,
     decoder::{self, Event, SyscallFailure},
+    failure_lines::{self, FailureLines},
     filter::Filter,
     forecast::Rates,
     identity::Identities,
@@ -50,6 +51,9 @@ pub struct TraceOptions {
     pub seed: bool,
     /// Minimum time between two exhaustion reports for one destination.
     pub report_every: Duration,
+    /// Minimum time between two failure lines of one process, destination and errno (see
+    /// [`failure_lines`]); zero: a line for every failure.
+    pub failure_line_every: Duration,
     /// Most sockets the tracker keeps (see [`Tracker::with_limit`]).
     pub max_sockets: usize,
     /// What the records on stdout are restricted to (`--pid`, `--comm`, `--dport`).
@@ -76,6 +80,7 @@ impl Default for TraceOptions {
             duration: None,
             seed: true,
             report_every: Duration::from_secs(1),
+            failure_line_every: Duration::from_secs(1),
             max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
             filter: Filter::default(),
             view_top: 0,
@@ -141,6 +146,7 @@ struct Session<W: io::Write> {
     counters: Counters,
     reports: HashMap<Target, LastReport>,
     bind_reports: HashMap<u32, LastReport>,
+    failure_lines: FailureLines,
     /// A write to stdout failed (reader gone): stop.
     broken: Option<io::Error>,
     /// The kernel's per-CPU count of records it could not write (None in tests).
@@ -277,11 +283,31 @@ impl<W: io::Write> Session<W> {
         }
     }
 
+    /// A `connect_failed` or `bind_failed` line.
+    fn failure_line(&mut self, line: &failure_lines::Line) {
+        let f = &line.failure;
+        let mut rec = report::failure(f, line.connect, clock::wall_ns(f.ts_ns));
+        rec.failures = line.failures;
+        rec.who = self.who(f.task.pid);
+        self.emit(&if line.connect {
+            Record::ConnectFailed(rec)
+        } else {
+            Record::BindFailed(rec)
+        });
+    }
+
+    /// Lines for failures still without one (see [`FailureLines::flush`]).
+    fn flush_failure_lines(&mut self, all: bool) {
+        for line in self.failure_lines.flush(clock::monotonic_ns(), all) {
+            self.failure_line(&line);
+        }
+    }
+
     fn connect_failed(&mut self, f: &SyscallFailure) {
         let ts = clock::wall_ns(f.ts_ns);
-        let mut rec = report::failure(f, true, ts);
-        rec.who = self.who(f.task.pid);
-        self.emit(&Record::ConnectFailed(rec));
+        if let Some(line) = self.failure_lines.on_failure(f, true) {
+            self.failure_line(&line);
+        }
         if f.errno != EADDRNOTAVAIL {
             return;
         }
@@ -329,9 +355,9 @@ impl<W: io::Write> Session<W> {
 
     fn bind_failed(&mut self, f: &SyscallFailure) {
         let ts = clock::wall_ns(f.ts_ns);
-        let mut rec = report::failure(f, false, ts);
-        rec.who = self.who(f.task.pid);
-        self.emit(&Record::BindFailed(rec));
+        if let Some(line) = self.failure_lines.on_failure(f, false) {
+            self.failure_line(&line);
+        }
         if f.errno != EADDRINUSE || f.port != 0 {
             return;
         }
@@ -612,6 +638,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         counters: Counters::default(),
         reports: HashMap::new(),
         bind_reports: HashMap::new(),
+        failure_lines: FailureLines::new(opts.failure_line_every),
         broken: None,
         drop_map: Some(drop_map),
         opts,
@@ -733,11 +760,13 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     warned_limit = evicted + over;
                 }
                 session.ranges.refresh_all();
+                session.flush_failure_lines(false);
                 session.summary(false);
                 session.flush();
             }
             _ = view_tick.tick() => {
                 reader.drain_pending(|buf| session.handle(buf));
+                session.flush_failure_lines(false);
                 if let Some(v) = session.tick_view(view.receiver_count() > 0) {
                     view.send_replace(Arc::new(v));
                 }
@@ -783,6 +812,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         .iter()
         .map(|(_, n)| n)
         .sum();
+    session.flush_failure_lines(true);
     session.summary(true);
     session.flush();
     if let Some(t) = metrics_task {

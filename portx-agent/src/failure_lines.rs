@@ -1,0 +1,249 @@
+//! How many `connect_failed`/`bind_failed` lines a failure storm gets: at most one a second per
+//! process, destination (or local address) and errno, each line saying how many failures it
+//! stands for. A retry loop failing 300k times a second would otherwise print 300k lines a second
+//! (and the agent would spend most of a core formatting them). Nothing is dropped: a failure
+//! without a line of its own is counted into its key's next line, which comes with the next
+//! failure due or, for a key that went quiet, at the next flush (about a second later, and at
+//! exit); the `failures` of a key's lines add up to its failures.
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use crate::decoder::SyscallFailure;
+
+/// Keys followed at once; a failure of a new key past it gets its own line (`failures` 1).
+pub const MAX_KEYS: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    connect: bool,
+    pid: u32,
+    netns: u32,
+    addr: IpAddr,
+    port: u16,
+    errno: i32,
+}
+
+impl Key {
+    fn of(f: &SyscallFailure, connect: bool) -> Self {
+        Key {
+            connect,
+            pid: f.task.pid,
+            netns: f.netns,
+            addr: f.addr,
+            port: f.port,
+            errno: f.errno,
+        }
+    }
+}
+
+struct Last {
+    /// When the key's last line was due (monotonic ns).
+    at_ns: u64,
+    /// Failures since that line, none of which had one.
+    unshown: u64,
+    /// The latest of them: the line a flush writes for them.
+    latest: SyscallFailure,
+}
+
+/// A line to write: this failure, standing for `failures` failures (itself and those before it
+/// that had none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub failure: SyscallFailure,
+    pub connect: bool,
+    pub failures: u64,
+}
+
+pub struct FailureLines {
+    every_ns: u64,
+    keys: HashMap<Key, Last>,
+}
+
+impl FailureLines {
+    /// At most one line per key each `every`; `Duration::ZERO`: a line for every failure.
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every_ns: u64::try_from(every.as_nanos()).unwrap_or(u64::MAX),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// One failure at `f.ts_ns`: Some(line) if it gets a line now (the key's first, or its last
+    /// line is `every` old), else None and it is counted into the key's next line.
+    pub fn on_failure(&mut self, f: &SyscallFailure, connect: bool) -> Option<Line> {
+        if self.every_ns == 0 {
+            return Some(Line {
+                failure: *f,
+                connect,
+                failures: 1,
+            });
+        }
+        let key = Key::of(f, connect);
+        let Some(last) = self.keys.get_mut(&key) else {
+            if self.keys.len() < MAX_KEYS {
+                self.keys.insert(
+                    key,
+                    Last {
+                        at_ns: f.ts_ns,
+                        unshown: 0,
+                        latest: *f,
+                    },
+                );
+            }
+            return Some(Line {
+                failure: *f,
+                connect,
+                failures: 1,
+            });
+        };
+        if f.ts_ns.saturating_sub(last.at_ns) < self.every_ns {
+            last.unshown += 1;
+            last.latest = *f;
+            return None;
+        }
+        last.at_ns = f.ts_ns;
+        Some(Line {
+            failure: *f,
+            connect,
+            failures: std::mem::take(&mut last.unshown) + 1,
+        })
+    }
+
+    /// Lines for the failures still without one whose key's last line is at least `every` old
+    /// at `now_ns` — every such key when `all` (at exit) — oldest key first; keys with nothing
+    /// left and no line for `every` are forgotten.
+    pub fn flush(&mut self, now_ns: u64, all: bool) -> Vec<Line> {
+        let every = self.every_ns;
+        let mut lines = Vec::new();
+        self.keys.retain(|key, last| {
+            let quiet = now_ns.saturating_sub(last.at_ns) >= every;
+            if last.unshown > 0 && (quiet || all) {
+                lines.push(Line {
+                    failure: last.latest,
+                    connect: key.connect,
+                    failures: std::mem::take(&mut last.unshown),
+                });
+                last.at_ns = now_ns;
+                return true;
+            }
+            !(quiet && last.unshown == 0)
+        });
+        lines.sort_by_key(|l| l.failure.ts_ns);
+        lines
+    }
+
+    /// Keys followed now.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decoder::{Comm, Task};
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn failure(pid: u32, port: u16, ts_ns: u64) -> SyscallFailure {
+        SyscallFailure {
+            ts_ns,
+            task: Task {
+                pid,
+                tid: pid,
+                comm: Comm::new("client"),
+            },
+            skaddr: 1,
+            netns: 7,
+            errno: libc::EADDRNOTAVAIL,
+            addr: IpAddr::from([10, 0, 0, 1]),
+            port,
+        }
+    }
+
+    fn counts(lines: &[Line]) -> u64 {
+        lines.iter().map(|l| l.failures).sum()
+    }
+
+    #[test]
+    fn a_storm_gets_a_line_a_second_and_every_failure_is_counted_in_one() {
+        let mut l = FailureLines::new(Duration::from_secs(1));
+        let mut lines = Vec::new();
+        // 10_000 failures over 2.5 s, one process, one destination.
+        for i in 0..10_000u64 {
+            let ts = SEC + i * 250_000;
+            lines.extend(l.on_failure(&failure(100, 443, ts), true));
+        }
+        assert_eq!(lines.len(), 3, "at 1 s, 2 s and 3 s: {lines:?}");
+        assert_eq!(lines[0].failures, 1, "the first is shown at once");
+        assert_eq!(lines[1].failures, 4000);
+        // The rest has no line until the key is quiet for a second, or the agent exits.
+        assert!(l.flush(SEC + 10_000 * 250_000, false).is_empty());
+        let rest = l.flush(SEC + 10_000 * 250_000, true);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].failure.ts_ns, SEC + 9_999 * 250_000, "the latest");
+        lines.extend(rest);
+        assert_eq!(counts(&lines), 10_000);
+        assert!(l.flush(10 * SEC, true).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn a_quiet_key_is_flushed_after_a_second_then_forgotten() {
+        let mut l = FailureLines::new(Duration::from_secs(1));
+        assert!(l.on_failure(&failure(100, 443, SEC), true).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC + 10), true).is_none());
+        assert!(l.on_failure(&failure(100, 443, SEC + 20), true).is_none());
+        assert!(l.flush(SEC + SEC / 2, false).is_empty(), "not a second yet");
+        let lines = l.flush(2 * SEC, false);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].failures, 2);
+        assert_eq!(lines[0].failure.ts_ns, SEC + 20);
+        assert_eq!(l.len(), 1, "just flushed: kept");
+        assert!(l.flush(3 * SEC, false).is_empty());
+        assert!(l.is_empty(), "a second with nothing: forgotten");
+        assert_eq!(
+            l.on_failure(&failure(100, 443, 3 * SEC), true)
+                .map(|l| l.failures),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn processes_destinations_errnos_and_calls_are_keyed_apart() {
+        let mut l = FailureLines::new(Duration::from_secs(1));
+        assert!(l.on_failure(&failure(100, 443, SEC), true).is_some());
+        assert!(l.on_failure(&failure(101, 443, SEC), true).is_some());
+        assert!(l.on_failure(&failure(100, 80, SEC), true).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC), false).is_some());
+        let mut refused = failure(100, 443, SEC);
+        refused.errno = libc::ECONNREFUSED;
+        assert!(l.on_failure(&refused, true).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC + 1), true).is_none());
+    }
+
+    #[test]
+    fn with_no_gap_every_failure_has_its_line() {
+        let mut l = FailureLines::new(Duration::ZERO);
+        for i in 0..100 {
+            let line = l.on_failure(&failure(100, 443, SEC + i), true);
+            assert_eq!(line.map(|l| l.failures), Some(1));
+        }
+        assert!(l.flush(10 * SEC, true).is_empty());
+    }
+
+    #[test]
+    fn past_the_key_limit_a_failure_gets_its_own_line() {
+        let mut l = FailureLines::new(Duration::from_secs(1));
+        for pid in 0..MAX_KEYS as u32 {
+            assert!(l.on_failure(&failure(pid, 443, SEC), true).is_some());
+        }
+        assert_eq!(l.len(), MAX_KEYS);
+        let extra = failure(MAX_KEYS as u32, 443, SEC);
+        assert!(l.on_failure(&extra, true).is_some());
+        assert!(l.on_failure(&extra, true).is_some(), "not followed: shown");
+        assert_eq!(l.len(), MAX_KEYS);
+    }
+}
