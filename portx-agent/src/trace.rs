@@ -767,6 +767,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             _ = view_tick.tick() => {
                 reader.drain_pending(|buf| session.handle(buf));
                 session.flush_failure_lines(false);
+                // What the drain and the flush wrote goes out now, not with the next summary.
+                session.flush();
                 if let Some(v) = session.tick_view(view.receiver_count() > 0) {
                     view.send_replace(Arc::new(v));
                 }
