@@ -88,7 +88,8 @@ pub struct TraceArgs {
     /// Seconds between corrections of the table against the kernel's sock_diag.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
     pub resync: Duration,
-    /// Ring buffer size in KiB (power of two, 4 to 1048576). Default 4096.
+    /// Size of each ring buffer in KiB (power of two, 4 to 1048576); the kernel side writes to
+    /// one ring per CPU, at most 8. Default: 8 MiB shared out, 1 to 4 MiB a ring.
     #[arg(long, value_name = "KIB", value_parser = ring_kib)]
     pub ring_buffer_kib: Option<u32>,
     /// Stop after this many seconds (default: run until SIGINT/SIGTERM).

@@ -14,7 +14,7 @@ use aya::{
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use portx_common::{hook_mode, names, KernelOffsets};
+use portx_common::{hook_mode, names, KernelOffsets, MAX_RINGS};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portx-ebpf"));
 
@@ -96,6 +96,30 @@ pub struct Loaded {
     pub attached: Vec<String>,
     /// Reader of the kernel programs' rare aya-log messages (to stderr via `tracing`).
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The rings the CPUs write to: `names::EVENTS[..rings.count]`.
+    pub rings: RingLayout,
+}
+
+/// How many ring buffers the CPUs write to, and the size of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    pub count: usize,
+    pub bytes: u32,
+}
+
+impl RingLayout {
+    /// One ring per CPU up to `MAX_RINGS`. Each is `ring_bytes` if given, else 8 MiB shared out
+    /// (a power of two between 1 and 4 MiB each).
+    pub fn for_cpus(cpus: usize, ring_bytes: Option<u32>) -> Self {
+        let count = cpus.clamp(1, MAX_RINGS);
+        let bytes = ring_bytes.unwrap_or_else(|| {
+            let share = TOTAL_RING_BYTES / count as u32;
+            // Largest power of two not above the share.
+            (1u32 << (31 - share.leading_zeros()))
+                .clamp(MIN_DEFAULT_RING_BYTES, MAX_DEFAULT_RING_BYTES)
+        });
+        Self { count, bytes }
+    }
 }
 
 pub struct LoadOptions {
@@ -124,8 +148,17 @@ const TRACEPOINTS: [(&str, &str, &str); 3] = [
 
 const HASH_CONNECT: &str = "inet_hash_connect";
 
-/// Size of `EVENTS` in the eBPF object (4 MiB) unless `--ring-buffer-kib` overrides it.
-const DEFAULT_RING_BYTES: u32 = 1 << 22;
+/// What the rings' default sizes share out (see [`RingLayout::for_cpus`]).
+const TOTAL_RING_BYTES: u32 = 8 << 20;
+const MIN_DEFAULT_RING_BYTES: u32 = 1 << 20;
+const MAX_DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// Size of a ring no CPU writes to: the smallest the kernel takes.
+fn page_bytes() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page).unwrap_or(4096)
+}
 
 /// Loads and attaches the first hook mode of `opts.hooks` that works on this kernel.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
@@ -150,8 +183,12 @@ pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
 fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let pid = std::process::id();
     let raw_mode = mode.raw();
-    // Wake the agent once an eighth of the ring buffer is waiting (failures always wake it).
-    let wakeup_bytes = opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES) / 8;
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(path, e)| anyhow!("reading the number of CPUs from {path}: {e}"))?;
+    let rings = RingLayout::for_cpus(cpus, opts.ring_bytes);
+    let ring_count = rings.count as u32;
+    // Wake the agent once an eighth of a ring is waiting (failures always wake it).
+    let wakeup_bytes = rings.bytes / 8;
     let filter_netns = u32::from(!opts.netns.is_empty());
     let mut loader = EbpfLoader::new();
     loader
@@ -159,9 +196,15 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         .override_global(names::HOOK_MODE, &raw_mode, true)
         .override_global(names::OFFSETS, &opts.offsets, true)
         .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+        .override_global(names::RING_COUNT, &ring_count, true)
         .override_global(names::FILTER_NETNS, &filter_netns, true);
-    if let Some(bytes) = opts.ring_bytes {
-        loader.map_max_entries(names::EVENTS, bytes);
+    for (i, name) in names::EVENTS.iter().enumerate() {
+        let bytes = if i < rings.count {
+            rings.bytes
+        } else {
+            page_bytes()
+        };
+        loader.map_max_entries(name, bytes);
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     if !opts.netns.is_empty() {
@@ -227,11 +270,18 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         attached.push(format!("tracepoint:{category}:{event}"));
     }
     tracing::info!("attached {mode} hooks: {}", attached.join(", "));
+    tracing::info!(
+        "{} ring buffer(s) of {} KiB, CPU n writing to ring n % {}",
+        rings.count,
+        rings.bytes / 1024,
+        rings.count
+    );
     Ok(Loaded {
         ebpf,
         mode,
         attached,
         logger,
+        rings,
     })
 }
 

@@ -1,51 +1,137 @@
-//! Reads the `EVENTS` ring buffer: the fd is registered with tokio (`AsyncFd`); on readiness
-//! everything available is drained in one batch, readiness is cleared, and the buffer is drained
-//! once more so that a record that landed between the last read and the clear is not left
-//! waiting for the next wake-up.
-use std::{io, os::fd::AsRawFd};
+//! Reads the `EVENTS_<n>` ring buffers (one per group of CPUs) and hands their records on in
+//! time order: every ring's fd is registered with tokio (`AsyncFd`); on any readiness every ring
+//! is drained into [`Reorder`], which releases what no ring can still precede (see reorder.rs).
+//! Records the watermark holds back are looked at again a millisecond later, so none waits
+//! for the next wake-up.
+use std::{future::poll_fn, io, os::fd::AsRawFd, task::Poll, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
-/// Registers a ring buffer (the events one, or aya-log's) with tokio for readability.
+use crate::{
+    clock,
+    reorder::Reorder,
+    ring::{Ring, Stop},
+};
+
+/// Slack for the kernel's record times (`ktime_get_mono_fast_ns`) against the agent's
+/// CLOCK_MONOTONIC reading: the two are the same clock, read through different snapshots.
+const CLOCK_SLACK_NS: u64 = 200_000;
+
+/// How soon held-back records are looked at again when nothing wakes the agent.
+const LOOK_AGAIN: Duration = Duration::from_millis(1);
+
+/// Registers a ring buffer (one of the events rings, or aya-log's) with tokio for readability.
 pub fn register<T: AsRawFd>(ring: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: `T` is an aya ring buffer (or a type wrapping one) that owns its map fd for its
-    // whole life and always returns that same fd; the AsyncFd owns `T`, so the fd outlives the
+    // SAFETY: `T` is a ring buffer (or a type wrapping one) that owns its map fd for its whole
+    // life and always returns that same fd; the AsyncFd owns `T`, so the fd outlives the
     // registration.
     Ok(unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?)
 }
 
+struct Watched {
+    fd: AsyncFd<Ring>,
+    /// When this ring was last read up to its producer position (CLOCK_MONOTONIC ns).
+    caught_up_at: u64,
+}
+
 pub struct Reader {
-    fd: AsyncFd<RingBuf<MapData>>,
+    rings: Vec<Watched>,
+    reorder: Reorder,
 }
 
 impl Reader {
-    pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
+    pub fn new(rings: Vec<Ring>) -> io::Result<Self> {
+        let rings = rings
+            .into_iter()
+            .map(|r| {
+                Ok(Watched {
+                    fd: register(r)?,
+                    caught_up_at: 0,
+                })
+            })
+            .collect::<io::Result<_>>()?;
         Ok(Self {
-            fd: register(ring)?,
+            rings,
+            reorder: Reorder::default(),
         })
     }
 
-    /// Waits until records are available, then hands each one to `f`. Returns how many.
-    pub async fn drain(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
-        let mut guard = self.fd.readable_mut().await?;
-        let mut n = drain_now(guard.get_inner_mut(), &mut f);
-        guard.clear_ready();
-        n += drain_now(guard.get_inner_mut(), &mut f);
-        Ok(n)
+    /// Waits until a ring has records (or, with records held back, a millisecond at most),
+    /// then hands on each record that is due, in time order. Returns how many. Cancel-safe:
+    /// what was read and not handed on stays held.
+    pub async fn drain(&mut self, f: impl FnMut(&[u8])) -> io::Result<usize> {
+        if self.reorder.is_empty() {
+            self.readable().await?;
+        } else {
+            tokio::select! {
+                r = self.readable() => r?,
+                _ = tokio::time::sleep(LOOK_AGAIN) => {}
+            }
+        }
+        Ok(self.pass(f))
     }
 
-    /// Drains without waiting (at exit, so that nothing already written is lost).
-    pub fn drain_pending(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        drain_now(self.fd.get_mut(), &mut f)
+    /// Reads every ring without waiting and hands on what is due.
+    pub fn drain_pending(&mut self, f: impl FnMut(&[u8])) -> usize {
+        self.pass(f)
     }
-}
 
-fn drain_now(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        f(&item);
-        n += 1;
+    /// Reads every ring and hands on everything read, held records included (at exit, so that
+    /// nothing already written is lost).
+    pub fn drain_all(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        self.pass(&mut f) + self.reorder.release_all(f)
     }
-    n
+
+    /// Records handed on after a newer one (see reorder.rs); 0 unless the clocks misbehave.
+    pub fn late(&self) -> u64 {
+        self.reorder.late()
+    }
+
+    /// Resolves once any ring is readable, clearing the readiness of those that are: records
+    /// written after that wake it again.
+    async fn readable(&self) -> io::Result<()> {
+        poll_fn(|cx| {
+            let mut ready = false;
+            for w in &self.rings {
+                match w.fd.poll_read_ready(cx) {
+                    Poll::Ready(Ok(mut guard)) => {
+                        guard.clear_ready();
+                        ready = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if ready {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// One look at every ring, then the release of what is due.
+    fn pass(&mut self, f: impl FnMut(&[u8])) -> usize {
+        let now = clock::monotonic_ns();
+        let reorder = &mut self.reorder;
+        for w in &mut self.rings {
+            let (_, stop) = w.fd.get_mut().drain(|r| reorder.push(r));
+            if stop == Stop::CaughtUp {
+                w.caught_up_at = now;
+            }
+        }
+        let watermark = match self.rings.len() {
+            // One ring is already in the order its records were reserved.
+            1 => u64::MAX,
+            _ => self
+                .rings
+                .iter()
+                .map(|w| w.caught_up_at)
+                .min()
+                .unwrap_or(now)
+                .saturating_sub(CLOCK_SLACK_NS),
+        };
+        self.reorder.release_before(watermark, f)
+    }
 }

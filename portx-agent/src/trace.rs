@@ -9,8 +9,8 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, Context as _};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{MapData, PerCpuArray};
 use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL, FAILURE_WAKE_GAP_NS};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -31,6 +31,7 @@ use crate::{
     ranges::Ranges,
     reader::Reader,
     report::{self, DestRecord, HolderRecord, Record, Started, Summary, Who},
+    ring::Ring,
     seed, tracefs,
     tracker::{DestKey, DestStats, Target, Tracker},
     view::{GroupFailures, ProcessRecord, Totals, View, MAX_GROUPS},
@@ -602,19 +603,25 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         ring_bytes: opts.ring_bytes,
         netns: opts.netns.clone(),
     })?;
-    let ring = RingBuf::try_from(
-        loaded
-            .ebpf
-            .take_map(names::EVENTS)
-            .ok_or_else(|| anyhow!("map {} missing", names::EVENTS))?,
-    )?;
+    let mut rings = Vec::with_capacity(loaded.rings.count);
+    for name in &names::EVENTS[..loaded.rings.count] {
+        let map = match loaded.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(m)) => m,
+            Some(_) => bail!("map {name} is not a ring buffer"),
+            None => bail!("map {name} missing"),
+        };
+        rings.push(
+            Ring::new(map, loaded.rings.bytes as usize)
+                .with_context(|| format!("mapping ring buffer {name}"))?,
+        );
+    }
     let drop_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
         loaded
             .ebpf
             .take_map(names::DROPS)
             .ok_or_else(|| anyhow!("map {} missing", names::DROPS))?,
     )?;
-    let mut reader = Reader::new(ring).context("registering the ring buffer with tokio")?;
+    let mut reader = Reader::new(rings).context("registering the ring buffers with tokio")?;
     let mut logger = match loaded.logger.take() {
         Some(l) => Some(crate::reader::register(l).context("registering the kernel log buffer")?),
         None => None,
@@ -701,6 +708,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut failures_seen = 0;
     let mut warned_limit = 0;
     let mut warned_lost = 0;
+    let mut warned_late = 0;
 
     loop {
         tokio::select! {
@@ -739,6 +747,14 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                         lost - warned_lost
                     );
                     warned_lost = lost;
+                }
+                if reader.late() > warned_late {
+                    tracing::warn!(
+                        "{} records arrived after newer ones were handled ({} since start): the kernel's and the agent's CLOCK_MONOTONIC disagree; port counts may be off until the next resync",
+                        reader.late() - warned_late,
+                        reader.late()
+                    );
+                    warned_late = reader.late();
                 }
                 let by_program = prog_stats::missed_runs(&loaded.ebpf);
                 let missed: u64 = by_program.iter().map(|(_, n)| n).sum();
@@ -808,7 +824,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             follow_up = Some(tokio::time::Instant::now() + follow_up_gap);
         }
     }
-    reader.drain_pending(|buf| session.handle(buf));
+    reader.drain_all(|buf| session.handle(buf));
     session.lost_now();
     session.counters.missed = prog_stats::missed_runs(&loaded.ebpf)
         .iter()

@@ -1,6 +1,6 @@
 //! Types shared by the portx eBPF programs and the user-space agent.
 //!
-//! Every record the kernel writes into the `EVENTS` ring buffer starts with an [`EventHeader`]; the
+//! Every record the kernel writes into one of the `EVENTS_<n>` ring buffers starts with an [`EventHeader`]; the
 //! agent reads `kind` first and dispatches. All kinds and flags are plain `u32`s (never Rust enums read
 //! from kernel bytes), every struct is `#[repr(C)]` with explicit padding, and sizes are asserted at
 //! compile time so that a layout change on one side cannot silently break the other.
@@ -19,9 +19,19 @@ pub const MAX_NETNS_FILTER: u32 = 256;
 /// twice this long.
 pub const FAILURE_WAKE_GAP_NS: u64 = 5_000_000;
 
+/// Most ring buffers the kernel side writes to: CPU `c` writes to ring `c % RING_COUNT`, and the
+/// agent sets `RING_COUNT` (at most this) from the number of CPUs. One ring shared by every CPU
+/// costs each record a contended lock and cache line.
+pub const MAX_RINGS: usize = 8;
+
 /// Names of the maps and globals in the eBPF object; the agent looks them up by these names.
 pub mod names {
-    pub const EVENTS: &str = "EVENTS";
+    /// The ring buffers, `EVENTS[n]` for ring n.
+    pub const EVENTS: [&str; super::MAX_RINGS] = [
+        "EVENTS_0", "EVENTS_1", "EVENTS_2", "EVENTS_3", "EVENTS_4", "EVENTS_5", "EVENTS_6",
+        "EVENTS_7",
+    ];
+    pub const RING_COUNT: &str = "RING_COUNT";
     pub const DROPS: &str = "DROPS";
     pub const AGENT_TGID: &str = "AGENT_TGID";
     pub const HOOK_MODE: &str = "HOOK_MODE";
@@ -106,7 +116,9 @@ pub struct EventHeader {
     pub tid: u32,
     /// Per-kind flags; for [`kind::PORT`] the [`hook_mode`] that produced it.
     pub flags: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC), read after the record's space was reserved in its
+    /// ring: a record not yet reserved when the agent looked at a ring will carry a later time,
+    /// which is what lets the agent merge the rings in time order.
     pub ts_ns: u64,
     pub comm: [u8; TASK_COMM_LEN],
 }
@@ -242,7 +254,23 @@ pub struct SockCommonHead {
     pub v6_rcv_saddr: [u8; 16],
 }
 
+/// Offset of [`EventHeader::ts_ns`] in every record.
+pub const TS_OFFSET: usize = 16;
+
+/// A record type: `#[repr(C)]` with an [`EventHeader`] as its first field.
+///
+/// # Safety
+/// Implement only for such types: the kernel side writes the time through a header pointer to
+/// the record.
+pub unsafe trait Record {}
+
+// SAFETY: each is #[repr(C)] and starts with `hdr: EventHeader`.
+unsafe impl Record for StateEvent {}
+unsafe impl Record for PortEvent {}
+unsafe impl Record for SyscallEvent {}
+
 const _: () = assert!(size_of::<EventHeader>() == 40);
+const _: () = assert!(core::mem::offset_of!(EventHeader, ts_ns) == TS_OFFSET);
 const _: () = assert!(size_of::<SockCommonHead>() == 88);
 const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);

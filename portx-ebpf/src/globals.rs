@@ -11,9 +11,13 @@ static AGENT_TGID: u32 = 0;
 #[no_mangle]
 static HOOK_MODE: u32 = 0;
 
-/// Bytes waiting in the ring buffer that force a wake-up of the agent (an eighth of the buffer).
+/// Bytes waiting in the ring buffer that force a wake-up of the agent (an eighth of a ring).
 #[no_mangle]
 static WAKEUP_BYTES: u32 = 1 << 19;
+
+/// How many of the ring buffers the CPUs write to (1..=MAX_RINGS).
+#[no_mangle]
+static RING_COUNT: u32 = 1;
 
 /// 1 when only the namespaces in `NETNS_FILTER` are traced (`--netns`).
 #[no_mangle]
@@ -76,4 +80,9 @@ pub fn wakeup_bytes() -> u32 {
 #[inline(always)]
 pub fn filter_netns() -> u32 {
     unsafe { core::ptr::read_volatile(&FILTER_NETNS) }
+}
+
+#[inline(always)]
+pub fn ring_count() -> u32 {
+    unsafe { core::ptr::read_volatile(&RING_COUNT) }
 }
