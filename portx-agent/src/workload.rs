@@ -68,6 +68,11 @@ pub enum WorkloadCmd {
         /// Close with RST (SO_LINGER 0): no TIME_WAIT.
         #[arg(long)]
         rst: bool,
+        /// Connect all COUNT on the last CPU this process may use, then close them from a thread
+        /// on the first: one socket's records land in two of the agent's ring buffers, the
+        /// closes in the ring read first.
+        #[arg(long)]
+        cross_cpu: bool,
     },
     /// One connect(). Prints `connect ok sport=P` (exit 0) or `connect failed errno=E` (exit 3).
     Connect {
@@ -198,7 +203,14 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             connect,
             count,
             rst,
+            cross_cpu: false,
         } => churn(connect, count, rst),
+        WorkloadCmd::Churn {
+            connect,
+            count,
+            rst,
+            cross_cpu: true,
+        } => churn_cross_cpu(connect, count, rst),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
@@ -446,6 +458,69 @@ fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
         }
     }
     say(&format!("churned ok={ok} failed={failed}"));
+    Ok(())
+}
+
+fn churn_cross_cpu(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
+    let cpus = allowed_cpus()?;
+    let (Some(&first), Some(&last)) = (cpus.first(), cpus.last()) else {
+        bail!("no CPU in this process's affinity mask");
+    };
+    if first == last {
+        bail!("--cross-cpu needs two CPUs; this process may run on CPU {first} only");
+    }
+    pin_to(last)?;
+    let (mut streams, mut failed) = (Vec::new(), 0u32);
+    for _ in 0..count {
+        match TcpStream::connect(addr) {
+            Ok(s) => {
+                if rst {
+                    set_linger_zero(&s);
+                }
+                streams.push(s);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let ok = streams.len();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        pin_to(first)?;
+        drop(streams);
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("the closing thread panicked"))??;
+    say(&format!(
+        "churned ok={ok} failed={failed} cpus={last},{first}"
+    ));
+    Ok(())
+}
+
+/// The CPUs this process may run on, ascending.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t filled by the kernel, then only tested.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, passed with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning to CPU {cpu}"));
+        }
+    }
     Ok(())
 }
 
