@@ -17,6 +17,10 @@ use std::{
 
 use aya::maps::MapData;
 
+// The positions are the kernel's `unsigned long`s, read here as u64.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("ring.rs reads the ring positions as 64-bit values");
+
 const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
 const HEADER_BYTES: usize = 8;
