@@ -132,7 +132,7 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
         agent.context()
     );
     assert!(
-        agent.stderr().contains("the kernel dropped"),
+        agent.stderr_says("the kernel dropped"),
         "no warning on stderr: {}",
         agent.context()
     );
@@ -179,7 +179,7 @@ fn at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted() {
     assert_eq!(top["top_holder"]["pid"], second, "{s:#}");
     assert_eq!(top["top_holder"]["ports"], 4, "{s:#}");
     assert!(
-        agent.stderr().contains("--max-sockets reached"),
+        agent.stderr_says("--max-sockets reached"),
         "no warning on stderr: {}",
         agent.context()
     );

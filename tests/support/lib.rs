@@ -308,6 +308,21 @@ impl Agent {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// True once the agent's stderr contains `needle`, waiting up to 5 s: stderr is read by its
+    /// own thread, so a line written just before a record on stdout may not be in yet.
+    pub fn stderr_says(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn next(&mut self, deadline: Instant, what: &str) -> Value {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.records.recv_timeout(left) {
