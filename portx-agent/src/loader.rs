@@ -334,3 +334,25 @@ where
     prog.try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ring_per_cpu_up_to_eight_sharing_8_mib_by_default() {
+        let layout = |cpus, bytes| {
+            let l = RingLayout::for_cpus(cpus, bytes);
+            (l.count, l.bytes >> 10)
+        };
+        assert_eq!(layout(1, None), (1, 4096));
+        assert_eq!(layout(2, None), (2, 4096));
+        // 8 MiB / 3 rounds down to a power of two.
+        assert_eq!(layout(3, None), (3, 2048));
+        assert_eq!(layout(8, None), (8, 1024));
+        assert_eq!(layout(64, None), (MAX_RINGS, 1024));
+        // --ring-buffer-kib sizes each ring.
+        assert_eq!(layout(4, Some(4096)), (4, 4));
+        assert_eq!(layout(0, Some(1 << 16)), (1, 64));
+    }
+}
