@@ -25,8 +25,15 @@ pub struct Boot {
     pub secs: f64,
 }
 
+/// What a guest runs on.
+#[derive(Clone, Copy)]
+pub struct Machine {
+    pub accel: Accel,
+    pub cpus: u8,
+}
+
 pub fn boot(
-    accel: Accel,
+    machine: Machine,
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
@@ -35,13 +42,14 @@ pub fn boot(
     marker: &str,
 ) -> anyhow::Result<Boot> {
     let _ = fs::remove_file(log);
-    let (accel_arg, cpu) = match accel {
+    let (accel_arg, cpu) = match machine.accel {
         Accel::Kvm => ("kvm", "host"),
         Accel::Tcg => ("tcg", "max"),
     };
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel_arg, "-cpu", cpu, "-m", "1024", "-smp", "1"])
+        .args(["-accel", accel_arg, "-cpu", cpu, "-m", "1024"])
+        .args(["-smp", &machine.cpus.to_string()])
         .args([
             "-display",
             "none",
@@ -98,7 +106,10 @@ pub fn choose_accel(kernel: &Path, initrd: &Path, log: &Path) -> Accel {
         return Accel::Tcg;
     }
     match boot(
-        Accel::Kvm,
+        Machine {
+            accel: Accel::Kvm,
+            cpus: 1,
+        },
         kernel,
         initrd,
         "portx.probe=1",
