@@ -5,9 +5,9 @@
 //! without a line of its own is counted into its key's next line, which comes with the next
 //! failure due or, for a key that went quiet, at the next flush (about a second later, and at
 //! exit); the `failures` of a key's lines add up to its failures.
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
-use crate::decoder::SyscallFailure;
+use crate::{decoder::SyscallFailure, tracker::Map};
 
 /// Keys followed at once; a failure of a new key past it gets its own line (`failures` 1).
 pub const MAX_KEYS: usize = 4096;
@@ -55,7 +55,7 @@ pub struct Line {
 
 pub struct FailureLines {
     every_ns: u64,
-    keys: HashMap<Key, Last>,
+    keys: Map<Key, Last>,
 }
 
 impl FailureLines {
@@ -63,7 +63,7 @@ impl FailureLines {
     pub fn new(every: Duration) -> Self {
         Self {
             every_ns: u64::try_from(every.as_nanos()).unwrap_or(u64::MAX),
-            keys: HashMap::new(),
+            keys: Map::default(),
         }
     }
 

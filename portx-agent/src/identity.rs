@@ -5,9 +5,9 @@
 //! /proc at most once per [`RECHECK_NS`], when it is looked up: a new start time or cgroup
 //! replaces it. A process that has exited keeps its last identity (the TIME_WAIT ports of a
 //! churner that exited are still charged to it, and so is its container).
-use std::{collections::HashMap, fs, io::Read, sync::Arc};
+use std::{fs, io::Read, sync::Arc};
 
-use crate::procfs;
+use crate::{procfs, tracker::Map};
 
 /// How often a cached entry is checked for pid reuse.
 pub const RECHECK_NS: u64 = 2_000_000_000;
@@ -242,7 +242,7 @@ struct Entry {
 /// Cache of identities by pid.
 #[derive(Default)]
 pub struct Identities {
-    entries: HashMap<u32, Entry>,
+    entries: Map<u32, Entry>,
     /// Lookups that read /proc (first sight or pid reuse), for tests and debugging.
     pub reads: u64,
 }

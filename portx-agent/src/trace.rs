@@ -33,7 +33,7 @@ use crate::{
     report::{self, DestRecord, HolderRecord, Record, Started, Summary, Who},
     ring::Ring,
     seed, tracefs,
-    tracker::{DestKey, DestStats, Target, Tracker},
+    tracker::{DestKey, DestStats, Map, Target, Tracker},
     view::{GroupFailures, ProcessRecord, Totals, View, MAX_GROUPS},
 };
 
@@ -137,7 +137,7 @@ struct Session<W: io::Write> {
     hooks: String,
     identities: Identities,
     rates: Rates,
-    groups: HashMap<String, GroupFailures>,
+    groups: Map<String, GroupFailures>,
     /// Processes seen failing bind(0) with EADDRINUSE, per netns (bind-before-connect).
     bind_zero: HashMap<u32, Vec<(u32, String)>>,
     filter: HashSet<u32>,
@@ -145,8 +145,8 @@ struct Session<W: io::Write> {
     ranges: Ranges,
     out: Output<W>,
     counters: Counters,
-    reports: HashMap<Target, LastReport>,
-    bind_reports: HashMap<u32, LastReport>,
+    reports: Map<Target, LastReport>,
+    bind_reports: Map<u32, LastReport>,
     failure_lines: FailureLines,
     /// A write to stdout failed (reader gone): stop.
     broken: Option<io::Error>,
@@ -537,7 +537,7 @@ impl<W: io::Write> Session<W> {
 
 /// Counts one failure; returns the count since the last report when a report is due.
 fn due<K: std::hash::Hash + Eq>(
-    reports: &mut HashMap<K, LastReport>,
+    reports: &mut Map<K, LastReport>,
     key: K,
     now_ns: u64,
     every: Duration,
@@ -636,15 +636,15 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         hooks: loaded.mode.to_string(),
         identities: Identities::new(),
         rates: Rates::new(),
-        groups: HashMap::new(),
+        groups: Map::default(),
         bind_zero: HashMap::new(),
         filter: opts.netns.iter().copied().collect(),
         tracker: Tracker::with_limit(opts.max_sockets),
         ranges: Ranges::new(),
         out: Output::new(out, opts.json),
         counters: Counters::default(),
-        reports: HashMap::new(),
-        bind_reports: HashMap::new(),
+        reports: Map::default(),
+        bind_reports: Map::default(),
         failure_lines: FailureLines::new(opts.failure_line_every),
         broken: None,
         drop_map: Some(drop_map),
@@ -847,7 +847,7 @@ mod tests {
 
     #[test]
     fn reports_are_rate_limited_per_destination_and_count_what_they_skip() {
-        let mut m: HashMap<u32, LastReport> = HashMap::new();
+        let mut m: Map<u32, LastReport> = Map::default();
         let sec = Duration::from_secs(1);
         assert_eq!(due(&mut m, 1, 5, sec), Some(1));
         assert_eq!(due(&mut m, 1, 6, sec), None);

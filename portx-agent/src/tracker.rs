@@ -15,9 +15,10 @@
 //! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
 use std::{cmp::Reverse, collections::HashMap, net::IpAddr};
 
-/// The tracker's maps hash with foldhash (randomly seeded per map): several lookups per event
-/// make std's SipHash a measurable share of the agent's cost under a connect storm.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The maps looked up per event (the tracker's, the failure lines', the identity cache's) hash
+/// with foldhash (randomly seeded per map): several lookups per event make std's SipHash a
+/// measurable share of the agent's cost under a connect storm.
+pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use portx_common::{tcp_state as st, IPPROTO_TCP};
 
