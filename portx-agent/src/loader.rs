@@ -153,13 +153,6 @@ const TOTAL_RING_BYTES: u32 = 8 << 20;
 const MIN_DEFAULT_RING_BYTES: u32 = 1 << 20;
 const MAX_DEFAULT_RING_BYTES: u32 = 4 << 20;
 
-/// Size of a ring no CPU writes to: the smallest the kernel takes.
-fn page_bytes() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(page).unwrap_or(4096)
-}
-
 /// Loads and attaches the first hook mode of `opts.hooks` that works on this kernel.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
     let mut failures = Vec::new();
@@ -187,6 +180,11 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         .map_err(|(path, e)| anyhow!("reading the number of CPUs from {path}: {e}"))?;
     let rings = RingLayout::for_cpus(cpus, opts.ring_bytes);
     let ring_count = rings.count as u32;
+    // A ring no CPU writes to gets the smallest size the kernel takes.
+    let unused_ring_bytes = crate::ring::page_size()
+        .ok()
+        .and_then(|p| u32::try_from(p).ok())
+        .context("reading the page size")?;
     // Wake the agent once an eighth of a ring is waiting (failures always wake it).
     let wakeup_bytes = rings.bytes / 8;
     let filter_netns = u32::from(!opts.netns.is_empty());
@@ -202,7 +200,7 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         let bytes = if i < rings.count {
             rings.bytes
         } else {
-            page_bytes()
+            unused_ring_bytes
         };
         loader.map_max_entries(name, bytes);
     }

@@ -74,6 +74,13 @@ impl Drop for Mapping {
     }
 }
 
+/// The page size: the unit of a ring's mapping, and the smallest ring the kernel takes.
+pub fn page_size() -> io::Result<usize> {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))
+}
+
 pub struct Ring {
     map: MapData,
     consumer: Mapping,
@@ -91,9 +98,7 @@ unsafe impl Send for Ring {}
 impl Ring {
     /// Maps the ring buffer `map` of `bytes` bytes (its `max_entries`).
     pub fn new(map: MapData, bytes: usize) -> io::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .map_err(|_| io::Error::other("sysconf(_SC_PAGESIZE) failed"))?;
+        let page = page_size()?;
         if !bytes.is_power_of_two() || !bytes.is_multiple_of(page) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
