@@ -18,19 +18,7 @@ fn summary(agent: &mut Agent, after_ts: u64, pred: impl Fn(&Value) -> bool) -> V
 }
 
 fn churn(ns: &Netns, count: u32) {
-    let mut c = ns.spawn(
-        "churner",
-        &[
-            "churn",
-            "--connect",
-            V4,
-            "--count",
-            &count.to_string(),
-            "--rst",
-        ],
-    );
-    c.expect(&format!("churned ok={count} failed=0"));
-    assert!(c.wait().success());
+    ns.churn_rst(V4, count);
 }
 
 #[test]

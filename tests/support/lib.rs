@@ -221,6 +221,18 @@ impl Netns {
         victim.pid()
     }
 
+    /// `count` connections to `dest`, each closed with RST (no TIME_WAIT), by a process named
+    /// `churner`; returns once all of them succeeded.
+    pub fn churn_rst(&self, dest: &str, count: u32) {
+        let count = count.to_string();
+        let mut c = self.spawn(
+            "churner",
+            &["churn", "--connect", dest, "--count", &count, "--rst"],
+        );
+        c.expect(&format!("churned ok={count} failed=0"));
+        assert!(c.wait().success(), "the churner's exit status");
+    }
+
     /// A server that reads each connection to EOF and then closes (client-first close => the
     /// client side gets TIME_WAIT).
     pub fn serve(&mut self, listen: &[&str]) {

@@ -1,0 +1,80 @@
+//! `--netns`: the kernel side writes no record for a namespace that is not traced (so it costs
+//! no ring-buffer space and its loss is not counted), and every record for the ones that are.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use portx_e2e::{require_root, serial, Agent, Netns};
+use serde_json::Value;
+
+const V4: &str = "127.0.0.1:9000";
+const COUNT: u32 = 200;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Records the agent has read (`events`) in its first summary after `since_ns`: summaries are
+/// made after the rings were drained.
+fn events_after(agent: &mut Agent, since_ns: u64) -> u64 {
+    let s = agent.wait_for("summary", |v: &Value| {
+        v["type"] == "summary" && v["ts"].as_u64().unwrap_or(0) > since_ns
+    });
+    s["events"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no events count in {s}"))
+}
+
+/// Churns in a namespace not traced, then in the traced one, with an agent started with
+/// `--netns <traced>` and `--netns` for each of `more`.
+fn only_the_traced_namespace_is_written(test: &str, more: &[u32]) {
+    let _g = serial();
+    if !require_root(test) {
+        return;
+    }
+    let mut traced = Netns::new();
+    traced.serve(&[V4]);
+    let mut other = Netns::new();
+    other.serve(&[V4]);
+    let more: Vec<String> = more.iter().map(u32::to_string).collect();
+    let args: Vec<&str> = more
+        .iter()
+        .flat_map(|id| ["--netns", id.as_str()])
+        .collect();
+    let mut agent = Agent::start_with(traced.id, &args);
+
+    other.churn_rst(V4, COUNT);
+    let untraced = events_after(&mut agent, now_ns());
+    assert_eq!(
+        untraced,
+        0,
+        "{COUNT} connections in a namespace not traced were written\n{}",
+        agent.context()
+    );
+
+    traced.churn_rst(V4, COUNT);
+    let read = events_after(&mut agent, now_ns());
+    // At least three records a connection in every hook mode (its connect, its port or
+    // handshake, its close).
+    assert!(
+        read >= 3 * u64::from(COUNT),
+        "{read} records for {COUNT} connections in the traced namespace\n{}",
+        agent.context()
+    );
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_namespace_not_traced_is_not_written() {
+    only_the_traced_namespace_is_written("a_namespace_not_traced_is_not_written", &[]);
+}
+
+#[test]
+fn a_namespace_not_traced_is_not_written_with_several_traced() {
+    // (Inode numbers no namespace has: the agent traces them, there is just nothing in them.)
+    only_the_traced_namespace_is_written(
+        "a_namespace_not_traced_is_not_written_with_several_traced",
+        &[1, 2, 3, 4],
+    );
+}
