@@ -292,6 +292,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         net_inum: btf.member_offset("net", "ns.inum")?,
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net: btf.member_offset("nsproxy", "net_ns")?,
+        sock_max_ack_backlog: sk("sk_max_ack_backlog")?,
     })
 }
 

@@ -214,7 +214,7 @@ pub struct Summary {
     pub missed: u64,
     /// Records that could not be decoded, since start.
     pub decode_errors: u64,
-    /// State changes of sockets the agent never saw connect (server side), since start.
+    /// State changes of sockets the agent never saw connect (see `TrackerCounters`), since start.
     pub untracked: u64,
     /// TIME_WAIT entries dropped, oldest first, to stay within `--max-sockets`, since start.
     pub evicted: u64,

@@ -184,7 +184,8 @@ pub const PENDING_MAX_NS: u64 = 10 * 60 * 1_000_000_000;
 /// Counters of events the tracker could not place; reported, never silently dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackerCounters {
-    /// State changes of sockets never seen connecting (server side, or pre-existing and unseeded).
+    /// State changes of sockets never seen connecting: pre-existing and unseeded, or accepted
+    /// from a listener whose backlog is 0 (the kernel side leaves out the others it accepts).
     pub untracked: u64,
     /// TIME_WAIT entries that aged out.
     pub time_wait_expired: u64,

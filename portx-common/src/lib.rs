@@ -213,6 +213,9 @@ pub struct KernelOffsets {
     pub task_nsproxy: u32,
     /// `struct nsproxy` -> `net_ns` (`struct net *`).
     pub nsproxy_net: u32,
+    /// `sk_max_ack_backlog` (u32 since Linux 5.5): a listener's backlog, which the sockets it
+    /// accepts inherit (they are copies of it) and a socket that connects never has.
+    pub sock_max_ack_backlog: u32,
 }
 
 impl KernelOffsets {
@@ -275,7 +278,7 @@ const _: () = assert!(size_of::<SockCommonHead>() == 88);
 const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 80);
-const _: () = assert!(size_of::<KernelOffsets>() == 56);
+const _: () = assert!(size_of::<KernelOffsets>() == 60);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -40,6 +40,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     net_inum: 0,
     task_nsproxy: 0,
     nsproxy_net: 0,
+    sock_max_ack_backlog: 0,
 };
 
 #[inline(always)]

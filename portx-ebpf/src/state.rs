@@ -66,8 +66,8 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u32, new: u32, read: &impl So
 }
 
 /// Transitions of sockets that never own an ephemeral port: listeners and the server side of a
-/// handshake. Everything a client socket goes through passes. Accepted sockets' later transitions
-/// still pass; the agent drops them because it never saw them connect.
+/// handshake, told by the states alone. Everything a client socket goes through passes. An
+/// accepted socket's later transitions are left out by [`accepted`].
 #[inline(always)]
 fn server_side(old: u32, new: u32) -> bool {
     old == tcp_state::LISTEN
@@ -124,6 +124,21 @@ trait SockRead {
     /// `inet_sport` (network order), not skc_num: on ->CLOSE, inet_put_port() has already
     /// zeroed skc_num.
     fn sport(&self, sk: u64) -> Result<u16, ()>;
+    /// `sk_max_ack_backlog`: nonzero on a socket accepted from a listener (see [`accepted`]).
+    fn backlog(&self, sk: u64) -> Result<u32, ()>;
+}
+
+/// True for the socket a listener accepted: `sk_clone_lock` makes it a copy of the listener,
+/// `sk_max_ack_backlog` (the backlog `listen()` set) included; a socket that connects never
+/// listened. It holds the listener's port, not an ephemeral one, and the agent drops its records
+/// (as the seed drops such sockets): written, they were a quarter of the RST storm's records and
+/// three of the eight of a connection that ends in TIME_WAIT. A listener with backlog 0, or a
+/// kernel that ever clears the copy, has them written again, and the agent drops them as it
+/// did before. (A socket that listened, was disconnected and then connects is left out too:
+/// the periodic resync sees it.)
+#[inline(always)]
+fn accepted(sk: u64, read: &impl SockRead) -> Result<bool, ()> {
+    Ok(read.backlog(sk)? != 0)
 }
 
 /// Any pointer (raw tracepoint): a `bpf_probe_read_kernel` per read.
@@ -187,6 +202,11 @@ impl SockRead for ProbeRead {
     fn sport(&self, sk: u64) -> Result<u16, ()> {
         sock_field(sk, offsets().inet_sport).ok_or(())
     }
+
+    #[inline(always)]
+    fn backlog(&self, sk: u64) -> Result<u32, ()> {
+        sock_field(sk, offsets().sock_max_ack_backlog).ok_or(())
+    }
 }
 
 /// A BTF-typed `struct tcp_sock *` (`tp_btf`): a checked load per field, each of the field's
@@ -236,6 +256,11 @@ impl SockRead for BtfRead {
     fn sport(&self, sk: u64) -> Result<u16, ()> {
         Ok(unsafe { btf_load(sk, offset!(inet_sport)) })
     }
+
+    #[inline(always)]
+    fn backlog(&self, sk: u64) -> Result<u32, ()> {
+        Ok(unsafe { btf_load(sk, offset!(sock_max_ack_backlog)) })
+    }
 }
 
 /// A TCP socket's state change, past the early returns both programs share.
@@ -247,6 +272,9 @@ fn state_change<C: EbpfContext>(
     new: u32,
     read: &impl SockRead,
 ) -> Result<(), ()> {
+    if accepted(sk, read)? {
+        return Ok(());
+    }
     // connect() in process context: the one moment the current task owns this socket.
     let connecting = old == tcp_state::CLOSE && new == tcp_state::SYN_SENT;
     let pid_tgid = if connecting {

@@ -1,5 +1,7 @@
-//! `--netns`: the kernel side writes no record for a namespace that is not traced (so it costs
-//! no ring-buffer space and its loss is not counted), and every record for the ones that are.
+//! What the kernel side leaves out. `--netns`: no record for a namespace that is not traced (so
+//! it costs no ring-buffer space and its loss is not counted), every record for the ones that
+//! are. And the accepted side of a connection: it holds the listener's port, not an ephemeral
+//! one.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portx_e2e::{require_root, serial, Agent, Netns};
@@ -14,15 +16,22 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Records the agent has read (`events`) in its first summary after `since_ns`: summaries are
-/// made after the rings were drained.
-fn events_after(agent: &mut Agent, since_ns: u64) -> u64 {
-    let s = agent.wait_for("summary", |v: &Value| {
+/// The agent's first summary after `since_ns`: summaries are made after the rings were drained.
+fn summary_after(agent: &mut Agent, since_ns: u64) -> Value {
+    agent.wait_for("summary", |v: &Value| {
         v["type"] == "summary" && v["ts"].as_u64().unwrap_or(0) > since_ns
-    });
-    s["events"]
+    })
+}
+
+fn count(summary: &Value, key: &str) -> u64 {
+    summary[key]
         .as_u64()
-        .unwrap_or_else(|| panic!("no events count in {s}"))
+        .unwrap_or_else(|| panic!("no {key} count in {summary}"))
+}
+
+/// Records the agent has read (`events`) by its first summary after `since_ns`.
+fn events_after(agent: &mut Agent, since_ns: u64) -> u64 {
+    count(&summary_after(agent, since_ns), "events")
 }
 
 /// Churns in a namespace not traced, then in the traced one, with an agent started with
@@ -77,4 +86,27 @@ fn a_namespace_not_traced_is_not_written_with_several_traced() {
         "a_namespace_not_traced_is_not_written_with_several_traced",
         &[1, 2, 3, 4],
     );
+}
+
+#[test]
+fn the_accepted_side_of_a_connection_is_not_written() {
+    let _g = serial();
+    if !require_root("the_accepted_side_of_a_connection_is_not_written") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    ns.churn_rst(V4, COUNT);
+    let s = summary_after(&mut agent, now_ns());
+    // The server's socket of each connection closes too (ESTABLISHED->CLOSE on the RST): had
+    // it been written, the tracker would have counted it as a socket it does not track.
+    assert_eq!(count(&s, "untracked"), 0, "{s}\n{}", agent.context());
+    assert!(
+        count(&s, "events") >= 3 * u64::from(COUNT),
+        "{s}\n{}",
+        agent.context()
+    );
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
 }
