@@ -140,7 +140,8 @@ struct Session<W: io::Write> {
     groups: Map<String, GroupFailures>,
     /// Processes seen failing bind(0) with EADDRINUSE, per netns (bind-before-connect).
     bind_zero: HashMap<u32, Vec<(u32, String)>>,
-    filter: HashSet<u32>,
+    /// `--netns` (looked up per record: foldhash, like the tracker's maps, not SipHash).
+    filter: HashSet<u32, foldhash::fast::RandomState>,
     tracker: Tracker,
     ranges: Ranges,
     out: Output<W>,
