@@ -134,8 +134,8 @@ trait SockRead {
 /// (as the seed drops such sockets): written, they were a quarter of the RST storm's records and
 /// three of the eight of a connection that ends in TIME_WAIT. A listener with backlog 0, or a
 /// kernel that ever clears the copy, has them written again, and the agent drops them as it
-/// did before. (A socket that listened, was disconnected and then connects is left out too:
-/// the periodic resync sees it.)
+/// did before. (A socket that listened or was accepted, was disconnected with
+/// `connect(AF_UNSPEC)` and then connects is left out too: the periodic resync sees it.)
 #[inline(always)]
 fn accepted(sk: u64, read: &impl SockRead) -> Result<bool, ()> {
     Ok(read.backlog(sk)? != 0)
