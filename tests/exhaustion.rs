@@ -278,6 +278,67 @@ fn syn_sent_ports_charged(test: &str, dest: &str) {
     assert_eq!(report["holders"][0]["ports"], 16);
 }
 
+/// A blocking connect whose handshake finishes outside the connecting thread — its first SYN
+/// dropped by a full accept queue, the retransmitted one answered in the retransmit timer's
+/// softirq while the thread sleeps in connect() — is still charged to its process: in
+/// tracepoint mode the SYN_SENT->ESTABLISHED comes first, without an owner, and the record
+/// connect()'s exit writes names it (in the other modes the port's record names it at once).
+#[test]
+fn a_handshake_finished_in_softirq_is_charged_to_the_connecting_process() {
+    let _g = serial();
+    if !require_root("a_handshake_finished_in_softirq_is_charged_to_the_connecting_process") {
+        return;
+    }
+    let mut ns = Netns::new();
+    let mut agent = Agent::start(ns.id);
+    // Backlog 1: two connections fill the accept queue; accepting starts 600 ms after `ready`,
+    // before the first retransmission (1 s).
+    ns.keep(
+        "server",
+        &[
+            "serve",
+            "--listen",
+            V4,
+            "--backlog",
+            "1",
+            "--accept-after-ms",
+            "600",
+        ],
+        "ready",
+    );
+    let (filler, _) = ns.keep(
+        "filler",
+        &["hold", "--connect", V4, "--count", "2"],
+        "held 2",
+    );
+    let started = std::time::Instant::now();
+    let (late, _) = ns.keep(
+        "late",
+        &["hold", "--connect", V4, "--count", "14"],
+        "held 14",
+    );
+    let waited = started.elapsed();
+    println!("the late connects took {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(500),
+        "the first late connect was not held back by the full queue ({waited:?})"
+    );
+    let victim = ns.victim_fails("victim", V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    let ctx = format!("{report:#}\n{}", agent.context());
+    assert_eq!(report["in_use"], 16, "{ctx}");
+    let holders = report["holders"].as_array().cloned().unwrap_or_default();
+    let ports = |pid: u32| {
+        holders
+            .iter()
+            .find(|h| h["pid"] == pid)
+            .and_then(|h| h["ports"].as_u64())
+    };
+    assert_eq!(ports(late), Some(14), "{ctx}");
+    assert_eq!(ports(filler), Some(2), "{ctx}");
+    assert_eq!(holders.len(), 2, "no port without its owner: {ctx}");
+}
+
 #[test]
 fn v4_mapped_ipv6_connections_count_against_the_ipv4_range() {
     let _g = serial();

@@ -47,6 +47,11 @@ pub enum WorkloadCmd {
         no_accept: bool,
         #[arg(long, default_value_t = 128)]
         backlog: i32,
+        /// Start accepting only this long after `ready`: until then SYNs beyond the accept
+        /// queue are dropped, and their clients' retransmitted SYNs finish the handshake in
+        /// softirq, outside the connecting thread.
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        accept_after_ms: u64,
     },
     /// Open COUNT connections and keep them. Prints `held N ports=a,b,..`; exits 3 if one fails.
     Hold {
@@ -188,7 +193,12 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             listen,
             no_accept,
             backlog,
-        } => serve(&listen, !no_accept, backlog),
+            accept_after_ms,
+        } => serve(
+            &listen,
+            (!no_accept).then_some(Duration::from_millis(accept_after_ms)),
+            backlog,
+        ),
         WorkloadCmd::Hold {
             connect,
             count,
@@ -257,7 +267,8 @@ fn park(sysctls: &[String]) -> anyhow::Result<()> {
     sleep_forever()
 }
 
-fn serve(addrs: &[SocketAddr], accept: bool, backlog: i32) -> anyhow::Result<()> {
+/// Listens on `addrs`; accepts after `accept` (never if None).
+fn serve(addrs: &[SocketAddr], accept: Option<Duration>, backlog: i32) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for a in addrs {
         let l = TcpListener::bind(a).with_context(|| format!("listening on {a}"))?;
@@ -268,12 +279,13 @@ fn serve(addrs: &[SocketAddr], accept: bool, backlog: i32) -> anyhow::Result<()>
         }
         listeners.push(l);
     }
-    if !accept {
+    let Some(after) = accept else {
         say("ready");
         sleep_forever()
-    }
+    };
     for l in listeners {
         std::thread::spawn(move || {
+            std::thread::sleep(after);
             for conn in l.incoming().flatten() {
                 std::thread::spawn(move || {
                     let mut conn = conn;
