@@ -63,10 +63,10 @@ fn only_the_traced_namespace_is_written(test: &str, more: &[u32]) {
 
     traced.churn_rst(V4, COUNT);
     let read = events_after(&mut agent, now_ns());
-    // At least three records a connection in every hook mode (its connect, its port or
-    // handshake, its close).
+    // At least two records a connection in every hook mode (the record that opens it, with its
+    // port where the first record waits for it, and its close).
     assert!(
-        read >= 3 * u64::from(COUNT),
+        read >= 2 * u64::from(COUNT),
         "{read} records for {COUNT} connections in the traced namespace\n{}",
         agent.context()
     );
@@ -103,7 +103,7 @@ fn the_accepted_side_of_a_connection_is_not_written() {
     // it been written, the tracker would have counted it as a socket it does not track.
     assert_eq!(count(&s, "untracked"), 0, "{s}\n{}", agent.context());
     assert!(
-        count(&s, "events") >= 3 * u64::from(COUNT),
+        count(&s, "events") >= 2 * u64::from(COUNT),
         "{s}\n{}",
         agent.context()
     );

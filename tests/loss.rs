@@ -37,8 +37,8 @@ fn state_records_wake_the_agent_before_the_ring_fills() {
     }
     let mut ns = Netns::new();
     ns.serve(&[V4]);
-    // 64 KiB hold ~580 records; the connections below make ~20 times that within a second or
-    // two, in which the summaries (each drains the ring) come once a second. Only the wake-ups
+    // 64 KiB hold ~580 records; the connections below make 10 to 15 times that (two or three
+    // records a connection, by hook mode) within a second or two, in which the summaries (each drains the ring) come once a second. Only the wake-ups
     // the kernel side sends after each CPU's share of an eighth of the ring keep anything from
     // being lost.
     let agent = Agent::start_with(ns.id, &["--ring-buffer-kib", "64"]);
@@ -54,7 +54,7 @@ fn state_records_wake_the_agent_before_the_ring_fills() {
     let (events, lost) = (field(last, "events"), field(last, "lost"));
     println!("{COUNT} connections: read {events}, lost {lost}");
     assert_eq!(lost, 0, "{last}");
-    assert!(events >= 3 * COUNT, "{last}");
+    assert!(events >= 2 * COUNT, "{last}");
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
         "records are not a whole number per connection: {}",
         agent.context()
     );
-    assert!(per_conn >= 3, "{}", agent.context());
+    assert!(per_conn >= 2, "{}", agent.context());
 
     // Stop the agent, so that nothing reads the ring, and make far more records than it holds.
     const MANY: u64 = 300;

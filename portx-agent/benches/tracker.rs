@@ -3,7 +3,7 @@
 use std::{net::IpAddr, time::Instant};
 
 use portx_agent::{
-    decoder::{Comm, StateChange, Task},
+    decoder::{Comm, Opening, StateChange, Task},
     tracker::Tracker,
 };
 use portx_common::tcp_state as st;
@@ -30,6 +30,7 @@ fn event(i: u32, old: u32, new: u32, with_port: bool, ts: u64) -> StateChange {
             tid: 1000 + i % 64,
             comm: Comm::new("client"),
         },
+        opening: Opening::No,
         skaddr: 0xffff_8880_0000_0000 + u64::from(i) * 2048,
         netns: 4026531840,
         old,

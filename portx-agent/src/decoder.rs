@@ -9,7 +9,8 @@ use std::{
 };
 
 use portx_common::{
-    kind, EventHeader, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6, TASK_COMM_LEN,
+    kind, state_flags, EventHeader, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6,
+    TASK_COMM_LEN,
 };
 
 /// A task's `comm`, NUL-padded as the kernel keeps it. `Copy`, so it travels without allocating.
@@ -50,11 +51,25 @@ pub struct Task {
     pub comm: Comm,
 }
 
+/// Whether a state record also opens its socket's connect (see [`portx_common::state_flags`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Opening {
+    /// A plain state change (CLOSE->SYN_SENT opens a connect by itself).
+    #[default]
+    No,
+    /// `OPENS`: the connecting thread's record of the change, before connect() returned.
+    InThread,
+    /// `AT_EXIT`: written when connect() returned, with the port; `new` is the state then.
+    AtExit,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateChange {
     pub ts_ns: u64,
-    /// Only meaningful for CLOSE->SYN_SENT (process context); see [`EventHeader::tgid`].
+    /// Only meaningful for CLOSE->SYN_SENT and records that open a connect (process context);
+    /// see [`EventHeader::tgid`].
     pub task: Task,
+    pub opening: Opening,
     pub skaddr: u64,
     pub netns: u32,
     pub old: u32,
@@ -145,6 +160,17 @@ fn task(h: &EventHeader) -> Task {
     }
 }
 
+/// Other bits are ignored: none are defined.
+fn opening(flags: u32) -> Opening {
+    if flags & state_flags::AT_EXIT != 0 {
+        Opening::AtExit
+    } else if flags & state_flags::OPENS != 0 {
+        Opening::InThread
+    } else {
+        Opening::No
+    }
+}
+
 fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
     let e: SyscallEvent = read(buf, "syscall record")?;
     Ok(SyscallFailure {
@@ -167,6 +193,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             Ok(Event::State(StateChange {
                 ts_ns: e.hdr.ts_ns,
                 task: task(&e.hdr),
+                opening: opening(e.hdr.flags),
                 skaddr: e.skaddr,
                 netns: e.netns,
                 old: e.oldstate,
@@ -263,6 +290,23 @@ mod tests {
         assert_eq!(s.saddr, "10.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(s.daddr, "10.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!((s.old, s.new, s.dport, s.netns), (7, 2, 443, 4026531840));
+        assert_eq!(s.opening, Opening::No);
+    }
+
+    #[test]
+    fn a_state_records_flags_say_whether_it_opens_a_connect() {
+        for (flags, opening) in [
+            (state_flags::OPENS, Opening::InThread),
+            (state_flags::AT_EXIT, Opening::AtExit),
+            (1 << 7, Opening::No),
+        ] {
+            let mut e = state_event();
+            e.hdr.flags = flags;
+            let Ok(Event::State(s)) = decode(&as_bytes(&e)) else {
+                panic!("not a state change")
+            };
+            assert_eq!(s.opening, opening, "flags {flags:#x}");
+        }
     }
 
     #[test]

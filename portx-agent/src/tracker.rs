@@ -23,7 +23,7 @@ pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use portx_common::{tcp_state as st, IPPROTO_TCP};
 
 use crate::{
-    decoder::{Comm, PortAssigned, StateChange, SyscallFailure},
+    decoder::{Comm, Opening, PortAssigned, StateChange, SyscallFailure},
     time_wait::TimeWaitQueue,
 };
 
@@ -159,6 +159,9 @@ impl Conn {
     fn set_state(&mut self, state: u8) {
         self.pid_state = (self.pid_state & !0xff) | u32::from(state);
     }
+    fn set_pid(&mut self, pid: u32) {
+        self.pid_state = (pid.min(0x00ff_ffff) << 8) | (self.pid_state & 0xff);
+    }
 }
 
 fn sk_low(skaddr: u64) -> u32 {
@@ -251,6 +254,25 @@ impl Tracker {
             daddr: e.daddr,
             dport: e.dport,
         };
+        match e.opening {
+            Opening::No => {}
+            Opening::InThread => {
+                // The connecting thread's record of its socket's first change out of SYN_SENT:
+                // the connect and its outcome in one record.
+                let owner = Owner {
+                    pid: e.task.pid,
+                    comm: e.task.comm,
+                };
+                if e.sport != 0 && e.new != st::CLOSE {
+                    self.open(dest, e.sport, e.new as u8, owner, e.skaddr, stamp(e.ts_ns));
+                }
+                return;
+            }
+            Opening::AtExit => {
+                self.opened_at_exit(dest, e);
+                return;
+            }
+        }
         if e.old == st::CLOSE && e.new == st::SYN_SENT {
             let owner = Owner {
                 pid: e.task.pid,
@@ -306,6 +328,21 @@ impl Tracker {
                     return;
                 }
             }
+            if e.old == st::SYN_SENT && e.sport != 0 && e.new != st::CLOSE {
+                // A connect whose handshake completed in softirq before its connect() returned
+                // (tracepoint mode: the record that names its owner follows, see
+                // `opened_at_exit`), or whose first record was lost: its port is in use
+                // either way, owner unknown until a record names it.
+                self.open(
+                    dest,
+                    e.sport,
+                    e.new as u8,
+                    Owner::UNKNOWN,
+                    e.skaddr,
+                    stamp(e.ts_ns),
+                );
+                return;
+            }
             self.counters.untracked += 1;
             return;
         };
@@ -332,6 +369,29 @@ impl Tracker {
             e.new
         };
         self.set_state(key, new as u8, stamp(e.ts_ns));
+    }
+
+    /// A connect's first record, written when connect() returned with the port it got and the
+    /// state the socket was in then: the socket's changes in other contexts came before it, and
+    /// opened it without an owner (see `on_state`); this names the owner and keeps the state.
+    fn opened_at_exit(&mut self, dest: DestKey, e: &StateChange) {
+        let owner = Owner {
+            pid: e.task.pid,
+            comm: e.task.comm,
+        };
+        if let Some(key) = self.key_of(&dest, e.sport) {
+            if self
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.sk_low == sk_low(e.skaddr))
+            {
+                self.adopt(key, owner);
+                return;
+            }
+        }
+        if e.sport != 0 && e.new != st::CLOSE {
+            self.open(dest, e.sport, e.new as u8, owner, e.skaddr, stamp(e.ts_ns));
+        }
     }
 
     pub fn on_port(&mut self, e: &PortAssigned) {
@@ -645,6 +705,22 @@ impl Tracker {
         true
     }
 
+    /// Gives a socket opened without an owner its owner, in the state it is in.
+    fn adopt(&mut self, key: ConnKey, owner: Owner) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.pid() != 0 || owner.pid == 0 {
+            return;
+        }
+        conn.set_pid(owner.pid);
+        let state = conn.state();
+        if let Some(stats) = self.stats_mut(key_parts(key).0) {
+            account(stats, 0, Comm::default(), state, -1);
+            account(stats, owner.pid, owner.comm, state, 1);
+        }
+    }
+
     /// Below the limit, or brought below it by evicting the oldest TIME_WAIT entry.
     fn make_room(&mut self) -> bool {
         if self.limit == 0 || self.conns.len() < self.limit {
@@ -770,6 +846,7 @@ mod tests {
         StateChange {
             ts_ns: ts,
             task: t,
+            opening: Opening::No,
             skaddr: sk,
             netns: NS,
             old,
@@ -816,6 +893,130 @@ mod tests {
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].0, 10);
         assert_eq!(holders[0].1.comm.as_str(), "hog");
+    }
+
+    /// A record the connecting thread wrote, flagged as opening its connect.
+    fn opening(
+        sk: u64,
+        old: u32,
+        new: u32,
+        port: u16,
+        owner: Task,
+        how: Opening,
+        ts: u64,
+    ) -> StateChange {
+        StateChange {
+            opening: how,
+            ..ev(sk, old, new, port, owner, ts)
+        }
+    }
+
+    #[test]
+    fn a_connect_opened_by_its_threads_own_record_needs_no_close_to_syn_sent() {
+        let mut t = Tracker::new();
+        let hog = task(10, "hog");
+        let inthread = Opening::InThread;
+        t.on_state(&opening(
+            1,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40000,
+            hog,
+            inthread,
+            0,
+        ));
+        // Refused within the call: nothing held.
+        t.on_state(&opening(
+            2,
+            st::SYN_SENT,
+            st::CLOSE,
+            40001,
+            hog,
+            inthread,
+            0,
+        ));
+        let d = t.dest(&dest()).expect("destination tracked");
+        assert_eq!((d.in_use, d.by_state[st::ESTABLISHED as usize]), (1, 1));
+        assert_eq!(d.holders_ranked()[0].0, 10);
+        assert_eq!(d.holders_ranked()[0].1.comm.as_str(), "hog");
+        assert_eq!((t.pending(), t.counters.untracked), (0, 0));
+        t.on_state(&ev(1, st::ESTABLISHED, st::CLOSE, 40000, task(0, ""), 1));
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn a_handshake_done_in_softirq_before_connect_returned_gets_its_owner_at_the_exit() {
+        let mut t = Tracker::new();
+        let irq = task(0, "");
+        // The SYN-ACK handled in softirq while the thread slept in connect(): no owner yet,
+        // but the port is in use.
+        t.on_state(&ev(1, st::SYN_SENT, st::ESTABLISHED, 40000, irq, 0));
+        let d = t.dest(&dest()).expect("tracked without an owner");
+        assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 0));
+        // connect() returns: the owner, and the state the socket is in then.
+        let at_exit = Opening::AtExit;
+        let owner = task(50, "client");
+        t.on_state(&opening(
+            1,
+            st::CLOSE,
+            st::ESTABLISHED,
+            40000,
+            owner,
+            at_exit,
+            1,
+        ));
+        let d = t.dest(&dest()).expect("tracked");
+        assert_eq!((d.in_use, d.by_state[st::ESTABLISHED as usize]), (1, 1));
+        let holders = d.holders_ranked();
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        assert_eq!((holders[0].0, holders[0].1.ports), (50, 1));
+        assert_eq!(t.counters.untracked, 0);
+        // The owner stays through the socket's later changes.
+        t.on_state(&ev(1, st::ESTABLISHED, st::FIN_WAIT1, 40000, irq, 2));
+        let d = t.dest(&dest()).expect("tracked");
+        assert_eq!(d.holders_ranked()[0].0, 50);
+        assert_eq!(d.by_state[st::FIN_WAIT1 as usize], 1);
+    }
+
+    #[test]
+    fn a_connect_first_recorded_at_its_exit_is_opened_then() {
+        let mut t = Tracker::new();
+        let at_exit = Opening::AtExit;
+        // A non-blocking connect, still in SYN_SENT when connect() returned.
+        let owner = task(60, "proxy");
+        t.on_state(&opening(
+            1,
+            st::CLOSE,
+            st::SYN_SENT,
+            40000,
+            owner,
+            at_exit,
+            0,
+        ));
+        let d = t.dest(&dest()).expect("tracked");
+        assert_eq!(
+            (d.by_state[st::SYN_SENT as usize], d.holders_ranked()[0].0),
+            (1, 60)
+        );
+        t.on_state(&ev(1, st::SYN_SENT, st::ESTABLISHED, 40000, task(0, ""), 1));
+        let d = t.dest(&dest()).expect("tracked");
+        assert_eq!((d.in_use, d.by_state[st::ESTABLISHED as usize]), (1, 1));
+        // Another socket on the same tuple at exit (the old one's records lost): the new one
+        // replaces it, with its owner.
+        t.on_state(&opening(
+            2,
+            st::CLOSE,
+            st::SYN_SENT,
+            40000,
+            task(61, "b"),
+            at_exit,
+            2,
+        ));
+        let d = t.dest(&dest()).expect("tracked");
+        assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 61));
+        // A socket closed again by then holds nothing.
+        t.on_state(&opening(3, st::CLOSE, st::CLOSE, 40002, owner, at_exit, 3));
+        assert_eq!(t.tracked(), 1);
     }
 
     #[test]

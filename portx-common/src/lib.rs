@@ -65,6 +65,20 @@ pub mod hook_mode {
     pub const TRACEPOINT: u32 = 3;
 }
 
+/// Flags of a [`kind::STATE`] record (`EventHeader::flags`) on the paths where a connect's
+/// first record waits for its port (tracepoint mode; IPv4 in fentry mode has fexit write it).
+pub mod state_flags {
+    /// Written by the connecting thread, before its connect() returned, for the socket it is
+    /// connecting (loopback answers within the call): the record also stands for the socket's
+    /// CLOSE->SYN_SENT, and its task is the owner.
+    pub const OPENS: u32 = 1;
+    /// Written when connect() returned, for a socket no record has opened yet: `oldstate` is
+    /// CLOSE, `newstate` the state the socket was in then, `sport` the port it got, the task the
+    /// owner. Transitions the socket went through in other contexts (a SYN-ACK handled in
+    /// softirq while the thread slept in connect()) came before it, without an owner.
+    pub const AT_EXIT: u32 = 2;
+}
+
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
@@ -108,9 +122,9 @@ pub struct EventHeader {
     /// One of [`kind`].
     pub kind: u32,
     /// Process id (`tgid`) of the current task. [`kind::STATE`] records carry a task (pid, tid,
-    /// comm) only for CLOSE->SYN_SENT, inside connect() in process context; for every other
-    /// transition the current task is unrelated to the socket (softirq, timers) and these fields
-    /// are 0.
+    /// comm) only for CLOSE->SYN_SENT and records with a [`state_flags`] flag, written by the
+    /// connecting thread; for every other transition the current task is unrelated to the
+    /// socket (softirq, timers) and these fields are 0.
     pub tgid: u32,
     /// Thread id of the current task.
     pub tid: u32,

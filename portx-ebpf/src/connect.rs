@@ -1,5 +1,6 @@
 //! `syscalls:sys_exit_connect`: the errno of a failing connect(), so that an EADDRNOTAVAIL names
-//! the process and the destination; in tracepoint mode also the port a non-blocking connect got.
+//! the process and the destination; in tracepoint mode also the record that opens a connect no
+//! record of the connecting thread has opened yet (see [`opened_late`]).
 //!
 //! No program at connect()'s entry: the socket and its destination are noted by `state` when
 //! the call puts the socket into SYN_SENT (in the calling thread, before any port is sought), and
@@ -15,8 +16,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portx_common::{
-    hook_mode, kind, syscall_tp, tcp_state, PortEvent, SyscallEvent, AF_INET, AF_INET6,
-    EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
+    hook_mode, kind, state_flags, syscall_tp, tcp_state, PortEvent, SyscallEvent, AF_INET,
+    AF_INET6, EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
 };
 
 use crate::{
@@ -46,13 +47,30 @@ pub struct Connecting {
 pub mod phase {
     /// Taken by connect()'s exit: nothing left to do with it.
     pub const TAKEN: u32 = 0;
-    /// In SYN_SENT, the port being sought or found.
+    /// In SYN_SENT, the port being sought or found; where the first record waits for the port
+    /// ([`super::deferred`]), no record has opened the connect yet.
     pub const SEEKING: u32 = 1;
     /// The port search failed (SYN_SENT->CLOSE with no port) and that state change was not
     /// written: connect()'s failure record names the socket and says it all. Should no
     /// connect() return for it (TCP Fast Open's sendto, io_uring), the thread's next connect or
     /// connect() exit writes it.
     pub const SEARCH_FAILED: u32 = 2;
+    /// The connect's first record was written by a state change in the connecting thread
+    /// before connect() returned (`state_flags::OPENS`).
+    pub const OPENED: u32 = 3;
+}
+
+/// True where a connect's first record waits until its port is known, so that one record opens
+/// it with the port instead of a CLOSE->SYN_SENT without one and a second record with the port
+/// — and a failed port search writes only connect()'s failure record. In fentry mode fexit on
+/// `inet_hash_connect` writes it for IPv4 (IPv6 seeks its port in `inet6_hash_connect`); in
+/// tracepoint mode the thread's next record of the socket does (`state_flags::OPENS`: loopback
+/// answers within connect()), else connect()'s exit (`state_flags::AT_EXIT`). In kprobe mode
+/// CLOSE->SYN_SENT is written as it happens and the kretprobe adds the port.
+#[inline(always)]
+pub fn deferred(family: u16) -> bool {
+    let mode = hook_mode();
+    mode == hook_mode::TRACEPOINT || (mode == hook_mode::FENTRY && family == AF_INET)
 }
 
 /// By thread. LRU: a connect made outside connect() (io_uring, TCP Fast Open's sendto, a kernel
@@ -81,30 +99,51 @@ pub fn note(pid_tgid: u64, call: &Connecting) -> Option<Connecting> {
     }
 }
 
-/// In the connecting thread, at SYN_SENT->CLOSE with no port: true (and the entry marked) if
-/// this is the socket the thread's connect is seeking a port for, so that the state change need
-/// not be written (see [`phase::SEARCH_FAILED`]).
+/// What a state change out of SYN_SENT is to the connect the current thread has noted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FromSynSent {
+    /// Not the socket the current thread is connecting before its connect() returned (the
+    /// usual case: a SYN-ACK or RST handled in softirq, or a connect already returned).
+    Elsewhere,
+    /// That socket's port search failed (SYN_SENT->CLOSE with no port): the entry is marked and
+    /// the state change need not be written (see [`phase::SEARCH_FAILED`]).
+    SearchFailed,
+    /// That socket, and no record has opened its connect: this state change's record does
+    /// (`state_flags::OPENS`), and the entry is marked [`phase::OPENED`].
+    Opens,
+}
+
+/// Looks the current thread's noted connect up at a state change of `sk` out of SYN_SENT:
+/// `searched` is true for SYN_SENT->CLOSE with no port. Called only where it can matter (a
+/// failed search, or a deferred first record): a lookup per such state change.
 #[inline(always)]
-pub fn search_failed(sk: u64) -> bool {
+pub fn from_syn_sent(sk: u64, searched: bool) -> FromSynSent {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
-        return false;
+        return FromSynSent::Elsewhere;
     };
     // SAFETY: a value of this map; only this thread writes its own entry.
     unsafe {
         if (*entry).sk != sk || (*entry).phase != phase::SEEKING {
-            return false;
+            return FromSynSent::Elsewhere;
         }
-        (*entry).phase = phase::SEARCH_FAILED;
+        if searched {
+            (*entry).phase = phase::SEARCH_FAILED;
+            return FromSynSent::SearchFailed;
+        }
+        if !deferred((*entry).family) {
+            return FromSynSent::Elsewhere;
+        }
+        (*entry).phase = phase::OPENED;
     }
-    true
+    FromSynSent::Opens
 }
 
-/// The SYN_SENT->CLOSE that [`search_failed`] held back, for a call that no failure record
+/// The SYN_SENT->CLOSE that [`from_syn_sent`] held back, for a call that no failure record
 /// covers.
 #[inline(always)]
 pub fn emit_held_close(call: &Connecting) {
-    if call.family == AF_INET && hook_mode() == hook_mode::FENTRY {
-        // No record opened this connect (fexit writes it only for a port found).
+    if deferred(call.family) {
+        // No record opened this connect: its first record waits for a port.
         return;
     }
     let at = Endpoints {
@@ -161,26 +200,35 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         emit_held_close(&call);
         return Ok(());
     }
+    // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
+    // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
+    // entry left by a connect made outside connect() names a socket that has moved on.
+    let read_state = || -> Result<u32, i64> {
+        let s: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
+        Ok(u32::from(s))
+    };
+    let mut state = None;
+    if call.phase == phase::SEEKING && hook_mode() == hook_mode::TRACEPOINT {
+        let now = read_state()?;
+        state = Some(now);
+        opened_late(&call, now);
+    }
     if ret == 0 {
         // The common case, a connect() that succeeded.
         return Ok(());
     }
-    // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
-    // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
-    // entry left by a connect made outside connect() names a socket that has moved on.
-    let state = || -> Result<u32, i64> {
-        let s: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
-        Ok(u32::from(s))
-    };
     if ret == -EINPROGRESS {
-        // A blocking connect's port arrives with SYN_SENT->ESTABLISHED and a refused one's with
-        // SYN_SENT->CLOSE; a connect still in progress needs the port read here in tracepoint
-        // mode, and in the others for IPv6 sockets: those seek their port in
-        // inet6_hash_connect, which the fexit/kprobe programs do not see.
-        if hook_mode() != hook_mode::TRACEPOINT && call.family != AF_INET6 {
+        // A connect still in progress has its port by now. In tracepoint mode its first record
+        // carried it; in the others IPv4's came from fexit or the kretprobe, and IPv6 sockets,
+        // which seek their port in inet6_hash_connect (not seen there), need it read here. A
+        // blocking connect's port arrives with SYN_SENT->ESTABLISHED.
+        if hook_mode() == hook_mode::TRACEPOINT || call.family != AF_INET6 {
             return Ok(());
         }
-        let state = state()?;
+        let state = match state {
+            Some(s) => s,
+            None => read_state()?,
+        };
         if state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED {
             emit(
                 PortEvent {
@@ -198,7 +246,10 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed.
     if call.phase != phase::SEARCH_FAILED {
-        let state = state()?;
+        let state = match state {
+            Some(s) => s,
+            None => read_state()?,
+        };
         if state != tcp_state::SYN_SENT && state != tcp_state::CLOSE {
             return Ok(());
         }
@@ -218,4 +269,39 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
         Wake::Now,
     );
     Ok(())
+}
+
+/// Tracepoint mode, at connect()'s exit, for a connect no record has opened yet (the thread saw
+/// no state change of its socket before the call returned): the record that opens it, with the
+/// port it got and the state it is in now ([`state_flags::AT_EXIT`]). Whatever the socket went
+/// through meanwhile in other contexts was written before, without an owner; a socket already
+/// closed again holds no port and gets none.
+///
+/// The entry may be left by a connect made outside connect() (TCP Fast Open's sendto), taken by
+/// a later connect() of the thread that put no socket into SYN_SENT: its socket, if still open,
+/// gets its owner now; if closed and its memory reused, the destination no longer matches.
+#[inline(always)]
+fn opened_late(call: &Connecting, state: u32) {
+    if state == tcp_state::CLOSE {
+        return;
+    }
+    let dport: u16 = sock_field(call.sk, offsets().sock_dport).unwrap_or(0);
+    if dport != call.dport.to_be() {
+        return;
+    }
+    // inet_sport, network order, as every state record reads the port.
+    let sport: u16 = sock_field(call.sk, offsets().inet_sport).unwrap_or(0);
+    if sport == 0 {
+        return;
+    }
+    let at = Endpoints {
+        family: call.family,
+        saddr: call.saddr,
+        daddr: call.daddr,
+        dport: call.dport.to_be(),
+        netns: call.netns,
+    };
+    let hdr = header(kind::STATE, state_flags::AT_EXIT);
+    let event = at.state_event(hdr, call.sk, tcp_state::CLOSE, state, sport);
+    emit(event, Wake::Batch);
 }

@@ -17,12 +17,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portx_common::{
-    hook_mode, kind, tcp_state, EventHeader, SockCommonHead, StateEvent, AF_INET, AF_INET6,
-    IPPROTO_TCP,
+    hook_mode, kind, state_flags, tcp_state, EventHeader, SockCommonHead, StateEvent, AF_INET,
+    AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
-    connect::{self, phase, Connecting},
+    connect::{self, phase, Connecting, FromSynSent},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, hook_mode, offsets},
     kernel::{btf_load, btf_load_in6, netns_of, sock_field, sock_netns},
@@ -285,12 +285,24 @@ fn state_change<C: EbpfContext>(
     if connecting && (pid_tgid >> 32) as u32 == agent_tgid() {
         return Ok(());
     }
-    if old == tcp_state::SYN_SENT && new == tcp_state::CLOSE {
-        // A failed port search, in the thread that sought it: connect()'s failure record will
-        // name the socket; this record would say nothing more (two records a failed connect
-        // instead of three, under exactly the storm portx is for).
-        if read.sport(sk)? == 0 && connect::search_failed(sk) {
-            return Ok(());
+    // The connecting thread's own state changes of its socket before connect() returns: a
+    // failed port search, or (where the first record waits for the port) the handshake that
+    // loopback completes within the call.
+    let mut flags = 0;
+    if old == tcp_state::SYN_SENT {
+        let searched = new == tcp_state::CLOSE && read.sport(sk)? == 0;
+        if searched || hook_mode() == hook_mode::TRACEPOINT {
+            match connect::from_syn_sent(sk, searched) {
+                // connect()'s failure record will name the socket; this record would say
+                // nothing more (one record a failed connect, under exactly the storm portx is
+                // for).
+                FromSynSent::SearchFailed => return Ok(()),
+                // Refused within the call: the port it got is free again, and connect()'s
+                // failure record tells the rest.
+                FromSynSent::Opens if new == tcp_state::CLOSE => return Ok(()),
+                FromSynSent::Opens => flags = state_flags::OPENS,
+                FromSynSent::Elsewhere => {}
+            }
         }
     }
     let Some(at) = read.endpoints(sk)? else {
@@ -328,17 +340,17 @@ fn state_change<C: EbpfContext>(
             // change, before this one.
             connect::emit_held_close(&prev);
         }
-        if at.family == AF_INET && hook_mode() == hook_mode::FENTRY {
-            // fexit on inet_hash_connect writes this record, with the port, once it is found
-            // (one record where there were two); a failed search's is connect()'s failure.
-            // (IPv6 seeks its port in inet6_hash_connect, which fexit does not see.)
+        if connect::deferred(at.family) {
+            // This record waits for the port (see `connect::deferred`): one record opens the
+            // connect with it, and a failed search's only record is connect()'s failure.
             return Ok(());
         }
     }
     // Other transitions run in whatever context (softirq, timers): the current task is unrelated
-    // to the socket, so it is not recorded (and comm not read).
-    let hdr = if connecting {
-        header(kind::STATE, 0)
+    // to the socket, so it is not recorded (and comm not read) — unless it is the connecting
+    // thread's, opening the connect.
+    let hdr = if connecting || flags != 0 {
+        header(kind::STATE, flags)
     } else {
         header_without_task(kind::STATE, 0)
     };
