@@ -110,24 +110,27 @@ pub enum Wake {
 
 /// Writes one record into this CPU's ring, or counts it as lost. Its time is read after its
 /// slot is reserved: the agent relies on a record reserved after it looked at a ring carrying a
-/// later time than that look.
+/// later time than that look. The same reading decides a failure's wake-up (one clock read a
+/// record).
 #[inline(always)]
 pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
     let ring = ring();
-    let flags = if (wake == Wake::Now && failure_wake_due())
-        || ring.query(BPF_RB_AVAIL_DATA) >= u64::from(wakeup_bytes())
-    {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
     match ring.reserve::<T>(0) {
         Some(mut entry) => {
             let record = entry.write(event);
+            let now = unsafe { bpf_ktime_get_ns() };
             // SAFETY: `T: Record` starts with its EventHeader.
             unsafe {
-                (*(record as *mut T).cast::<EventHeader>()).ts_ns = bpf_ktime_get_ns();
+                (*(record as *mut T).cast::<EventHeader>()).ts_ns = now;
             }
+            // (What is waiting includes this record, reserved but not yet submitted.)
+            let flags = if (wake == Wake::Now && failure_wake_due(now))
+                || ring.query(BPF_RB_AVAIL_DATA) >= u64::from(wakeup_bytes())
+            {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
             entry.submit(flags);
         }
         None => {
@@ -139,10 +142,9 @@ pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
     }
 }
 
-/// True (and the time noted) when no failure woke the agent from this CPU in the last gap.
+/// True (and `now` noted) when no failure woke the agent from this CPU in the last gap.
 #[inline(always)]
-fn failure_wake_due() -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
+fn failure_wake_due(now: u64) -> bool {
     match LAST_WAKE.get_ptr_mut(0) {
         Some(last) => {
             // Per-CPU slot: no other writer can race with this one.
