@@ -53,7 +53,8 @@ pub mod phase {
     /// The port search failed (SYN_SENT->CLOSE with no port) and that state change was not
     /// written: connect()'s failure record names the socket and says it all. Should no
     /// connect() return for it (TCP Fast Open's sendto, io_uring), the thread's next connect or
-    /// connect() exit writes it.
+    /// connect() exit writes it — where a record opened the connect (not where the first
+    /// record waits for the port, [`super::deferred`]: then nothing opened it).
     pub const SEARCH_FAILED: u32 = 2;
     /// The connect's first record was written by a state change in the connecting thread
     /// before connect() returned (`state_flags::OPENS`).
