@@ -23,7 +23,7 @@ pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use portx_common::{tcp_state as st, IPPROTO_TCP};
 
 use crate::{
-    decoder::{Comm, Opening, PortAssigned, StateChange, SyscallFailure},
+    decoder::{Comm, Opening, PortAssigned, StateChange, SyscallFailure, Task},
     time_wait::TimeWaitQueue,
 };
 
@@ -79,6 +79,14 @@ impl Owner {
         pid: 0,
         comm: Comm([0; 16]),
     };
+
+    /// The task a record written by the connecting thread carries.
+    fn of(task: &Task) -> Owner {
+        Owner {
+            pid: task.pid,
+            comm: task.comm,
+        }
+    }
 }
 
 /// Ports one process holds for one destination.
@@ -259,10 +267,7 @@ impl Tracker {
             Opening::InThread => {
                 // The connecting thread's record of its socket's first change out of SYN_SENT:
                 // the connect and its outcome in one record.
-                let owner = Owner {
-                    pid: e.task.pid,
-                    comm: e.task.comm,
-                };
+                let owner = Owner::of(&e.task);
                 if e.sport != 0 && e.new != st::CLOSE {
                     self.open(dest, e.sport, e.new as u8, owner, e.skaddr, stamp(e.ts_ns));
                 }
@@ -274,10 +279,7 @@ impl Tracker {
             }
         }
         if e.old == st::CLOSE && e.new == st::SYN_SENT {
-            let owner = Owner {
-                pid: e.task.pid,
-                comm: e.task.comm,
-            };
+            let owner = Owner::of(&e.task);
             if e.sport != 0 {
                 // bind() chose the port before connect().
                 self.open(
@@ -375,10 +377,7 @@ impl Tracker {
     /// state the socket was in then: the socket's changes in other contexts came before it, and
     /// opened it without an owner (see `on_state`); this names the owner and keeps the state.
     fn opened_at_exit(&mut self, dest: DestKey, e: &StateChange) {
-        let owner = Owner {
-            pid: e.task.pid,
-            comm: e.task.comm,
-        };
+        let owner = Owner::of(&e.task);
         if let Some(key) = self.key_of(&dest, e.sport) {
             if self
                 .conns
@@ -415,13 +414,7 @@ impl Tracker {
             if self.orphan_owners.len() >= MAX_ORPHAN_OWNERS {
                 self.orphan_owners.clear();
             }
-            self.orphan_owners.insert(
-                e.skaddr,
-                Owner {
-                    pid: e.task.pid,
-                    comm: e.task.comm,
-                },
-            );
+            self.orphan_owners.insert(e.skaddr, Owner::of(&e.task));
         }
     }
 

@@ -43,6 +43,20 @@ pub struct Connecting {
     pub _pad: u32,
 }
 
+impl Connecting {
+    /// Where the noted socket is, as a state record carries it.
+    #[inline(always)]
+    fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            family: self.family,
+            saddr: self.saddr,
+            daddr: self.daddr,
+            dport: self.dport.to_be(),
+            netns: self.netns,
+        }
+    }
+}
+
 /// Where a noted connect is.
 pub mod phase {
     /// Taken by connect()'s exit: nothing left to do with it.
@@ -147,13 +161,7 @@ pub fn emit_held_close(call: &Connecting) {
         // No record opened this connect: its first record waits for a port.
         return;
     }
-    let at = Endpoints {
-        family: call.family,
-        saddr: call.saddr,
-        daddr: call.daddr,
-        dport: call.dport.to_be(),
-        netns: call.netns,
-    };
+    let at = call.endpoints();
     let hdr = header_without_task(kind::STATE, 0);
     let event = at.state_event(hdr, call.sk, tcp_state::SYN_SENT, tcp_state::CLOSE, 0);
     emit(event, Wake::Batch);
@@ -295,13 +303,7 @@ fn opened_late(call: &Connecting, state: u32) {
     if sport == 0 {
         return;
     }
-    let at = Endpoints {
-        family: call.family,
-        saddr: call.saddr,
-        daddr: call.daddr,
-        dport: call.dport.to_be(),
-        netns: call.netns,
-    };
+    let at = call.endpoints();
     let hdr = header(kind::STATE, state_flags::AT_EXIT);
     let event = at.state_event(hdr, call.sk, tcp_state::CLOSE, state, sport);
     emit(event, Wake::Batch);
