@@ -618,3 +618,81 @@ fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
     );
     assert_eq!(lines[0]["failures"], 1, "the first is shown at once");
 }
+
+/// A burst of failures faster than their key gets records (about one each 100 ms): where no
+/// record opened the connects (all but kprobe mode) the kernel only counts them, writes a record
+/// or two, and the agent still counts every one — the rest read from the kernel's counts — in
+/// its summary and in the lines. With `--every-failure` each has its own record and line.
+fn failure_burst(test: &str, every_failure: bool) {
+    let _g = serial();
+    if !require_root(test) {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let extra: &[&str] = if every_failure {
+        &["--every-failure"]
+    } else {
+        &[]
+    };
+    let mut agent = Agent::start_with(ns.id, extra);
+    ns.hog("hog", V4);
+    let before = agent.wait_for("a summary with the range held", |v| {
+        v["type"] == "summary"
+            && v["destinations"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["dport"] == 9000 && d["in_use"] == 16))
+    });
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "300"]);
+    churner.expect("churned ok=0 failed=300");
+    churner.wait();
+    let pid = churner.pid();
+    agent.wait_for("a summary counting the burst", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(300)
+    });
+    let hooks = agent.hooks.clone();
+    let mut all = agent.seen().to_vec();
+    let (status, rest) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "agent exit: {status:?}");
+    all.extend(rest);
+    let last = all
+        .iter()
+        .rev()
+        .find(|v| v["type"] == "summary" && v["final"] == true)
+        .expect("a final summary");
+    let ctx = format!("hooks {hooks}; final summary {last:#}");
+    assert_eq!(last["connect_failures"], 300, "{ctx}");
+    assert_eq!(last["lost"], 0, "{ctx}");
+    let lines: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["type"] == "connect_failed" && v["pid"] == pid)
+        .collect();
+    let counted: u64 = lines.iter().filter_map(|v| v["failures"].as_u64()).sum();
+    assert_eq!(counted, 300, "{ctx}; lines: {lines:#?}");
+    let records = last["events"].as_u64().unwrap_or(0) - before["events"].as_u64().unwrap_or(0);
+    if every_failure {
+        assert_eq!(lines.len(), 300, "a line each: {ctx}");
+        assert!(records >= 300, "a record each: {records} records; {ctx}");
+    } else if hooks != "kprobe" {
+        assert!(
+            records < 30,
+            "counted in the kernel, not a record each: {records} records; {ctx}"
+        );
+    }
+}
+
+#[test]
+fn a_failure_burst_is_counted_in_the_kernel_and_every_failure_reaches_the_summary() {
+    failure_burst(
+        "a_failure_burst_is_counted_in_the_kernel_and_every_failure_reaches_the_summary",
+        false,
+    );
+}
+
+#[test]
+fn with_every_failure_each_failure_has_its_record_and_line() {
+    failure_burst(
+        "with_every_failure_each_failure_has_its_record_and_line",
+        true,
+    );
+}

@@ -9,8 +9,8 @@ use std::{
 };
 
 use portx_common::{
-    kind, state_flags, EventHeader, PortEvent, StateEvent, SyscallEvent, AF_INET, AF_INET6,
-    TASK_COMM_LEN,
+    fail_flags, kind, state_flags, EventHeader, FailureKey, PortEvent, StateEvent, SyscallEvent,
+    AF_INET, AF_INET6, TASK_COMM_LEN,
 };
 
 /// A task's `comm`, NUL-padded as the kernel keeps it. `Copy`, so it travels without allocating.
@@ -104,6 +104,23 @@ pub struct SyscallFailure {
     /// Destination (connect) or local (bind) address and port.
     pub addr: IpAddr,
     pub port: u16,
+    /// How many failures the record stands for.
+    pub tally: Tally,
+}
+
+/// How many failures a failure record stands for (see [`portx_common::fail_flags`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Tally {
+    /// Itself alone.
+    #[default]
+    Alone,
+    /// It was counted in the kernel under `key`, whose entry (made at `born_ns`) had counted
+    /// `count` failures then: it stands for those of them not accounted yet.
+    Counted {
+        key: FailureKey,
+        count: u64,
+        born_ns: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +198,22 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
         errno: e.ret.saturating_neg(),
         addr: ip_from(e.family, &e.addr)?,
         port: e.port,
+        tally: if e.hdr.kind == kind::CONNECT_FAIL && e.hdr.flags & fail_flags::COUNTED != 0 {
+            Tally::Counted {
+                key: FailureKey {
+                    tgid: e.hdr.tgid,
+                    netns: e.netns,
+                    ret: e.ret,
+                    family: e.family,
+                    dport: e.port,
+                    daddr: e.addr,
+                },
+                count: e.count,
+                born_ns: e.born_ns,
+            }
+        } else {
+            Tally::Alone
+        },
     })
 }
 
@@ -332,15 +365,58 @@ mod tests {
             port: 9000,
             fd: 3,
             addr: raw,
+            count: 0,
+            born_ns: 0,
         };
         match decode(&as_bytes(&e)).unwrap() {
             Event::ConnectFailed(f) => {
                 assert_eq!(f.errno, 99);
                 assert_eq!(f.port, 9000);
                 assert_eq!(f.addr, "::1".parse::<IpAddr>().unwrap());
+                assert_eq!(f.tally, Tally::Alone);
             }
             other => panic!("wrong event {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_counted_failure_carries_its_key_and_count() {
+        let (family, raw) = addr("10.0.0.1".parse().unwrap());
+        let e = SyscallEvent {
+            hdr: header(kind::CONNECT_FAIL, 7, "victim"),
+            skaddr: 0,
+            netns: 1,
+            ret: -99,
+            family,
+            port: 443,
+            fd: -1,
+            addr: raw,
+            count: 1234,
+            born_ns: 55,
+        };
+        let mut counted = e;
+        counted.hdr.flags = fail_flags::COUNTED;
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&counted)) else {
+            panic!("not a connect failure")
+        };
+        let Tally::Counted {
+            key,
+            count,
+            born_ns,
+        } = f.tally
+        else {
+            panic!("not counted: {f:?}")
+        };
+        assert_eq!((count, born_ns), (1234, 55));
+        assert_eq!(
+            (key.tgid, key.netns, key.ret, key.family, key.dport, key.daddr),
+            (7, 1, -99, family, 443, raw)
+        );
+        // The flag, not the fields, says it was counted.
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&e)) else {
+            panic!("not a connect failure")
+        };
+        assert_eq!(f.tally, Tally::Alone);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! (and the agent would spend most of a core formatting them). Nothing is dropped: a failure
 //! without a line of its own is counted into its key's next line, which comes with the next
 //! failure due or, for a key that went quiet, at the next flush (about a second later, and at
-//! exit); the `failures` of a key's lines add up to its failures.
+//! exit); the `failures` of a key's lines add up to its failures. Failures the kernel only
+//! counted (see `failure_counts`) arrive as a record standing for several, or as a number
+//! found in its map, and are counted the same way.
 use std::{net::IpAddr, time::Duration};
 
 use crate::{decoder::SyscallFailure, tracker::Map};
@@ -67,14 +69,16 @@ impl FailureLines {
         }
     }
 
-    /// One failure at `f.ts_ns`: Some(line) if it gets a line now (the key's first, or its last
-    /// line is `every` old), else None and it is counted into the key's next line.
-    pub fn on_failure(&mut self, f: &SyscallFailure, connect: bool) -> Option<Line> {
+    /// A failure record at `f.ts_ns` standing for `failures` failures (itself and those the
+    /// kernel only counted before it; 0 when a reading of the kernel's counts found them first):
+    /// Some(line) if it gets a line now (the key's first, or its last line is `every` old), else
+    /// None and they are counted into the key's next line.
+    pub fn on_failure(&mut self, f: &SyscallFailure, connect: bool, failures: u64) -> Option<Line> {
         if self.every_ns == 0 {
-            return Some(Line {
+            return (failures > 0).then_some(Line {
                 failure: *f,
                 connect,
-                failures: 1,
+                failures,
             });
         }
         let key = Key::of(f, connect);
@@ -89,22 +93,47 @@ impl FailureLines {
                     },
                 );
             }
-            return Some(Line {
+            return (failures > 0).then_some(Line {
                 failure: *f,
                 connect,
-                failures: 1,
+                failures,
             });
         };
-        if f.ts_ns.saturating_sub(last.at_ns) < self.every_ns {
-            last.unshown += 1;
-            last.latest = *f;
+        last.latest = *f;
+        if f.ts_ns.saturating_sub(last.at_ns) < self.every_ns || last.unshown + failures == 0 {
+            last.unshown += failures;
             return None;
         }
         last.at_ns = f.ts_ns;
         Some(Line {
             failure: *f,
             connect,
-            failures: std::mem::take(&mut last.unshown) + 1,
+            failures: std::mem::take(&mut last.unshown) + failures,
+        })
+    }
+
+    /// `failures` failures found in the kernel's counts with no record of their own: counted
+    /// into the key's next line, which stands for them with the key's latest record. A key
+    /// without one (its record lost, or past `MAX_KEYS`) gets a line for them now, as `f`.
+    pub fn on_unrecorded(
+        &mut self,
+        f: &SyscallFailure,
+        connect: bool,
+        failures: u64,
+    ) -> Option<Line> {
+        if failures == 0 {
+            return None;
+        }
+        if self.every_ns != 0 {
+            if let Some(last) = self.keys.get_mut(&Key::of(f, connect)) {
+                last.unshown += failures;
+                return None;
+            }
+        }
+        Some(Line {
+            failure: *f,
+            connect,
+            failures,
         })
     }
 
@@ -161,6 +190,7 @@ mod tests {
             errno: libc::EADDRNOTAVAIL,
             addr: IpAddr::from([10, 0, 0, 1]),
             port,
+            tally: Default::default(),
         }
     }
 
@@ -175,7 +205,7 @@ mod tests {
         // 10_000 failures over 2.5 s, one process, one destination.
         for i in 0..10_000u64 {
             let ts = SEC + i * 250_000;
-            lines.extend(l.on_failure(&failure(100, 443, ts), true));
+            lines.extend(l.on_failure(&failure(100, 443, ts), true, 1));
         }
         assert_eq!(lines.len(), 3, "at 1 s, 2 s and 3 s: {lines:?}");
         assert_eq!(lines[0].failures, 1, "the first is shown at once");
@@ -193,9 +223,13 @@ mod tests {
     #[test]
     fn a_quiet_key_is_flushed_after_a_second_then_forgotten() {
         let mut l = FailureLines::new(Duration::from_secs(1));
-        assert!(l.on_failure(&failure(100, 443, SEC), true).is_some());
-        assert!(l.on_failure(&failure(100, 443, SEC + 10), true).is_none());
-        assert!(l.on_failure(&failure(100, 443, SEC + 20), true).is_none());
+        assert!(l.on_failure(&failure(100, 443, SEC), true, 1).is_some());
+        assert!(l
+            .on_failure(&failure(100, 443, SEC + 10), true, 1)
+            .is_none());
+        assert!(l
+            .on_failure(&failure(100, 443, SEC + 20), true, 1)
+            .is_none());
         assert!(l.flush(SEC + SEC / 2, false).is_empty(), "not a second yet");
         let lines = l.flush(2 * SEC, false);
         assert_eq!(lines.len(), 1);
@@ -205,7 +239,7 @@ mod tests {
         assert!(l.flush(3 * SEC, false).is_empty());
         assert!(l.is_empty(), "a second with nothing: forgotten");
         assert_eq!(
-            l.on_failure(&failure(100, 443, 3 * SEC), true)
+            l.on_failure(&failure(100, 443, 3 * SEC), true, 1)
                 .map(|l| l.failures),
             Some(1)
         );
@@ -214,21 +248,21 @@ mod tests {
     #[test]
     fn processes_destinations_errnos_and_calls_are_keyed_apart() {
         let mut l = FailureLines::new(Duration::from_secs(1));
-        assert!(l.on_failure(&failure(100, 443, SEC), true).is_some());
-        assert!(l.on_failure(&failure(101, 443, SEC), true).is_some());
-        assert!(l.on_failure(&failure(100, 80, SEC), true).is_some());
-        assert!(l.on_failure(&failure(100, 443, SEC), false).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC), true, 1).is_some());
+        assert!(l.on_failure(&failure(101, 443, SEC), true, 1).is_some());
+        assert!(l.on_failure(&failure(100, 80, SEC), true, 1).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC), false, 1).is_some());
         let mut refused = failure(100, 443, SEC);
         refused.errno = libc::ECONNREFUSED;
-        assert!(l.on_failure(&refused, true).is_some());
-        assert!(l.on_failure(&failure(100, 443, SEC + 1), true).is_none());
+        assert!(l.on_failure(&refused, true, 1).is_some());
+        assert!(l.on_failure(&failure(100, 443, SEC + 1), true, 1).is_none());
     }
 
     #[test]
     fn with_no_gap_every_failure_has_its_line() {
         let mut l = FailureLines::new(Duration::ZERO);
         for i in 0..100 {
-            let line = l.on_failure(&failure(100, 443, SEC + i), true);
+            let line = l.on_failure(&failure(100, 443, SEC + i), true, 1);
             assert_eq!(line.map(|l| l.failures), Some(1));
         }
         assert!(l.flush(10 * SEC, true).is_empty());
@@ -238,12 +272,48 @@ mod tests {
     fn past_the_key_limit_a_failure_gets_its_own_line() {
         let mut l = FailureLines::new(Duration::from_secs(1));
         for pid in 0..MAX_KEYS as u32 {
-            assert!(l.on_failure(&failure(pid, 443, SEC), true).is_some());
+            assert!(l.on_failure(&failure(pid, 443, SEC), true, 1).is_some());
         }
         assert_eq!(l.len(), MAX_KEYS);
         let extra = failure(MAX_KEYS as u32, 443, SEC);
-        assert!(l.on_failure(&extra, true).is_some());
-        assert!(l.on_failure(&extra, true).is_some(), "not followed: shown");
+        assert!(l.on_failure(&extra, true, 1).is_some());
+        assert!(
+            l.on_failure(&extra, true, 1).is_some(),
+            "not followed: shown"
+        );
         assert_eq!(l.len(), MAX_KEYS);
+    }
+
+    #[test]
+    fn failures_counted_in_the_kernel_add_up_in_the_lines() {
+        let mut l = FailureLines::new(Duration::from_secs(1));
+        let mut lines: Vec<Line> = l
+            .on_failure(&failure(100, 443, SEC), true, 1)
+            .into_iter()
+            .collect();
+        // Records standing for 500 failures each, ten a second, and what a reading found.
+        for i in 1..=20u64 {
+            lines.extend(l.on_failure(&failure(100, 443, SEC + i * SEC / 10), true, 500));
+        }
+        assert!(
+            l.on_unrecorded(&failure(100, 443, 3 * SEC), true, 77)
+                .is_none(),
+            "into the next line"
+        );
+        // A record whose failures a reading accounted first is no line by itself.
+        assert!(l
+            .on_failure(&failure(100, 443, 3 * SEC + 1), true, 0)
+            .is_none());
+        lines.extend(l.flush(5 * SEC, true));
+        assert_eq!(counts(&lines), 1 + 20 * 500 + 77);
+        assert_eq!(lines.len(), 4, "at 1 s, 2 s, 3 s and the flush: {lines:?}");
+        // Found in the map for a key with no record read: a line of its own, at once.
+        let line = l
+            .on_unrecorded(&failure(200, 443, 5 * SEC), true, 9)
+            .expect("a line");
+        assert_eq!(line.failures, 9);
+        assert!(l
+            .on_unrecorded(&failure(200, 443, 5 * SEC), true, 0)
+            .is_none());
     }
 }

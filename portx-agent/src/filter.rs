@@ -73,6 +73,7 @@ mod tests {
             errno: 99,
             addr: "10.0.0.2".parse().unwrap(),
             port,
+            tally: Default::default(),
         }
     }
 

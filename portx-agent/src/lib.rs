@@ -3,7 +3,9 @@
 //!
 //! Event flow, one module a step:
 //! kernel ([`loader`]) -> ring buffer ([`reader`]) -> [`decoder`] -> [`tracker`] -> [`report`]
-//! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`]. The kernel's own truth comes from [`sockdiag`],
+//! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`].
+//! Failures: [`decoder`] -> [`failure_counts`] (what the kernel only counted) ->
+//! [`failure_lines`] (a line a second per process, destination and errno) -> [`report`]. The kernel's own truth comes from [`sockdiag`],
 //! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
 //! tracker by [`seed`]. Before anything loads: [`privilege`], [`tracefs`], [`btf`].
 //! Consumers of the once-a-second [`view`]: [`metrics`] (served by [`metrics_server`]) and the
@@ -15,6 +17,7 @@ pub mod clock;
 pub mod decoder;
 pub mod demo;
 pub mod doctor;
+pub mod failure_counts;
 pub mod failure_lines;
 pub mod filter;
 pub mod forecast;

@@ -131,6 +131,9 @@ pub struct LoadOptions {
     /// Only these network namespaces are written by the kernel side (all when empty; at most
     /// `MAX_NETNS_FILTER`).
     pub netns: Vec<u32>,
+    /// A failing connect()'s key gets a record about once this often, the failures in between
+    /// only counted (`portx_common::FAILURE_RECORD_GAP_NS`); 0: a record per failure.
+    pub failure_record_gap_ns: u64,
 }
 
 /// Attached in every mode: TCP state changes, as `tp_btf` (program `STATE_BTF`) or as a raw
@@ -195,7 +198,12 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         .override_global(names::OFFSETS, &opts.offsets, true)
         .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
         .override_global(names::RING_COUNT, &ring_count, true)
-        .override_global(names::FILTER_NETNS, &filter_netns, true);
+        .override_global(names::FILTER_NETNS, &filter_netns, true)
+        .override_global(
+            names::FAILURE_RECORD_GAP_NS,
+            &opts.failure_record_gap_ns,
+            true,
+        );
     for (i, name) in names::EVENTS.iter().enumerate() {
         let bytes = if i < rings.count {
             rings.bytes

@@ -474,6 +474,7 @@ mod tests {
             errno: 99,
             addr: "::1".parse().unwrap(),
             port: 443,
+            tally: Default::default(),
         };
         let v = serde_json::to_value(Record::ConnectFailed(failure(&f, true, 5))).unwrap();
         assert_eq!(v["type"], "connect_failed");

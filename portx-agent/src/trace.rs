@@ -10,8 +10,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{MapData, PerCpuArray};
-use portx_common::{names, EADDRINUSE, EADDRNOTAVAIL, FAILURE_WAKE_GAP_NS};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use portx_common::{
+    names, FailureCount, FailureKey, EADDRINUSE, EADDRNOTAVAIL, FAILURE_RECORD_GAP_NS,
+    FAILURE_WAKE_GAP_NS,
+};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{oneshot, watch},
@@ -19,7 +22,8 @@ use tokio::{
 
 use crate::{
     btf, clock,
-    decoder::{self, Event, SyscallFailure},
+    decoder::{self, Event, SyscallFailure, Tally, Task},
+    failure_counts::FailureCounts,
     failure_lines::{self, FailureLines},
     filter::Filter,
     forecast::Rates,
@@ -149,6 +153,9 @@ struct Session<W: io::Write> {
     reports: Map<Target, LastReport>,
     bind_reports: Map<u32, LastReport>,
     failure_lines: FailureLines,
+    failure_counts: FailureCounts,
+    /// The kernel's counts of failing connects (None in tests).
+    failure_map: Option<BpfHashMap<MapData, FailureKey, FailureCount>>,
     /// A write to stdout failed (reader gone): stop.
     broken: Option<io::Error>,
     /// The kernel's per-CPU count of records it could not write (None in tests).
@@ -204,17 +211,25 @@ impl<W: io::Write> Session<W> {
             Event::ConnectFailed(f) => {
                 self.counters.failure_records += 1;
                 self.tracker.on_connect_failed(&f);
+                let failures = match f.tally {
+                    Tally::Alone => 1,
+                    Tally::Counted {
+                        key,
+                        count,
+                        born_ns,
+                    } => self.failure_counts.on_record(key, count, born_ns, f.task),
+                };
                 if self.wanted(f.netns) {
-                    self.count_failure(&f, true);
+                    self.count_failure(&f, true, failures);
                     if self.opts.filter.failure(&f, true) {
-                        self.connect_failed(&f);
+                        self.connect_failed(&f, failures);
                     }
                 }
             }
             Event::BindFailed(f) => {
                 self.counters.failure_records += 1;
                 if self.wanted(f.netns) {
-                    self.count_failure(&f, false);
+                    self.count_failure(&f, false, 1);
                     if self.opts.filter.failure(&f, false) {
                         self.bind_failed(&f);
                     }
@@ -238,21 +253,25 @@ impl<W: io::Write> Session<W> {
         }
     }
 
-    /// Counts a failure in the run's totals and in its process' group (container or cgroup).
-    fn count_failure(&mut self, f: &SyscallFailure, connect: bool) {
+    /// Counts `failures` failures like `f` in the run's totals and in its process' group
+    /// (container or cgroup).
+    fn count_failure(&mut self, f: &SyscallFailure, connect: bool, failures: u64) {
+        if failures == 0 {
+            return;
+        }
         let exhausted = if connect {
             f.errno == EADDRNOTAVAIL
         } else {
             f.errno == EADDRINUSE
         };
         if !exhausted {
-            self.counters.other_failures += 1;
+            self.counters.other_failures += failures;
             return;
         }
         if connect {
-            self.counters.connect_failures += 1;
+            self.counters.connect_failures += failures;
         } else {
-            self.counters.bind_failures += 1;
+            self.counters.bind_failures += failures;
         }
         // No allocation per failure: the group string is computed once per process read.
         let id = self.identities.get(f.task.pid, f.ts_ns);
@@ -279,9 +298,85 @@ impl<W: io::Write> Session<W> {
             return;
         };
         if connect {
-            entry.connect_eaddrnotavail += 1;
+            entry.connect_eaddrnotavail += failures;
         } else {
-            entry.bind_eaddrinuse += 1;
+            entry.bind_eaddrinuse += failures;
+        }
+    }
+
+    /// Reads the kernel's failure counts (after the rings were drained) and accounts what no
+    /// record brought: a key's failures after its last record. Deletes the entries of processes
+    /// that are gone, once read.
+    fn read_failure_counts(&mut self) {
+        let Some(map) = &mut self.failure_map else {
+            return;
+        };
+        let mut entries = Vec::new();
+        for item in map.iter() {
+            match item {
+                Ok(entry) => entries.push(entry),
+                Err(e) => {
+                    // Read again in a second; nothing is lost meanwhile (the kernel only adds).
+                    tracing::warn!("reading the kernel's failure counts: {e}");
+                    return;
+                }
+            }
+        }
+        let reading = self.failure_counts.read(entries, |tgid| {
+            matches!(
+                std::fs::metadata(format!("/proc/{tgid}")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound
+            )
+        });
+        for key in &reading.delete {
+            if let Err(e) = map.remove(key) {
+                tracing::debug!("deleting a gone process' failure count: {e}");
+            }
+        }
+        let now = clock::monotonic_ns();
+        for u in reading.unaccounted {
+            let Ok(addr) = decoder::ip_from(u.key.family, &u.key.daddr) else {
+                continue;
+            };
+            let f = SyscallFailure {
+                ts_ns: now,
+                task: u.task.unwrap_or(Task {
+                    pid: u.key.tgid,
+                    tid: 0,
+                    comm: Default::default(),
+                }),
+                skaddr: 0,
+                netns: u.key.netns,
+                errno: u.key.ret.saturating_neg(),
+                addr,
+                port: u.key.dport,
+                tally: Tally::Alone,
+            };
+            if !self.wanted(f.netns) {
+                continue;
+            }
+            self.count_failure(&f, true, u.failures);
+            if f.errno == EADDRNOTAVAIL {
+                // Into the destination's next report (the records bring the reports).
+                let target = Target {
+                    netns: f.netns,
+                    proto: portx_common::IPPROTO_TCP as u8,
+                    daddr: f.addr,
+                    dport: f.port,
+                };
+                self.reports
+                    .entry(target)
+                    .or_insert(LastReport {
+                        at_ns: 0,
+                        failures_since: 0,
+                    })
+                    .failures_since += u.failures;
+            }
+            if self.opts.filter.failure(&f, true) {
+                if let Some(line) = self.failure_lines.on_unrecorded(&f, true, u.failures) {
+                    self.failure_line(&line);
+                }
+            }
         }
     }
 
@@ -305,9 +400,11 @@ impl<W: io::Write> Session<W> {
         }
     }
 
-    fn connect_failed(&mut self, f: &SyscallFailure) {
+    /// A connect failure record standing for `failures` failures (0: a reading of the kernel's
+    /// counts accounted them first; the record still tells that the destination is failing).
+    fn connect_failed(&mut self, f: &SyscallFailure, failures: u64) {
         let ts = clock::wall_ns(f.ts_ns);
-        if let Some(line) = self.failure_lines.on_failure(f, true) {
+        if let Some(line) = self.failure_lines.on_failure(f, true, failures) {
             self.failure_line(&line);
         }
         if f.errno != EADDRNOTAVAIL {
@@ -319,7 +416,13 @@ impl<W: io::Write> Session<W> {
             daddr: f.addr,
             dport: f.port,
         };
-        let Some(failures) = due(&mut self.reports, target, f.ts_ns, self.opts.report_every) else {
+        let Some(failures) = due(
+            &mut self.reports,
+            target,
+            f.ts_ns,
+            self.opts.report_every,
+            failures,
+        ) else {
             return;
         };
         let settings = self.ranges.current(f.netns, Some(f.task.pid)).cloned();
@@ -357,7 +460,7 @@ impl<W: io::Write> Session<W> {
 
     fn bind_failed(&mut self, f: &SyscallFailure) {
         let ts = clock::wall_ns(f.ts_ns);
-        if let Some(line) = self.failure_lines.on_failure(f, false) {
+        if let Some(line) = self.failure_lines.on_failure(f, false, 1) {
             self.failure_line(&line);
         }
         if f.errno != EADDRINUSE || f.port != 0 {
@@ -377,6 +480,7 @@ impl<W: io::Write> Session<W> {
             f.netns,
             f.ts_ns,
             self.opts.report_every,
+            1,
         ) else {
             return;
         };
@@ -536,19 +640,20 @@ impl<W: io::Write> Session<W> {
     }
 }
 
-/// Counts one failure; returns the count since the last report when a report is due.
+/// Counts `failures` failures; returns the count since the last report when a report is due.
 fn due<K: std::hash::Hash + Eq>(
     reports: &mut Map<K, LastReport>,
     key: K,
     now_ns: u64,
     every: Duration,
+    failures: u64,
 ) -> Option<u64> {
     let every = every.as_nanos() as u64;
     let entry = reports.entry(key).or_insert(LastReport {
         at_ns: 0,
         failures_since: 0,
     });
-    entry.failures_since += 1;
+    entry.failures_since += failures;
     if entry.at_ns != 0 && now_ns.saturating_sub(entry.at_ns) < every {
         return None;
     }
@@ -603,6 +708,12 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         offsets,
         ring_bytes: opts.ring_bytes,
         netns: opts.netns.clone(),
+        // A line per failure asked for: a record per failure.
+        failure_record_gap_ns: if opts.failure_line_every.is_zero() {
+            0
+        } else {
+            FAILURE_RECORD_GAP_NS
+        },
     })?;
     let mut rings = Vec::with_capacity(loaded.rings.count);
     for name in &names::EVENTS[..loaded.rings.count] {
@@ -621,6 +732,12 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             .ebpf
             .take_map(names::DROPS)
             .ok_or_else(|| anyhow!("map {} missing", names::DROPS))?,
+    )?;
+    let failure_map: BpfHashMap<MapData, FailureKey, FailureCount> = BpfHashMap::try_from(
+        loaded
+            .ebpf
+            .take_map(names::FAILURE_COUNTS)
+            .ok_or_else(|| anyhow!("map {} missing", names::FAILURE_COUNTS))?,
     )?;
     let mut reader = Reader::new(rings).context("registering the ring buffers with tokio")?;
     let mut logger = match loaded.logger.take() {
@@ -647,6 +764,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         reports: Map::default(),
         bind_reports: Map::default(),
         failure_lines: FailureLines::new(opts.failure_line_every),
+        failure_counts: FailureCounts::new(),
+        failure_map: Some(failure_map),
         broken: None,
         drop_map: Some(drop_map),
         opts,
@@ -741,6 +860,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 // State changes do not wake the agent one by one (see portx-ebpf emit.rs):
                 // read what is waiting before summarizing.
                 reader.drain_pending(|buf| session.handle(buf));
+                session.read_failure_counts();
                 let lost = session.lost_now();
                 if lost > warned_lost {
                     tracing::warn!(
@@ -783,6 +903,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             }
             _ = view_tick.tick() => {
                 reader.drain_pending(|buf| session.handle(buf));
+                session.read_failure_counts();
                 session.flush_failure_lines(false);
                 // What the drain and the flush wrote goes out now, not with the next summary.
                 session.flush();
@@ -826,6 +947,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         }
     }
     reader.drain_all(|buf| session.handle(buf));
+    session.read_failure_counts();
     session.lost_now();
     session.counters.missed = prog_stats::missed_runs(&loaded.ebpf)
         .iter()
@@ -850,14 +972,18 @@ mod tests {
     fn reports_are_rate_limited_per_destination_and_count_what_they_skip() {
         let mut m: Map<u32, LastReport> = Map::default();
         let sec = Duration::from_secs(1);
-        assert_eq!(due(&mut m, 1, 5, sec), Some(1));
-        assert_eq!(due(&mut m, 1, 6, sec), None);
-        assert_eq!(due(&mut m, 1, 7, sec), None);
+        assert_eq!(due(&mut m, 1, 5, sec, 1), Some(1));
+        assert_eq!(due(&mut m, 1, 6, sec, 1), None);
         assert_eq!(
-            due(&mut m, 2, 7, sec),
+            due(&mut m, 1, 7, sec, 40),
+            None,
+            "a record counted in the kernel"
+        );
+        assert_eq!(
+            due(&mut m, 2, 7, sec, 1),
             Some(1),
             "other destination is independent"
         );
-        assert_eq!(due(&mut m, 1, 5 + 1_000_000_000, sec), Some(3));
+        assert_eq!(due(&mut m, 1, 5 + 1_000_000_000, sec, 1), Some(42));
     }
 }

@@ -1037,6 +1037,7 @@ mod tests {
             errno: 99,
             addr: "10.0.0.2".parse().unwrap(),
             port: 80,
+            tally: Default::default(),
         };
         t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
         t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));

@@ -19,6 +19,17 @@ pub const MAX_NETNS_FILTER: u32 = 256;
 /// twice this long.
 pub const FAILURE_WAKE_GAP_NS: u64 = 5_000_000;
 
+/// A failing connect()'s key (process, namespace, destination, errno: [`FailureKey`]) gets a
+/// record about once per this interval (CPUs failing at the same moment may each write one); the
+/// failures in between are only counted, in the `FAILURE_COUNTS` map, and the key's next record
+/// or the agent's reading of the map (once a second) accounts them. The agent sets it (global
+/// `FAILURE_RECORD_GAP_NS`); 0 (`--every-failure`): a record per failure.
+pub const FAILURE_RECORD_GAP_NS: u64 = 100_000_000;
+
+/// Keys `FAILURE_COUNTS` holds at once; a failure of a new key past it gets a record of its own,
+/// as every failure did before the counting.
+pub const MAX_FAILURE_KEYS: u32 = 4096;
+
 /// Most ring buffers the kernel side writes to: CPU `c` writes to ring `c % RING_COUNT`, and the
 /// agent sets `RING_COUNT` (at most this) from the number of CPUs. One ring shared by every CPU
 /// costs each record a contended lock and cache line.
@@ -39,6 +50,8 @@ pub mod names {
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     pub const FILTER_NETNS: &str = "FILTER_NETNS";
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
+    pub const FAILURE_RECORD_GAP_NS: &str = "FAILURE_RECORD_GAP_NS";
+    pub const FAILURE_COUNTS: &str = "FAILURE_COUNTS";
 }
 
 /// Record kinds (`EventHeader::kind`).
@@ -77,6 +90,16 @@ pub mod state_flags {
     /// owner. Transitions the socket went through in other contexts (a SYN-ACK handled in
     /// softirq while the thread slept in connect()) came before it, without an owner.
     pub const AT_EXIT: u32 = 2;
+}
+
+/// Flags of a [`kind::CONNECT_FAIL`] record (`EventHeader::flags`).
+pub mod fail_flags {
+    /// The failure was counted in `FAILURE_COUNTS` under its [`super::FailureKey`], and the
+    /// record carries the key's entry as it was then: `count` (all failures counted under the
+    /// entry so far, its own included) and `born_ns` (when the entry was made). It stands for
+    /// those of them the agent has not accounted yet. Without this flag (a record per failure
+    /// asked for, the map full, a connect a record opened) the record stands for itself alone.
+    pub const COUNTED: u32 = 1;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -190,6 +213,40 @@ pub struct SyscallEvent {
     pub fd: i32,
     /// Destination (connect) or local (bind) address.
     pub addr: [u8; 16],
+    /// With [`fail_flags::COUNTED`]: [`FailureCount::count`] after this failure, else 0.
+    pub count: u64,
+    /// With [`fail_flags::COUNTED`]: [`FailureCount::born_ns`], else 0.
+    pub born_ns: u64,
+}
+
+/// Who failed to connect where, and how: a key of `FAILURE_COUNTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FailureKey {
+    /// Process id (tgid) of the failing thread.
+    pub tgid: u32,
+    pub netns: u32,
+    /// Negative errno, as connect() returned it.
+    pub ret: i32,
+    pub family: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    pub daddr: [u8; 16],
+}
+
+/// A `FAILURE_COUNTS` entry. The kernel only ever adds to `count` (atomically: CPUs failing
+/// under one key share it), so the agent reading it races with nothing; it deletes an entry only
+/// once the entry's process is gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FailureCount {
+    /// Failures counted under the key since the entry was made.
+    pub count: u64,
+    /// When a failure of the key last got a record (`bpf_ktime_get_ns`; any CPU).
+    pub last_record_ns: u64,
+    /// When the entry was made: tells an entry from one made again for the same key after the
+    /// agent deleted it.
+    pub born_ns: u64,
 }
 
 /// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
@@ -291,7 +348,9 @@ const _: () = assert!(core::mem::offset_of!(EventHeader, ts_ns) == TS_OFFSET);
 const _: () = assert!(size_of::<SockCommonHead>() == 88);
 const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
-const _: () = assert!(size_of::<SyscallEvent>() == 80);
+const _: () = assert!(size_of::<SyscallEvent>() == 96);
+const _: () = assert!(size_of::<FailureKey>() == 32);
+const _: () = assert!(size_of::<FailureCount>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 60);
 
 #[cfg(feature = "user")]
@@ -299,4 +358,6 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays, with explicit
     // padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::FailureKey {}
+    unsafe impl aya::Pod for super::FailureCount {}
 }

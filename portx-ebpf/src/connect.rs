@@ -7,7 +7,8 @@
 //! taken here. So only calls that put a TCP socket into SYN_SENT are reported: every failure
 //! that involves a port does; a call that fails before (no route, EALREADY, a non-IP socket)
 //! never sought one. A connect() whose port search failed writes one record here, not also its
-//! SYN_SENT->CLOSE (see [`phase::SEARCH_FAILED`]).
+//! SYN_SENT->CLOSE (see [`phase::SEARCH_FAILED`]); where no record opened the connect, a
+//! failure is counted and gets a record only now and then (see `failure_counts`).
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
@@ -16,12 +17,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portx_common::{
-    hook_mode, kind, state_flags, syscall_tp, tcp_state, PortEvent, SyscallEvent, AF_INET,
-    AF_INET6, EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
+    fail_flags, hook_mode, kind, state_flags, syscall_tp, tcp_state, FailureKey, PortEvent,
+    SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
 };
 
 use crate::{
     emit::{emit, header, header_without_task, Wake},
+    failure_counts::{self, Counted},
     globals::{hook_mode, offsets},
     kernel::{sock_field, sock_port},
     state::Endpoints,
@@ -263,10 +265,30 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     }
+    // Counted where no record opened the connect (where one did, in kprobe mode and for IPv6
+    // in fentry mode, the agent waits for this record to close it).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let counted = if deferred(call.family) {
+        failure_counts::count(&FailureKey {
+            tgid: (pid_tgid >> 32) as u32,
+            netns: call.netns,
+            ret,
+            family: call.family,
+            dport: call.dport,
+            daddr: call.daddr,
+        })
+    } else {
+        Counted::Alone
+    };
+    let (flags, count, born_ns) = match counted {
+        Counted::Held => return Ok(()),
+        Counted::Alone => (0, 0, 0),
+        Counted::Record { count, born_ns } => (fail_flags::COUNTED, count, born_ns),
+    };
     // For a failed search, this record also stands for the SYN_SENT->CLOSE not written.
     emit(
         SyscallEvent {
-            hdr: header(kind::CONNECT_FAIL, 0),
+            hdr: header(kind::CONNECT_FAIL, flags),
             skaddr: call.sk,
             netns: call.netns,
             ret,
@@ -274,6 +296,8 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
             port: call.dport,
             fd: -1,
             addr: call.daddr,
+            count,
+            born_ns,
         },
         Wake::Now,
     );

@@ -23,6 +23,11 @@ static RING_COUNT: u32 = 1;
 #[no_mangle]
 static FILTER_NETNS: u32 = 0;
 
+/// A failing connect()'s key gets a record about once this often; 0: a record per failure
+/// (`portx_common::FAILURE_RECORD_GAP_NS`).
+#[no_mangle]
+static FAILURE_RECORD_GAP_NS: u64 = 0;
+
 /// Kernel struct offsets from BTF.
 #[no_mangle]
 pub static OFFSETS: KernelOffsets = KernelOffsets {
@@ -86,4 +91,9 @@ pub fn filter_netns() -> u32 {
 #[inline(always)]
 pub fn ring_count() -> u32 {
     unsafe { core::ptr::read_volatile(&RING_COUNT) }
+}
+
+#[inline(always)]
+pub fn failure_record_gap_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&FAILURE_RECORD_GAP_NS) }
 }

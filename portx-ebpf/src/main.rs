@@ -4,14 +4,20 @@
 //!   (all modes).
 //! - `connect`: `syscalls:sys_exit_connect` — failed connects (of sockets `state` saw enter
 //!   SYN_SENT), and in tracepoint mode the port a non-blocking connect got.
+//! - `failure_counts`: failing connects counted per process, destination and errno, a record
+//!   now and then instead of one each.
 //! - `bind`: `syscalls:sys_{enter,exit}_bind` — failed binds (EADDRINUSE on port 0).
 //! - `hash_connect`: fexit or kprobe/kretprobe on `inet_hash_connect` — the port allocation itself.
 #![no_std]
 #![no_main]
+// The atomic add of `failure_counts` (bpfel has no compare-and-swap, so no `AtomicU64::fetch_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod bind;
 mod connect;
 mod emit;
+mod failure_counts;
 mod globals;
 mod hash_connect;
 mod kernel;

@@ -95,6 +95,8 @@ pub fn emit_bind_failure(netns: u32, ret: i32, call: &InFlight) -> Result<(), i6
             port,
             fd: call.fd,
             addr,
+            count: 0,
+            born_ns: 0,
         },
         Wake::Now,
     );

@@ -1,0 +1,231 @@
+//! The agent's side of the kernel's failure counts (portx-ebpf `failure_counts.rs`): how many
+//! failures each counted record stands for, and those the `FAILURE_COUNTS` map holds that no
+//! record brought (a key's failures after its last record).
+//!
+//! Per key the agent keeps the count it has accounted. A record, or a reading of the map, with a
+//! higher count accounts the difference; the kernel only ever adds, so whichever of the two sees
+//! a failure first accounts it and the other finds nothing left. An entry made again after the
+//! agent deleted it is told apart by its `born_ns`. The agent deletes only the entries of
+//! processes that are gone, after reading them: nothing can add to those any more.
+use portx_common::{FailureCount, FailureKey};
+
+use crate::{decoder::Task, tracker::Map};
+
+struct Accounted {
+    born_ns: u64,
+    count: u64,
+    /// The task of the key's latest record: who a reading's failures are shown as.
+    task: Option<Task>,
+    /// Deleted from the map by the last reading: forgotten at the next one.
+    deleted: bool,
+}
+
+/// Failures a reading of the map found for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unaccounted {
+    pub key: FailureKey,
+    pub failures: u64,
+    /// The task of the key's latest record, if the agent read one.
+    pub task: Option<Task>,
+}
+
+/// What one reading of the map found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    pub unaccounted: Vec<Unaccounted>,
+    /// Entries of processes that are gone, accounted: to delete from the map.
+    pub delete: Vec<FailureKey>,
+}
+
+#[derive(Default)]
+pub struct FailureCounts {
+    keys: Map<FailureKey, Accounted>,
+}
+
+impl FailureCounts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A counted record of `key` by `task`, whose entry (made at `born_ns`) had counted `count`
+    /// failures: how many of them were not accounted yet (0 when a reading of the map found
+    /// them first).
+    pub fn on_record(&mut self, key: FailureKey, count: u64, born_ns: u64, task: Task) -> u64 {
+        let fresh = Accounted {
+            born_ns,
+            count,
+            task: Some(task),
+            deleted: false,
+        };
+        let Some(a) = self.keys.get_mut(&key) else {
+            self.keys.insert(key, fresh);
+            return count;
+        };
+        if born_ns > a.born_ns {
+            // The entry was made again after the agent deleted it (the process id reused).
+            *a = fresh;
+            return count;
+        }
+        if born_ns < a.born_ns {
+            // An entry the agent deleted after reading it: accounted then.
+            return 0;
+        }
+        a.task = Some(task);
+        let new = count.saturating_sub(a.count);
+        a.count = a.count.max(count);
+        new
+    }
+
+    /// One reading of the map, made after the rings were drained: the failures of each entry
+    /// that neither its records nor earlier readings accounted. `gone(tgid)` is true for a
+    /// process that no longer exists; its entries are listed for deletion (asked only for
+    /// entries that did not change since the last reading: a process still failing is alive).
+    pub fn read(
+        &mut self,
+        entries: impl IntoIterator<Item = (FailureKey, FailureCount)>,
+        gone: impl Fn(u32) -> bool,
+    ) -> Reading {
+        let mut reading = Reading::default();
+        // Deleted by the last reading and not made again since: forgotten.
+        self.keys.retain(|_, a| !a.deleted);
+        for (key, entry) in entries {
+            let a = self.keys.entry(key).or_insert(Accounted {
+                born_ns: entry.born_ns,
+                count: 0,
+                task: None,
+                deleted: false,
+            });
+            if entry.born_ns > a.born_ns {
+                *a = Accounted {
+                    born_ns: entry.born_ns,
+                    count: 0,
+                    task: None,
+                    deleted: false,
+                };
+            } else if entry.born_ns < a.born_ns {
+                // Cannot be: the map holds one entry per key, and a later one was read.
+                continue;
+            }
+            let new = entry.count.saturating_sub(a.count);
+            if new > 0 {
+                a.count = entry.count;
+                reading.unaccounted.push(Unaccounted {
+                    key,
+                    failures: new,
+                    task: a.task,
+                });
+            } else if gone(key.tgid) {
+                a.deleted = true;
+                reading.delete.push(key);
+            }
+        }
+        reading
+    }
+
+    /// Keys followed now.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decoder::Comm;
+
+    fn key(tgid: u32) -> FailureKey {
+        FailureKey {
+            tgid,
+            netns: 1,
+            ret: -99,
+            family: portx_common::AF_INET,
+            dport: 443,
+            daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    fn task(pid: u32, tid: u32) -> Task {
+        Task {
+            pid,
+            tid,
+            comm: Comm::new("client"),
+        }
+    }
+
+    fn entry(count: u64, born_ns: u64) -> FailureCount {
+        FailureCount {
+            count,
+            last_record_ns: 0,
+            born_ns,
+        }
+    }
+
+    #[test]
+    fn records_and_readings_account_each_failure_once_in_any_order() {
+        let mut c = FailureCounts::new();
+        let k = key(7);
+        // The first failure's record, then nine held back, then a record on another CPU
+        // carrying the count as it read it after its own add.
+        assert_eq!(c.on_record(k, 1, 100, task(7, 7)), 1);
+        assert_eq!(c.on_record(k, 10, 100, task(7, 8)), 9);
+        // A reading finds 5 more no record brought; the record carrying 13 comes after it
+        // (written before the reading, read after): nothing left for it.
+        let r = c.read([(k, entry(15, 100))], |_| false);
+        assert_eq!(
+            r.unaccounted,
+            vec![Unaccounted {
+                key: k,
+                failures: 5,
+                task: Some(task(7, 8)),
+            }]
+        );
+        assert_eq!(c.on_record(k, 13, 100, task(7, 7)), 0);
+        assert_eq!(c.on_record(k, 16, 100, task(7, 7)), 1);
+        // Nothing new: a reading finds nothing.
+        assert_eq!(c.read([(k, entry(16, 100))], |_| false), Reading::default());
+    }
+
+    #[test]
+    fn a_key_seen_only_in_the_map_is_accounted_in_full() {
+        // Its first record was lost (ring full) or not read yet.
+        let mut c = FailureCounts::new();
+        let r = c.read([(key(7), entry(42, 100))], |_| false);
+        assert_eq!(r.unaccounted[0].failures, 42);
+        assert_eq!(r.unaccounted[0].task, None);
+        assert_eq!(c.on_record(key(7), 40, 100, task(7, 7)), 0);
+    }
+
+    #[test]
+    fn a_gone_process_is_deleted_once_read_and_a_new_entry_counts_from_its_start() {
+        let mut c = FailureCounts::new();
+        let k = key(7);
+        c.on_record(k, 1, 100, task(7, 7));
+        // Still changing: not asked whether it is gone.
+        let r = c.read([(k, entry(3, 100))], |_| panic!("asked"));
+        assert_eq!(r.unaccounted[0].failures, 2);
+        assert!(r.delete.is_empty());
+        // Unchanged and gone: deleted, its failures accounted by now.
+        let r = c.read([(k, entry(3, 100))], |pid| pid == 7);
+        assert!(r.unaccounted.is_empty());
+        assert_eq!(r.delete, vec![k]);
+        // A late record of the deleted entry accounts nothing again.
+        assert_eq!(c.on_record(k, 3, 100, task(7, 7)), 0);
+        // The id reused: a new entry for the same key, made later, counts from 1.
+        assert_eq!(c.on_record(k, 1, 500, task(7, 7)), 1);
+        let r = c.read([(k, entry(4, 500))], |_| false);
+        assert_eq!(r.unaccounted[0].failures, 3);
+        // A deleted key the map no longer has is forgotten at the next reading.
+        let other = key(8);
+        c.on_record(other, 2, 100, task(8, 8));
+        assert_eq!(
+            c.read([(other, entry(2, 100))], |_| true).delete,
+            vec![other]
+        );
+        c.read([], |_| true);
+        assert_eq!(c.len(), 1, "key 7 was read again, key 8 forgotten");
+    }
+}
