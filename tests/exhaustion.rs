@@ -115,7 +115,16 @@ fn time_wait_churn_names_the_churner() {
         "the churner holds no live socket, yet is named: {ctx}"
     );
     assert_eq!(top["comm"], "churner", "{ctx}");
-    assert_eq!(top["time_wait"], 16, "{ctx}");
+    // A state-program run the kernel skipped (recursion: a softirq's state change while the
+    // program ran on that CPU; seen under emulation, 13 in one run) can leave a socket's owner
+    // unknown, and the report says how many runs it skipped. Without any, all 16 are named.
+    let missed = report["missed"].as_u64().unwrap_or(0);
+    let named = top["time_wait"].as_u64().unwrap_or(0);
+    if missed == 0 {
+        assert_eq!(named, 16, "{ctx}");
+    } else {
+        assert!(named + missed >= 16, "{missed} runs skipped: {ctx}");
+    }
     // The evidence is there for three pieces of advice: TIME_WAIT with tcp_tw_reuse=0, a
     // churner, and a 16-port range.
     let explain = report["explain"].to_string();
