@@ -104,9 +104,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     pub max_sockets: u32,
-    /// A `connect_failed`/`bind_failed` line for every failure. Default: at most one a second
-    /// per process, destination (or local address) and errno, its `failures` counting those
-    /// without a line of their own.
+    /// A `connect_failed`/`bind_failed` line for every failure (and a kernel record for every
+    /// failing connect). Default: at most one a second per process, destination (or local
+    /// address) and errno, its `failures` counting those without a line of their own; failing
+    /// connects are counted in the kernel, a record about each 100 ms per such key.
     #[arg(long)]
     pub every_failure: bool,
     #[command(flatten)]
