@@ -16,7 +16,7 @@ struct Accounted {
     count: u64,
     /// The task of the key's latest record: who a reading's failures are shown as.
     task: Option<Task>,
-    /// Deleted from the map by the last reading: forgotten at the next one.
+    /// Deleted from the map after the last reading: forgotten at the next one.
     deleted: bool,
 }
 
@@ -33,7 +33,8 @@ pub struct Unaccounted {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reading {
     pub unaccounted: Vec<Unaccounted>,
-    /// Entries of processes that are gone, accounted: to delete from the map.
+    /// Entries of processes that are gone, accounted: to delete from the map (and then to pass
+    /// to [`FailureCounts::deleted`]).
     pub delete: Vec<FailureKey>,
 }
 
@@ -115,11 +116,19 @@ impl FailureCounts {
                     task: a.task,
                 });
             } else if gone(key.tgid) {
-                a.deleted = true;
                 reading.delete.push(key);
             }
         }
         reading
+    }
+
+    /// `key`'s entry was deleted from the map: its count is forgotten at the next reading (a
+    /// record of it read before then still finds it). An entry that could not be deleted stays
+    /// followed, or the next reading would count it again.
+    pub fn deleted(&mut self, key: &FailureKey) {
+        if let Some(a) = self.keys.get_mut(key) {
+            a.deleted = true;
+        }
     }
 
     /// Keys followed now.
@@ -212,6 +221,11 @@ mod tests {
         let r = c.read([(k, entry(3, 100))], |pid| pid == 7);
         assert!(r.unaccounted.is_empty());
         assert_eq!(r.delete, vec![k]);
+        // Not deleted after all (the map refused): still followed, nothing counted twice.
+        let r = c.read([(k, entry(3, 100))], |pid| pid == 7);
+        assert!(r.unaccounted.is_empty());
+        assert_eq!(r.delete, vec![k]);
+        c.deleted(&k);
         // A late record of the deleted entry accounts nothing again.
         assert_eq!(c.on_record(k, 3, 100, task(7, 7)), 0);
         // The id reused: a new entry for the same key, made later, counts from 1.
@@ -225,6 +239,7 @@ mod tests {
             c.read([(other, entry(2, 100))], |_| true).delete,
             vec![other]
         );
+        c.deleted(&other);
         c.read([], |_| true);
         assert_eq!(c.len(), 1, "key 7 was read again, key 8 forgotten");
     }

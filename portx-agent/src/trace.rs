@@ -329,8 +329,9 @@ impl<W: io::Write> Session<W> {
             )
         });
         for key in &reading.delete {
-            if let Err(e) = map.remove(key) {
-                tracing::debug!("deleting a gone process' failure count: {e}");
+            match map.remove(key) {
+                Ok(()) => self.failure_counts.deleted(key),
+                Err(e) => tracing::debug!("deleting a gone process' failure count: {e}"),
             }
         }
         let now = clock::monotonic_ns();

@@ -70,6 +70,10 @@ pub enum WorkloadCmd {
         connect: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// COUNT connects to each of PORTS destination ports in turn, from --connect's port up
+        /// (one port's in a row).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        ports: u16,
         /// Close with RST (SO_LINGER 0): no TIME_WAIT.
         #[arg(long)]
         rst: bool,
@@ -212,15 +216,20 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         WorkloadCmd::Churn {
             connect,
             count,
+            ports,
             rst,
             cross_cpu: false,
-        } => churn(connect, count, rst),
+        } => churn(connect, count, ports, rst),
         WorkloadCmd::Churn {
             connect,
             count,
+            ports: 1,
             rst,
             cross_cpu: true,
         } => churn_cross_cpu(connect, count, rst),
+        WorkloadCmd::Churn {
+            cross_cpu: true, ..
+        } => bail!("--cross-cpu takes one destination port"),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
@@ -455,18 +464,25 @@ fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Resu
     Ok(())
 }
 
-fn churn(addr: SocketAddr, count: u32, rst: bool) -> anyhow::Result<()> {
+fn churn(addr: SocketAddr, count: u32, ports: u16, rst: bool) -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0u32, 0u32);
-    for _ in 0..count {
-        match TcpStream::connect(addr) {
-            Ok(s) => {
-                ok += 1;
-                if rst {
-                    set_linger_zero(&s);
+    for i in 0..ports {
+        let port = addr
+            .port()
+            .checked_add(i)
+            .ok_or_else(|| anyhow!("--ports {ports} from port {} passes 65535", addr.port()))?;
+        let to = SocketAddr::new(addr.ip(), port);
+        for _ in 0..count {
+            match TcpStream::connect(to) {
+                Ok(s) => {
+                    ok += 1;
+                    if rst {
+                        set_linger_zero(&s);
+                    }
+                    drop(s);
                 }
-                drop(s);
+                Err(_) => failed += 1,
             }
-            Err(_) => failed += 1,
         }
     }
     say(&format!("churned ok={ok} failed={failed}"));
