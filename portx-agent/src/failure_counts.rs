@@ -87,7 +87,7 @@ impl FailureCounts {
         gone: impl Fn(u32) -> bool,
     ) -> Reading {
         let mut reading = Reading::default();
-        // Deleted by the last reading and not made again since: forgotten.
+        // Deleted after the last reading and not made again since: forgotten.
         self.keys.retain(|_, a| !a.deleted);
         for (key, entry) in entries {
             let a = self.keys.entry(key).or_insert(Accounted {
