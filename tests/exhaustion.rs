@@ -573,6 +573,33 @@ fn a_port_search_failed_outside_connect_is_closed_by_the_threads_next_connect() 
     assert_eq!(failures[0]["dport"], 9000, "{failures:#?}");
 }
 
+/// Stops the agent with SIGINT, which must end it cleanly, and returns every record it wrote.
+fn stop_and_collect(agent: Agent) -> Vec<Value> {
+    let mut all = agent.seen().to_vec();
+    let (status, rest) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "agent exit: {status:?}");
+    all.extend(rest);
+    all
+}
+
+/// The summary the agent printed at exit.
+fn final_summary(all: &[Value]) -> &Value {
+    all.iter()
+        .rev()
+        .find(|v| v["type"] == "summary" && v["final"] == true)
+        .expect("a final summary")
+}
+
+/// `pid`'s `connect_failed` lines, and the failures they stand for together.
+fn failure_lines_of(all: &[Value], pid: u32) -> (Vec<&Value>, u64) {
+    let lines: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["type"] == "connect_failed" && v["pid"] == pid)
+        .collect();
+    let failures = lines.iter().filter_map(|v| v["failures"].as_u64()).sum();
+    (lines, failures)
+}
+
 /// A process failing as fast as the kernel lets it gets about a line a second, not a line per
 /// failure, and the `failures` of its lines add up to every failure it made (the last ones are
 /// flushed once it goes quiet, or at exit).
@@ -609,15 +636,8 @@ fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
         v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(failed)
     });
     assert_eq!(summary["lost"], 0, "{summary:#}");
-    let mut all = agent.seen().to_vec();
-    let (status, rest) = agent.stop(libc::SIGINT);
-    assert!(status.success(), "agent exit: {status:?}");
-    all.extend(rest);
-    let lines: Vec<&Value> = all
-        .iter()
-        .filter(|v| v["type"] == "connect_failed" && v["pid"] == pid)
-        .collect();
-    let counted: u64 = lines.iter().filter_map(|v| v["failures"].as_u64()).sum();
+    let all = stop_and_collect(agent);
+    let (lines, counted) = failure_lines_of(&all, pid);
     assert_eq!(counted, failed, "{said}; lines: {lines:#?}");
     // The first at once, one a second after, the rest flushed when it went quiet.
     assert!(
@@ -660,23 +680,12 @@ fn failure_burst(test: &str, every_failure: bool) {
         v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(300)
     });
     let hooks = agent.hooks.clone();
-    let mut all = agent.seen().to_vec();
-    let (status, rest) = agent.stop(libc::SIGINT);
-    assert!(status.success(), "agent exit: {status:?}");
-    all.extend(rest);
-    let last = all
-        .iter()
-        .rev()
-        .find(|v| v["type"] == "summary" && v["final"] == true)
-        .expect("a final summary");
+    let all = stop_and_collect(agent);
+    let last = final_summary(&all);
     let ctx = format!("hooks {hooks}; final summary {last:#}");
     assert_eq!(last["connect_failures"], 300, "{ctx}");
     assert_eq!(last["lost"], 0, "{ctx}");
-    let lines: Vec<&Value> = all
-        .iter()
-        .filter(|v| v["type"] == "connect_failed" && v["pid"] == pid)
-        .collect();
-    let counted: u64 = lines.iter().filter_map(|v| v["failures"].as_u64()).sum();
+    let (lines, counted) = failure_lines_of(&all, pid);
     assert_eq!(counted, 300, "{ctx}; lines: {lines:#?}");
     let records = last["events"].as_u64().unwrap_or(0) - before["events"].as_u64().unwrap_or(0);
     if every_failure {
@@ -754,24 +763,14 @@ fn past_the_kernels_count_map_every_failure_is_counted_and_a_gone_process_frees_
         events.push(summary_in(&mut agent, 4)["events"].as_u64().unwrap_or(0));
     }
     let hooks = agent.hooks.clone();
-    let mut all = agent.seen().to_vec();
-    let (status, rest) = agent.stop(libc::SIGINT);
-    assert!(status.success(), "agent exit: {status:?}");
-    all.extend(rest);
-    let last = all
-        .iter()
-        .rev()
-        .find(|v| v["type"] == "summary" && v["final"] == true)
-        .expect("a final summary");
+    let all = stop_and_collect(agent);
+    let last = final_summary(&all);
     let runs = [events[1] - events[0], events[2] - events[1]];
     let ctx = format!("hooks {hooks}; records per run {runs:?}; final summary {last:#}");
     assert_eq!(last["lost"], 0, "{ctx}");
     for pid in &pids {
-        let counted: u64 = all
-            .iter()
-            .filter(|v| v["type"] == "connect_failed" && v["pid"] == *pid && v["errno"] == 111)
-            .filter_map(|v| v["failures"].as_u64())
-            .sum();
+        let (lines, counted) = failure_lines_of(&all, *pid);
+        assert!(lines.iter().all(|v| v["errno"] == 111), "{ctx}");
         assert_eq!(counted, 15000, "process {pid}: {ctx}");
     }
     println!("records per run: {runs:?}");

@@ -353,21 +353,26 @@ mod tests {
         assert_eq!(ip_from(AF_INET6, &real.octets()).unwrap(), IpAddr::V6(real));
     }
 
-    #[test]
-    fn decodes_a_connect_failure_with_positive_errno() {
-        let (family, raw) = addr("::1".parse().unwrap());
-        let e = SyscallEvent {
+    /// pid 7's connect() to `to` failing with EADDRNOTAVAIL, in no count.
+    fn connect_failure(to: IpAddr, port: u16) -> SyscallEvent {
+        let (family, raw) = addr(to);
+        SyscallEvent {
             hdr: header(kind::CONNECT_FAIL, 7, "victim"),
             skaddr: 0,
             netns: 1,
             ret: -99,
             family,
-            port: 9000,
-            fd: 3,
+            port,
+            fd: -1,
             addr: raw,
             count: 0,
             born_ns: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn decodes_a_connect_failure_with_positive_errno() {
+        let e = connect_failure("::1".parse().unwrap(), 9000);
         match decode(&as_bytes(&e)).unwrap() {
             Event::ConnectFailed(f) => {
                 assert_eq!(f.errno, 99);
@@ -382,20 +387,11 @@ mod tests {
     #[test]
     fn a_counted_failure_carries_its_key_and_count() {
         let (family, raw) = addr("10.0.0.1".parse().unwrap());
-        let e = SyscallEvent {
-            hdr: header(kind::CONNECT_FAIL, 7, "victim"),
-            skaddr: 0,
-            netns: 1,
-            ret: -99,
-            family,
-            port: 443,
-            fd: -1,
-            addr: raw,
-            count: 1234,
-            born_ns: 55,
-        };
+        let e = connect_failure("10.0.0.1".parse().unwrap(), 443);
         let mut counted = e;
         counted.hdr.flags = fail_flags::COUNTED;
+        counted.count = 1234;
+        counted.born_ns = 55;
         let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&counted)) else {
             panic!("not a connect failure")
         };
@@ -413,7 +409,9 @@ mod tests {
             (7, 1, -99, family, 443, raw)
         );
         // The flag, not the fields, says it was counted.
-        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&e)) else {
+        let mut unflagged = counted;
+        unflagged.hdr.flags = 0;
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&unflagged)) else {
             panic!("not a connect failure")
         };
         assert_eq!(f.tally, Tally::Alone);

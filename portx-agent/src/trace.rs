@@ -131,6 +131,7 @@ struct Counters {
 }
 
 /// Rate limit of exhaustion reports, per destination.
+#[derive(Default)]
 struct LastReport {
     at_ns: u64,
     failures_since: u64,
@@ -359,18 +360,9 @@ impl<W: io::Write> Session<W> {
             self.count_failure(&f, true, u.failures);
             if f.errno == EADDRNOTAVAIL {
                 // Into the destination's next report (the records bring the reports).
-                let target = Target {
-                    netns: f.netns,
-                    proto: portx_common::IPPROTO_TCP as u8,
-                    daddr: f.addr,
-                    dport: f.port,
-                };
                 self.reports
-                    .entry(target)
-                    .or_insert(LastReport {
-                        at_ns: 0,
-                        failures_since: 0,
-                    })
+                    .entry(Target::of_connect(&f))
+                    .or_default()
                     .failures_since += u.failures;
             }
             if self.opts.filter.failure(&f, true) {
@@ -411,12 +403,7 @@ impl<W: io::Write> Session<W> {
         if f.errno != EADDRNOTAVAIL {
             return;
         }
-        let target = Target {
-            netns: f.netns,
-            proto: portx_common::IPPROTO_TCP as u8,
-            daddr: f.addr,
-            dport: f.port,
-        };
+        let target = Target::of_connect(f);
         let Some(failures) = due(
             &mut self.reports,
             target,
@@ -650,10 +637,7 @@ fn due<K: std::hash::Hash + Eq>(
     failures: u64,
 ) -> Option<u64> {
     let every = every.as_nanos() as u64;
-    let entry = reports.entry(key).or_insert(LastReport {
-        at_ns: 0,
-        failures_since: 0,
-    });
+    let entry = reports.entry(key).or_default();
     entry.failures_since += failures;
     if entry.at_ns != 0 && now_ns.saturating_sub(entry.at_ns) < every {
         return None;

@@ -66,6 +66,18 @@ pub struct Target {
     pub dport: u16,
 }
 
+impl Target {
+    /// What a failed TCP `connect()` named.
+    pub fn of_connect(f: &SyscallFailure) -> Self {
+        Target {
+            netns: f.netns,
+            proto: IPPROTO_TCP as u8,
+            daddr: f.addr,
+            dport: f.port,
+        }
+    }
+}
+
 /// The process charged with a port. `pid == 0` means unknown (e.g. a TIME_WAIT socket that
 /// existed before the agent started: timewait sockets have no inode, hence no process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
