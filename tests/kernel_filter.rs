@@ -35,8 +35,8 @@ fn events_after(agent: &mut Agent, since_ns: u64) -> u64 {
 }
 
 /// Churns in a namespace not traced, then in the traced one, with an agent started with
-/// `--netns <traced>` and `--netns` for each of `more`.
-fn only_the_traced_namespace_is_written(test: &str, more: &[u32]) {
+/// `--netns` for each of `before`, then the traced one, then each of `after`.
+fn only_the_traced_namespace_is_written(test: &str, before: &[u32], after: &[u32]) {
     let _g = serial();
     if !require_root(test) {
         return;
@@ -45,12 +45,13 @@ fn only_the_traced_namespace_is_written(test: &str, more: &[u32]) {
     traced.serve(&[V4]);
     let mut other = Netns::new();
     other.serve(&[V4]);
-    let more: Vec<String> = more.iter().map(u32::to_string).collect();
-    let args: Vec<&str> = more
+    let ids: Vec<u32> = before
         .iter()
-        .flat_map(|id| ["--netns", id.as_str()])
+        .chain(&[traced.id])
+        .chain(after)
+        .copied()
         .collect();
-    let mut agent = Agent::start_with(traced.id, &args);
+    let mut agent = Agent::start_netns(&ids);
 
     other.churn_rst(V4, COUNT);
     let untraced = events_after(&mut agent, now_ns());
@@ -76,14 +77,27 @@ fn only_the_traced_namespace_is_written(test: &str, more: &[u32]) {
 
 #[test]
 fn a_namespace_not_traced_is_not_written() {
-    only_the_traced_namespace_is_written("a_namespace_not_traced_is_not_written", &[]);
+    only_the_traced_namespace_is_written("a_namespace_not_traced_is_not_written", &[], &[]);
+}
+
+// (Inode numbers no namespace has: the agent traces them, there is just nothing in them.)
+
+#[test]
+fn a_namespace_not_traced_is_not_written_with_a_few_traced() {
+    // As many as the kernel compares inline (NETNS_FILTER_INLINE), the traced one last.
+    only_the_traced_namespace_is_written(
+        "a_namespace_not_traced_is_not_written_with_a_few_traced",
+        &[1, 2, 3],
+        &[],
+    );
 }
 
 #[test]
 fn a_namespace_not_traced_is_not_written_with_several_traced() {
-    // (Inode numbers no namespace has: the agent traces them, there is just nothing in them.)
+    // One more than the kernel compares inline: it looks them up in its map.
     only_the_traced_namespace_is_written(
         "a_namespace_not_traced_is_not_written_with_several_traced",
+        &[],
         &[1, 2, 3, 4],
     );
 }

@@ -14,7 +14,7 @@ use aya::{
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use portx_common::{hook_mode, names, KernelOffsets, MAX_RINGS};
+use portx_common::{hook_mode, names, KernelOffsets, MAX_RINGS, NETNS_FILTER_INLINE};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portx-ebpf"));
 
@@ -190,7 +190,12 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         .context("reading the page size")?;
     // Wake the agent once an eighth of a ring is waiting (failures always wake it).
     let wakeup_bytes = rings.bytes / 8;
-    let filter_netns = u32::from(!opts.netns.is_empty());
+    // Checked against MAX_NETNS_FILTER by the CLI.
+    let filter_netns = u32::try_from(opts.netns.len()).context("too many --netns")?;
+    let mut filter_netns_inline = [0u32; NETNS_FILTER_INLINE];
+    if opts.netns.len() <= NETNS_FILTER_INLINE {
+        filter_netns_inline[..opts.netns.len()].copy_from_slice(&opts.netns);
+    }
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::AGENT_TGID, &pid, true)
@@ -199,6 +204,7 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
         .override_global(names::RING_COUNT, &ring_count, true)
         .override_global(names::FILTER_NETNS, &filter_netns, true)
+        .override_global(names::FILTER_NETNS_INLINE, &filter_netns_inline, true)
         .override_global(
             names::FAILURE_RECORD_GAP_NS,
             &opts.failure_record_gap_ns,
@@ -213,7 +219,7 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         loader.map_max_entries(name, bytes);
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-    if !opts.netns.is_empty() {
+    if opts.netns.len() > NETNS_FILTER_INLINE {
         let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
             ebpf.map_mut(names::NETNS_FILTER)
                 .ok_or_else(|| anyhow!("map {} missing", names::NETNS_FILTER))?,

@@ -14,6 +14,10 @@ pub const TASK_COMM_LEN: usize = 16;
 /// Most network namespaces `--netns` may name (the size of the kernel-side filter).
 pub const MAX_NETNS_FILTER: u32 = 256;
 
+/// Up to this many `--netns` namespaces the kernel compares inline (`FILTER_NETNS_INLINE`)
+/// instead of looking each socket's namespace up in `NETNS_FILTER`.
+pub const NETNS_FILTER_INLINE: usize = 4;
+
 /// Failure records wake the agent at most once per this interval per CPU; the agent drains again
 /// this long after reading a failure, so a failure that did not wake it waits at most about
 /// twice this long.
@@ -49,6 +53,7 @@ pub mod names {
     pub const OFFSETS: &str = "OFFSETS";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     pub const FILTER_NETNS: &str = "FILTER_NETNS";
+    pub const FILTER_NETNS_INLINE: &str = "FILTER_NETNS_INLINE";
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const FAILURE_RECORD_GAP_NS: &str = "FAILURE_RECORD_GAP_NS";
     pub const FAILURE_COUNTS: &str = "FAILURE_COUNTS";

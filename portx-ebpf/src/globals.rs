@@ -1,7 +1,7 @@
 //! Read-only settings the agent writes before load (`EbpfLoader::override_global`), in the spirit
 //! of libbpf-tools' `const volatile` filters. Always read through `read_volatile` so that the
 //! compiler cannot fold the zero defaults.
-use portx_common::KernelOffsets;
+use portx_common::{KernelOffsets, NETNS_FILTER_INLINE};
 
 /// The agent's own pid: its sockets and syscalls are not traced.
 #[no_mangle]
@@ -19,9 +19,13 @@ static WAKEUP_BYTES: u32 = 1 << 19;
 #[no_mangle]
 static RING_COUNT: u32 = 1;
 
-/// 1 when only the namespaces in `NETNS_FILTER` are traced (`--netns`).
+/// How many namespaces `--netns` traces; 0: all of them.
 #[no_mangle]
 static FILTER_NETNS: u32 = 0;
+
+/// Those namespaces when they are at most `NETNS_FILTER_INLINE`; else `NETNS_FILTER` holds them.
+#[no_mangle]
+static FILTER_NETNS_INLINE: [u32; NETNS_FILTER_INLINE] = [0; NETNS_FILTER_INLINE];
 
 /// A failing connect()'s key gets a record about once this often; 0: a record per failure
 /// (`portx_common::FAILURE_RECORD_GAP_NS`).
@@ -86,6 +90,11 @@ pub fn wakeup_bytes() -> u32 {
 #[inline(always)]
 pub fn filter_netns() -> u32 {
     unsafe { core::ptr::read_volatile(&FILTER_NETNS) }
+}
+
+#[inline(always)]
+pub fn filter_netns_inline() -> [u32; NETNS_FILTER_INLINE] {
+    unsafe { core::ptr::read_volatile(&FILTER_NETNS_INLINE) }
 }
 
 #[inline(always)]

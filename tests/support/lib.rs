@@ -264,6 +264,15 @@ impl Agent {
         Self::spawn(&args)
     }
 
+    /// An agent that traces the namespaces `ids`, in that order (`--netns` each).
+    pub fn start_netns(ids: &[u32]) -> Agent {
+        let args: Vec<String> = ids
+            .iter()
+            .flat_map(|id| ["--netns".to_string(), id.to_string()])
+            .collect();
+        Self::spawn(&args)
+    }
+
     /// An agent that traces every network namespace (no `--netns`).
     pub fn start_everywhere() -> Agent {
         Self::spawn(&[])
