@@ -1,6 +1,6 @@
 //! The agent's life: clean exit with a final summary on SIGINT/SIGTERM and nothing left
 //! attached; after SIGKILL nothing left attached either, and a new agent picks up from the
-//! kernel's own state; a clear one-line error without privileges.
+//! kernel's own state; a clear one-line error without privileges; which hooks a mode attaches.
 use std::process::Command;
 
 use portx_e2e::{
@@ -33,6 +33,45 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
         assert_unloaded(mine);
     }
+}
+
+/// Any enabled syscall tracepoint puts every task's syscalls on the kernel's slow path: in
+/// fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies; in the
+/// other modes they are the syscall tracepoints.
+#[test]
+fn fentry_mode_attaches_no_syscall_tracepoint() {
+    let _g = serial();
+    if !require_root("fentry_mode_attaches_no_syscall_tracepoint") {
+        return;
+    }
+    let ns = Netns::new();
+    let agent = Agent::start(ns.id);
+    let attached = agent.attached.clone();
+    let syscall_tracepoints: Vec<&String> = attached
+        .iter()
+        .filter(|a| a.starts_with("tracepoint:syscalls:"))
+        .collect();
+    if agent.hooks == "fentry" {
+        for hook in [
+            "fexit:inet_hash_connect",
+            "fexit:__sys_connect",
+            "fexit:__sys_bind",
+        ] {
+            assert!(attached.iter().any(|a| a == hook), "{hook}: {attached:?}");
+        }
+        assert!(syscall_tracepoints.is_empty(), "{attached:?}");
+    } else {
+        for event in ["sys_exit_connect", "sys_enter_bind", "sys_exit_bind"] {
+            let hook = format!("tracepoint:syscalls:{event}");
+            assert!(attached.contains(&hook), "{hook}: {attached:?}");
+        }
+        assert!(
+            !attached.iter().any(|a| a.contains("__sys_")),
+            "{attached:?}"
+        );
+    }
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]

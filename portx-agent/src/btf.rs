@@ -1,4 +1,5 @@
-//! A small BTF reader: just enough to find struct member offsets in `/sys/kernel/btf/vmlinux`.
+//! A small BTF reader: just enough to find struct member offsets in `/sys/kernel/btf/vmlinux`,
+//! and a function's prototype before fexit reads its return value.
 //!
 //! Rust eBPF has no CO-RE relocations, so the kernel programs read `struct sock`, `struct net`,
 //! `task_struct` and `nsproxy` fields at byte offsets the agent finds here at start-up and passes
@@ -17,6 +18,7 @@ const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
 const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC: u32 = 12;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
@@ -130,8 +132,8 @@ impl Btf {
                 KIND_ARRAY => 12,
                 KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen as usize,
                 KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen as usize,
-                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => 0,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC
+                | 16 | KIND_TYPE_TAG => 0,
                 other => {
                     return Err(BtfError::Malformed(format!(
                         "unknown kind {other} at type offset {off}"
@@ -274,6 +276,47 @@ impl Btf {
     }
 }
 
+/// A function's prototype as BTF has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prototype {
+    pub params: u32,
+    /// The return type is a 4-byte integer (`int`).
+    pub returns_int: bool,
+}
+
+impl Btf {
+    /// The prototype of function `name`; None where BTF has no such function (not traceable:
+    /// fentry/fexit need it).
+    pub fn prototype(&self, name: &str) -> Result<Option<Prototype>, BtfError> {
+        for t in &self.types {
+            if t.kind != KIND_FUNC {
+                continue;
+            }
+            // A type's name is the first word of its record, 12 bytes before its extra data.
+            let name_off = u32_at(&self.type_data, t.extra - 12)?;
+            if self.name(name_off)? != name {
+                continue;
+            }
+            let proto = self.ty(t.size_or_type)?;
+            if proto.kind != KIND_FUNC_PROTO {
+                return Err(BtfError::Malformed(format!(
+                    "function {name} has no prototype"
+                )));
+            }
+            // size_or_type is the return type here; 0 is void.
+            let returns_int = proto.size_or_type != 0 && {
+                let r = self.resolve(proto.size_or_type)?;
+                r.kind == KIND_INT && r.size_or_type == 4
+            };
+            return Ok(Some(Prototype {
+                params: proto.vlen,
+                returns_int,
+            }));
+        }
+        Ok(None)
+    }
+}
+
 /// The offsets the kernel programs need (see [`KernelOffsets`]).
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let sk = |path: &str| btf.member_offset("sock", path);
@@ -360,6 +403,15 @@ mod tests {
         fn typedef(&mut self, name: &str, target: u32) -> u32 {
             self.rec(name, KIND_TYPEDEF, 0, false, target)
         }
+        /// A function `name` returning `ret` (0: void) with parameters of the types `params`.
+        fn func(&mut self, name: &str, ret: u32, params: &[u32]) -> u32 {
+            let proto = self.rec("", KIND_FUNC_PROTO, params.len() as u32, false, ret);
+            for &ty in params {
+                self.types.extend_from_slice(&0u32.to_le_bytes());
+                self.types.extend_from_slice(&ty.to_le_bytes());
+            }
+            self.rec(name, KIND_FUNC, 0, false, proto)
+        }
         fn build(&self) -> Vec<u8> {
             let mut out = Vec::new();
             out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -428,7 +480,31 @@ mod tests {
         );
         // a forward-declared duplicate without members must not shadow the complete one
         b.composite(KIND_STRUCT, "empty", 0, false, &[]);
+        let int = b.int("int", 4);
+        let int_t = b.typedef("int_t", int);
+        b.func("__sys_bind", int_t, &[int, u32_, int]);
+        b.func("__sys_connect", int, &[int, u32_, int, int]);
+        b.func("noop", 0, &[]);
+        b.func("narrow", u16_, &[u16_]);
         b.build()
+    }
+
+    #[test]
+    fn finds_function_prototypes() {
+        let btf = Btf::from_bytes(&sample()).unwrap();
+        let proto = |params, returns_int| {
+            Some(Prototype {
+                params,
+                returns_int,
+            })
+        };
+        assert_eq!(btf.prototype("__sys_bind").unwrap(), proto(3, true));
+        assert_eq!(btf.prototype("__sys_connect").unwrap(), proto(4, true));
+        assert_eq!(btf.prototype("noop").unwrap(), proto(0, false));
+        assert_eq!(btf.prototype("narrow").unwrap(), proto(1, false));
+        assert_eq!(btf.prototype("absent").unwrap(), None);
+        // A struct of that name is not a function.
+        assert_eq!(btf.prototype("sock").unwrap(), None);
     }
 
     #[test]
@@ -488,6 +564,7 @@ mod tests {
             }
             if let Ok(btf) = Btf::from_bytes(&bad) {
                 let _ = btf.member_offset("sock", "__sk_common.skc_num");
+                let _ = btf.prototype("__sys_bind");
                 let _ = kernel_offsets(&btf);
             }
             assert!(i < 2000);

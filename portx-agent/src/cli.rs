@@ -68,7 +68,8 @@ pub struct TraceArgs {
     /// JSON Lines on stdout (one object per line; `ts` in Unix nanoseconds).
     #[arg(long)]
     pub json: bool,
-    /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
+    /// How to observe port allocation: fentry/fexit (also for connect() and bind() returning, so
+    /// no syscall tracepoint), kprobe/kretprobe or tracepoints only.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
     /// How to observe state changes: tp_btf (one checked load per field) where the kernel takes
@@ -150,7 +151,8 @@ impl FilterArgs {
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
-    /// How to observe port allocation: fentry/fexit, kprobe/kretprobe or tracepoints only.
+    /// How to observe port allocation: fentry/fexit (also for connect() and bind() returning, so
+    /// no syscall tracepoint), kprobe/kretprobe or tracepoints only.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
     /// Only this network namespace (inode number; repeatable, up to 256). Default: all.

@@ -8,13 +8,15 @@
 //! attached in every mode.
 use std::fmt;
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::HashMap,
     programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use portx_common::{hook_mode, names, KernelOffsets, MAX_RINGS, NETNS_FILTER_INLINE};
+
+use crate::btf::Prototype;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portx-ebpf"));
 
@@ -134,6 +136,44 @@ pub struct LoadOptions {
     /// A failing connect()'s key gets a record about once this often, the failures in between
     /// only counted (`portx_common::FAILURE_RECORD_GAP_NS`); 0: a record per failure.
     pub failure_record_gap_ns: u64,
+    /// The prototypes of the syscall bodies fentry mode hooks, from the kernel's BTF.
+    pub prototypes: Prototypes,
+}
+
+/// What the kernel's BTF says of each syscall body fentry mode hooks with fexit.
+#[derive(Debug, Clone)]
+pub struct Prototypes(Vec<(&'static str, Result<Option<Prototype>, String>)>);
+
+impl Prototypes {
+    pub fn of(btf: &crate::btf::Btf) -> Self {
+        Prototypes(
+            SYSCALL_EXITS
+                .iter()
+                .map(|e| {
+                    (
+                        e.function,
+                        btf.prototype(e.function).map_err(|e| e.to_string()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Why fexit on `function` cannot read its result as argument 3, if it cannot.
+    fn unsuitable(&self, function: &str) -> Option<String> {
+        let found = self.0.iter().find(|(f, _)| *f == function).map(|(_, p)| p);
+        match found {
+            Some(Ok(Some(p))) if p.params == 3 && p.returns_int => None,
+            Some(Ok(Some(p))) => Some(format!(
+                "{function} takes {} parameters{} in this kernel's BTF; the program expects 3 and an int",
+                p.params,
+                if p.returns_int { "" } else { " and returns no int" }
+            )),
+            Some(Ok(None)) => Some(format!("{function} is not in this kernel's BTF")),
+            Some(Err(e)) => Some(format!("reading {function}'s prototype from BTF: {e}")),
+            None => Some(format!("{function}'s prototype was not looked up")),
+        }
+    }
 }
 
 /// Attached in every mode: TCP state changes, as `tp_btf` (program `STATE_BTF`) or as a raw
@@ -141,12 +181,29 @@ pub struct LoadOptions {
 const STATE_TP: &str = "inet_sock_set_state";
 const STATE_BTF: &str = "inet_sock_set_state_btf";
 
-/// Tracepoints attached in every mode: (program, category, event). connect() needs no entry
-/// program: the state change into SYN_SENT notes what its exit needs.
-const TRACEPOINTS: [(&str, &str, &str); 3] = [
-    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
-    ("sys_enter_bind", "syscalls", "sys_enter_bind"),
-    ("sys_exit_bind", "syscalls", "sys_exit_bind"),
+/// A syscall whose exit portx needs: in fentry mode fexit on its body `function` (program
+/// `fexit`), else its tracepoints (program, category, event). connect() needs no entry program:
+/// the state change into SYN_SENT notes what its exit needs.
+struct SyscallExit {
+    fexit: &'static str,
+    function: &'static str,
+    tracepoints: &'static [(&'static str, &'static str, &'static str)],
+}
+
+const SYSCALL_EXITS: [SyscallExit; 2] = [
+    SyscallExit {
+        fexit: "sys_connect_fexit",
+        function: "__sys_connect",
+        tracepoints: &[("sys_exit_connect", "syscalls", "sys_exit_connect")],
+    },
+    SyscallExit {
+        fexit: "sys_bind_fexit",
+        function: "__sys_bind",
+        tracepoints: &[
+            ("sys_enter_bind", "syscalls", "sys_enter_bind"),
+            ("sys_exit_bind", "syscalls", "sys_exit_bind"),
+        ],
+    },
 ];
 
 const HASH_CONNECT: &str = "inet_hash_connect";
@@ -273,13 +330,31 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         btf.as_ref().map_err(ToString::to_string),
         opts.state_hook,
     )?);
-    for (name, category, event) in TRACEPOINTS {
-        let prog: &mut TracePoint = program(&mut ebpf, name)?;
-        prog.load()
-            .with_context(|| format!("loading tracepoint {category}:{event}"))?;
-        prog.attach(category, event)
-            .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
-        attached.push(format!("tracepoint:{category}:{event}"));
+    for exit in &SYSCALL_EXITS {
+        if mode == HookMode::Fentry {
+            // (BTF was read for this mode's first program.)
+            let btf = btf
+                .as_ref()
+                .map_err(|e| anyhow!("reading kernel BTF: {e}"))?;
+            match attach_syscall_fexit(&mut ebpf, btf, &opts.prototypes, exit) {
+                Ok(()) => {
+                    attached.push(format!("fexit:{}", exit.function));
+                    continue;
+                }
+                Err(e) => tracing::warn!(
+                    "fexit/{} unavailable, using the syscall's tracepoints instead: {e:#}",
+                    exit.function
+                ),
+            }
+        }
+        for &(name, category, event) in exit.tracepoints {
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
+            prog.load()
+                .with_context(|| format!("loading tracepoint {category}:{event}"))?;
+            prog.attach(category, event)
+                .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+            attached.push(format!("tracepoint:{category}:{event}"));
+        }
     }
     tracing::info!("attached {mode} hooks: {}", attached.join(", "));
     tracing::info!(
@@ -295,6 +370,28 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
         logger,
         rings,
     })
+}
+
+/// fexit on a syscall's body, instead of its tracepoints: any enabled syscall tracepoint puts
+/// every task's every syscall on the kernel's slow path (`TIF_SYSCALL_TRACEPOINT`), fexit costs
+/// only the calls it traces. The program reads the return value as the argument after the three
+/// the body takes, so the prototype is checked first.
+fn attach_syscall_fexit(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    prototypes: &Prototypes,
+    exit: &SyscallExit,
+) -> anyhow::Result<()> {
+    let function = exit.function;
+    if let Some(why) = prototypes.unsuitable(function) {
+        bail!(why);
+    }
+    let prog: &mut FExit = program(ebpf, exit.fexit)?;
+    prog.load(function, btf)
+        .with_context(|| format!("loading fexit/{function}"))?;
+    prog.attach()
+        .with_context(|| format!("attaching fexit/{function}"))?;
+    Ok(())
 }
 
 /// The state-change program, as `tp_btf` if `choice` allows and the kernel takes it, else as a
@@ -366,5 +463,45 @@ mod tests {
         // --ring-buffer-kib sizes each ring.
         assert_eq!(layout(4, Some(4096)), (4, 4));
         assert_eq!(layout(0, Some(1 << 16)), (1, 64));
+    }
+
+    #[test]
+    fn fexit_on_a_syscall_body_needs_three_parameters_and_an_int() {
+        let proto = |params, returns_int| {
+            Ok(Some(Prototype {
+                params,
+                returns_int,
+            }))
+        };
+        let p = Prototypes(vec![
+            ("__sys_connect", proto(3, true)),
+            ("__sys_bind", proto(4, true)),
+            ("a", proto(3, false)),
+            ("b", Ok(None)),
+            ("c", Err("malformed BTF: x".into())),
+        ]);
+        assert_eq!(p.unsuitable("__sys_connect"), None);
+        // A fourth parameter would be read as the result.
+        let why = p.unsuitable("__sys_bind").expect("unsuitable");
+        assert!(why.contains("takes 4 parameters"), "{why}");
+        let why = p.unsuitable("a").expect("unsuitable");
+        assert!(why.contains("returns no int"), "{why}");
+        let why = p.unsuitable("b").expect("unsuitable");
+        assert!(why.contains("not in this kernel's BTF"), "{why}");
+        let why = p.unsuitable("c").expect("unsuitable");
+        assert!(why.contains("malformed BTF: x"), "{why}");
+        assert!(p.unsuitable("never looked up").is_some());
+    }
+
+    #[test]
+    fn this_kernels_syscall_bodies_take_fexit() {
+        let Ok(btf) = crate::btf::Btf::from_sys_fs() else {
+            eprintln!("skipped: no kernel BTF");
+            return;
+        };
+        let p = Prototypes::of(&btf);
+        for exit in &SYSCALL_EXITS {
+            assert_eq!(p.unsuitable(exit.function), None, "{p:?}");
+        }
     }
 }

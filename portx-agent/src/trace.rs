@@ -699,6 +699,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         } else {
             FAILURE_RECORD_GAP_NS
         },
+        prototypes: loader::Prototypes::of(&btf),
     })?;
     let mut rings = Vec::with_capacity(loaded.rings.count);
     for name in &names::EVENTS[..loaded.rings.count] {

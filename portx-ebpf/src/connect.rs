@@ -1,6 +1,9 @@
-//! `syscalls:sys_exit_connect`: the errno of a failing connect(), so that an EADDRNOTAVAIL names
-//! the process and the destination; in tracepoint mode also the record that opens a connect no
-//! record of the connecting thread has opened yet (see [`opened_late`]).
+//! connect()'s exit — fexit on `__sys_connect` in fentry mode, else `syscalls:sys_exit_connect`:
+//! the errno of a failing connect(), so that an EADDRNOTAVAIL names the process and the
+//! destination; in tracepoint mode also the record that opens a connect no record of the
+//! connecting thread has opened yet (see [`opened_late`]). Both see the same calls (the
+//! syscall's, not io_uring's) with the same return value; fexit spares every task's syscalls
+//! the slow path that any enabled syscall tracepoint puts them on.
 //!
 //! No program at connect()'s entry: the socket and its destination are noted by `state` when
 //! the call puts the socket into SYN_SENT (in the calling thread, before any port is sought), and
@@ -11,9 +14,9 @@
 //! failure is counted and gets a record only now and then (see `failure_counts`).
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
-    macros::{map, tracepoint},
+    macros::{fexit, map, tracepoint},
     maps::LruHashMap,
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
 use portx_common::{
@@ -178,13 +181,6 @@ fn search_error(ret: i32) -> bool {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    match try_exit_connect(&ctx) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
-}
-
-fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: the tracepoint's record is at least RET + 8 bytes; a direct load of the context
     // (checked by the verifier) instead of a helper call.
     let ret = unsafe {
@@ -193,6 +189,27 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i64> {
             .cast::<i64>()
             .read()
     } as i32;
+    match exit_connect(ret) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// `int __sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)`, the syscall's
+/// body: the agent attaches this only where BTF gives it exactly those three parameters, so
+/// that the return value is argument 3.
+#[fexit(function = "__sys_connect")]
+pub fn sys_connect_fexit(ctx: FExitContext) -> u32 {
+    let ret: u64 = ctx.arg(3);
+    match exit_connect(ret as i32) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// connect() returned `ret` in the current thread.
+#[inline(always)]
+fn exit_connect(ret: i32) -> Result<(), i64> {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
         // No TCP socket of this thread ever went into SYN_SENT (or only the agent's, or in a
         // namespace not traced).

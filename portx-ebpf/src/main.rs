@@ -2,11 +2,13 @@
 //!
 //! - `state`: `inet_sock_set_state` as tp_btf, else as a raw tracepoint — every TCP state change
 //!   (all modes).
-//! - `connect`: `syscalls:sys_exit_connect` — failed connects (of sockets `state` saw enter
-//!   SYN_SENT), and in tracepoint mode the port a non-blocking connect got.
+//! - `connect`: connect()'s exit, fexit on `__sys_connect` else `syscalls:sys_exit_connect` —
+//!   failed connects (of sockets `state` saw enter SYN_SENT), and in tracepoint mode the port a
+//!   non-blocking connect got.
 //! - `failure_counts`: failing connects counted per process, destination and errno, a record
 //!   now and then instead of one each.
-//! - `bind`: `syscalls:sys_{enter,exit}_bind` — failed binds (EADDRINUSE on port 0).
+//! - `bind`: bind()'s exit, fexit on `__sys_bind` else `syscalls:sys_{enter,exit}_bind` —
+//!   failed binds (EADDRINUSE on port 0).
 //! - `hash_connect`: fexit or kprobe/kretprobe on `inet_hash_connect` — the port allocation itself.
 #![no_std]
 #![no_main]

@@ -1,5 +1,6 @@
-//! bind() in flight: the syscall's fd and `struct sockaddr *` stashed per thread at entry, the
-//! address read back at exit, and only when the syscall failed.
+//! bind() in flight: the syscall's fd and `struct sockaddr *` (stashed per thread at entry on
+//! the tracepoint path; fexit sees them with the result), the address read back at exit, and
+//! only when the syscall failed.
 //!
 //! Entry reads nothing from user memory but the address family (to skip non-IP sockets): a
 //! successful bind() never needs its sockaddr. At exit the kernel has just copied the same
@@ -27,33 +28,37 @@ pub struct InFlight {
     pub _pad: u16,
 }
 
-/// Stashes this thread's call, unless it is the agent's own or not on an IP socket.
-#[inline(always)]
-pub fn enter(ctx: &TracePointContext, map: &HashMap<u64, InFlight>) -> Result<(), i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == agent_tgid() {
-        return Ok(());
-    }
-    let fd = unsafe { ctx.read_at::<u64>(syscall_tp::ARG0)? } as i32;
-    let uaddr: u64 = unsafe { ctx.read_at(syscall_tp::ARG1)? };
-    if uaddr == 0 {
-        return Ok(());
-    }
-    let family: u16 = unsafe { bpf_probe_read_user(uaddr as *const u16)? };
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
-    map.insert(
-        &pid_tgid,
-        &InFlight {
+impl InFlight {
+    /// The call on `fd` with the user's `uaddr`, unless the thread is the agent or the address
+    /// is not IPv4 or IPv6.
+    #[inline(always)]
+    pub fn of(pid_tgid: u64, fd: i32, uaddr: u64) -> Result<Option<InFlight>, i64> {
+        if (pid_tgid >> 32) as u32 == agent_tgid() || uaddr == 0 {
+            return Ok(None);
+        }
+        let family: u16 = unsafe { bpf_probe_read_user(uaddr as *const u16)? };
+        if family != AF_INET && family != AF_INET6 {
+            return Ok(None);
+        }
+        Ok(Some(InFlight {
             uaddr,
             fd,
             family,
             _pad: 0,
-        },
-        0,
-    )
-    .map_err(i64::from)
+        }))
+    }
+}
+
+/// Stashes this thread's call, unless it is the agent's own or not on an IP socket.
+#[inline(always)]
+pub fn enter(ctx: &TracePointContext, map: &HashMap<u64, InFlight>) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let fd = unsafe { ctx.read_at::<u64>(syscall_tp::ARG0)? } as i32;
+    let uaddr: u64 = unsafe { ctx.read_at(syscall_tp::ARG1)? };
+    match InFlight::of(pid_tgid, fd, uaddr)? {
+        Some(call) => map.insert(&pid_tgid, &call, 0).map_err(i64::from),
+        None => Ok(()),
+    }
 }
 
 /// Takes (reads and deletes) this thread's stashed call.

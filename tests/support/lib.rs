@@ -251,6 +251,8 @@ pub struct Agent {
     seen: Vec<Value>,
     stderr: Arc<Mutex<String>>,
     pub hooks: String,
+    /// Every program the agent attached, as `kind:target` (its `started` record).
+    pub attached: Vec<String>,
 }
 
 impl Agent {
@@ -309,15 +311,21 @@ impl Agent {
             seen: Vec::new(),
             stderr,
             hooks: String::new(),
+            attached: Vec::new(),
         };
         let started = agent.wait_for("started", |v| v["type"] == "started");
         agent.hooks = started["hooks"].as_str().unwrap_or("?").to_string();
-        // How the state change attached, in `--state-hook`'s spelling.
-        let state = started["attached"]
+        agent.attached = started["attached"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        // How the state change attached, in `--state-hook`'s spelling.
+        let state = agent
+            .attached
+            .iter()
             .find_map(|a| a.strip_suffix(":inet_sock_set_state"))
             .map(|kind| kind.replace('_', "-"))
             .unwrap_or_else(|| "?".into());
