@@ -1,11 +1,11 @@
 //! Loads the embedded eBPF object, sets its globals, and attaches the programs for one hook mode.
 //!
-//! Hook modes differ only in how the port allocation (`inet_hash_connect`) is observed:
-//! fexit (cheapest, needs BTF trampolines), else kprobe/kretprobe (needs CONFIG_KPROBES), else
+//! Hook modes differ in how the port allocation (`inet_hash_connect`) is observed: fexit
+//! (cheapest, needs BTF trampolines), else kprobe/kretprobe (needs CONFIG_KPROBES), else
 //! tracepoints alone (the port is read from the socket when connect() returns). `auto` tries them
 //! in that order, each on a fresh load of the object, so a failed mode leaves nothing attached
-//! (dropping the `Ebpf` detaches every link it made). The state and syscall tracepoints are
-//! attached in every mode.
+//! (dropping the `Ebpf` detaches every link it made). The state change is attached in every
+//! mode; connect()'s and bind()'s exits by fexit in fentry mode, else by the syscall tracepoints.
 use std::fmt;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -372,10 +372,10 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
     })
 }
 
-/// fexit on a syscall's body, instead of its tracepoints: any enabled syscall tracepoint puts
-/// every task's every syscall on the kernel's slow path (`TIF_SYSCALL_TRACEPOINT`), fexit costs
-/// only the calls it traces. The program reads the return value as the argument after the three
-/// the body takes, so the prototype is checked first.
+/// fexit on a syscall's body, instead of its tracepoints: a direct call from a trampoline
+/// instead of the perf tracepoint machinery on each call (and no syscall tracepoint enabled puts
+/// no task's syscalls on the kernel's slow path). The program reads the return value as the
+/// argument after the three the body takes, so the prototype is checked first.
 fn attach_syscall_fexit(
     ebpf: &mut Ebpf,
     btf: &Btf,

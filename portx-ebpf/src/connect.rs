@@ -2,8 +2,8 @@
 //! the errno of a failing connect(), so that an EADDRNOTAVAIL names the process and the
 //! destination; in tracepoint mode also the record that opens a connect no record of the
 //! connecting thread has opened yet (see [`opened_late`]). Both see the same calls (the
-//! syscall's, not io_uring's) with the same return value; fexit spares every task's syscalls
-//! the slow path that any enabled syscall tracepoint puts them on.
+//! syscall's, not io_uring's) with the same return value; fexit is a direct call from a
+//! trampoline, the tracepoint a run through the perf tracepoint machinery each call.
 //!
 //! No program at connect()'s entry: the socket and its destination are noted by `state` when
 //! the call puts the socket into SYN_SENT (in the calling thread, before any port is sought), and
