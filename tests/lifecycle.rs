@@ -35,8 +35,8 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
     }
 }
 
-/// Any enabled syscall tracepoint puts every task's syscalls on the kernel's slow path: in
-/// fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies; in the
+/// In fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies (a
+/// trampoline call instead of a run through the perf tracepoint machinery on each call); in the
 /// other modes they are the syscall tracepoints.
 #[test]
 fn fentry_mode_attaches_no_syscall_tracepoint() {
