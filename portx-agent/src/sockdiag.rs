@@ -121,7 +121,7 @@ pub fn parse_messages(buf: &[u8], out: &mut Vec<DiagSocket>) -> Result<Parsed, D
                 if err == 0 {
                     return Ok(Parsed::Done);
                 }
-                return Err(DiagError::Kernel(-err));
+                return Err(DiagError::Kernel(err.saturating_neg()));
             }
             SOCK_DIAG_BY_FAMILY => out.push(diag_msg(payload)?),
             _ => {}
