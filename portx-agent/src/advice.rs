@@ -60,7 +60,9 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
     let tw = time_wait(e.stats);
     let in_use = e.stats.in_use;
 
-    if tw > 0 && in_use > 0 && tw * 2 >= in_use {
+    // tcp_tw_reuse is connect()'s (its 4-tuple check); a namespace-wide report is about
+    // bind(), which it never helps.
+    if e.per_destination && tw > 0 && in_use > 0 && tw * 2 >= in_use {
         if let Some(s) = e.settings {
             let reuse_applies = s.tw_reuse == 1 || (s.tw_reuse == 2 && e.loopback);
             if !reuse_applies {
@@ -100,17 +102,32 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
 
     if let Some(s) = e.settings {
         let usable = s.usable();
-        if usable < DEFAULT_RANGE {
+        let total = u32::from(s.range.1) - u32::from(s.range.0) + 1;
+        // The range itself: reserved ports have a finding of their own.
+        if total < DEFAULT_RANGE {
             out.push(finding(
                 "the ephemeral port range is narrower than Linux's default",
                 format!(
-                    "ip_local_port_range {}-{}: {usable} usable ports (default 32768-60999: {DEFAULT_RANGE})",
+                    "ip_local_port_range {}-{}: {total} ports (default 32768-60999: {DEFAULT_RANGE})",
                     s.range.0, s.range.1
                 ),
                 "widen it, e.g. sysctl -w net.ipv4.ip_local_port_range=\"10000 65000\" (keep listening ports out of it, or reserve them with ip_local_reserved_ports)",
             ));
         }
-        let total = u32::from(s.range.1) - u32::from(s.range.0) + 1;
+        if total > 1 && total % 2 == 1 {
+            // __inet_hash_connect rounds the ports it scans down to an even number: one port
+            // of the range is left out of each search (with 3 ports, always the last).
+            out.push(finding(
+                "both ends of the port range have the same parity, so each connect() searches one port fewer",
+                format!(
+                    "ip_local_port_range {}-{}: {total} ports, an odd number; connect() scans {} of them",
+                    s.range.0,
+                    s.range.1,
+                    total - 1
+                ),
+                "give the ends different parity (one even, one odd), as Linux's ip-sysctl documentation asks, e.g. 32768-60999",
+            ));
+        }
         let reserved = total - usable;
         if reserved > 0 && reserved * 10 >= total {
             out.push(finding(
@@ -244,5 +261,44 @@ mod tests {
         assert!(!advise(&netns_wide)
             .iter()
             .any(|f| f.evidence.contains("4-tuple")));
+    }
+
+    #[test]
+    fn the_default_range_is_not_narrower_for_a_reserved_port() {
+        // One reserved port (< 10 %: no finding of its own either).
+        let s = settings((32768, 60999), 1, vec![(40000, 40000)]);
+        let f = advise(&ev(Some(&s), &stats(10, 0), &[]));
+        assert!(!says(&f, "narrower"), "{f:#?}");
+        assert!(!says(&f, "reserved"), "{f:#?}");
+    }
+
+    #[test]
+    fn a_bind_failure_is_not_told_to_turn_on_tcp_tw_reuse() {
+        // A namespace-wide report (bind(0) failed) with TIME_WAIT holding most ports:
+        // tcp_tw_reuse is connect()'s, not bind()'s.
+        let s = settings((40000, 40015), 0, vec![]);
+        let st = stats(4, 12);
+        let mut e = ev(Some(&s), &st, &[]);
+        assert!(says(&advise(&e), "tcp_tw_reuse=1"));
+        e.per_destination = false;
+        assert!(!says(&advise(&e), "tcp_tw_reuse=1"), "{:#?}", advise(&e));
+    }
+
+    #[test]
+    fn an_odd_sized_range_says_each_search_skips_a_port() {
+        let odd = settings((40000, 40014), 0, vec![]);
+        let f = advise(&ev(Some(&odd), &stats(1, 0), &[]));
+        let parity: Vec<_> = f.iter().filter(|f| f.finding.contains("parity")).collect();
+        assert_eq!(parity.len(), 1, "{f:#?}");
+        assert!(parity[0].evidence.contains("15 ports"), "{parity:#?}");
+        assert!(parity[0].evidence.contains("scans 14"), "{parity:#?}");
+        for even in [(40000, 40015), (32768, 60999), (40000, 40000)] {
+            let s = settings(even, 0, vec![]);
+            let f = advise(&ev(Some(&s), &stats(1, 0), &[]));
+            assert!(
+                !f.iter().any(|f| f.finding.contains("parity")),
+                "{even:?}: {f:#?}"
+            );
+        }
     }
 }
