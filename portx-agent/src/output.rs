@@ -217,6 +217,8 @@ pub(crate) fn endpoint(addr: &str, port: u16) -> String {
 fn used(in_use: u32, range: Option<u32>, util: Option<f64>) -> String {
     match (range, util) {
         (Some(r), Some(u)) => format!("{in_use}/{r} ({:.0}%)", u * 100.0),
+        // Every port of the range reserved: known, and nothing connect() may pick.
+        (Some(0), _) => format!("{in_use}/0 (no usable port in the range)"),
         _ => format!("{in_use}/? (range unknown)"),
     }
 }
@@ -383,5 +385,13 @@ mod tests {
             text.contains("counts may be low: 3 events lost, 0 program runs missed since start"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_range_with_every_port_reserved_is_known_and_empty() {
+        // report::utilization is None for a range of 0: the line must not say "unknown".
+        assert_eq!(used(3, Some(0), None), "3/0 (no usable port in the range)");
+        assert_eq!(used(3, None, None), "3/? (range unknown)");
+        assert_eq!(used(8, Some(16), Some(0.5)), "8/16 (50%)");
     }
 }
