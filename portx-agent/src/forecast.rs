@@ -5,7 +5,8 @@
 //! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
 //!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that;
 //! - time to exhaustion: (range − in use) / growth of in-use ports, given only when the growth
-//!   is positive and either the projection reaches the range or live ports (not TIME_WAIT, which
+//!   is positive, in-use ports rose lately (the smoothed growth takes ~50 s to fade after they
+//!   stop), and either the projection reaches the range or live ports (not TIME_WAIT, which
 //!   levels off) are what grows. 0 once nothing is left.
 use std::collections::HashMap;
 
@@ -37,9 +38,15 @@ struct Sample {
     tw_rate: f64,
     growth: f64,
     live_growth: f64,
+    /// The last sample at which in-use ports were more than at the one before.
+    rose_at_ns: u64,
     /// Samples since this destination (re)appeared: rates need two.
     count: u32,
 }
+
+/// How long ago in-use ports may last have risen for the growth to count as going on: at least
+/// this, or three times the interval the growth rate itself implies.
+const RECENT_RISE_SECS: f64 = 5.0;
 
 /// Per destination rate state. Destinations not sampled in a pass are dropped.
 #[derive(Default)]
@@ -78,6 +85,7 @@ impl Rates {
                 tw_rate: 0.0,
                 growth: 0.0,
                 live_growth: 0.0,
+                rose_at_ns: 0,
                 count: 1,
             };
             // A destination that appeared since the previous pass had nothing then: what it has
@@ -120,6 +128,11 @@ impl Rates {
                                 prev.live_growth,
                                 (f64::from(fresh.live) - f64::from(prev.live)) / dt,
                             ),
+                            rose_at_ns: if stats.in_use > prev.in_use {
+                                now_ns
+                            } else {
+                                prev.rose_at_ns
+                            },
                             count: prev.count.saturating_add(1),
                             ..fresh
                         }
@@ -148,7 +161,9 @@ impl Rates {
                 return Some(0.0);
             }
             let heading = projected >= f64::from(r) || s.live_growth > 0.05;
-            (heading && s.growth > 0.05)
+            let since_rise = s.at_ns.saturating_sub(s.rose_at_ns) as f64 / 1e9;
+            let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / s.growth);
+            (heading && rising && s.growth > 0.05)
                 .then(|| (f64::from(r - stats.in_use) / s.growth * 10.0).round() / 10.0)
         });
         Some(Forecast {
@@ -290,5 +305,43 @@ mod tests {
         // Not sampled: forgotten.
         r.sample(4 * SEC, std::iter::empty());
         assert!(r.samples.is_empty());
+    }
+
+    #[test]
+    fn no_time_to_exhaustion_once_in_use_stopped_rising() {
+        // Live ports leak 10/s for 9 s, then stay at 90 of 100.
+        let mut r = Rates::new();
+        let at = |t: u64, r: &mut Rates| {
+            let n = 10 * t.min(9);
+            let s = stats(n, 0, n as u32, 0);
+            r.sample(t * SEC, [(key(), &s)].into_iter());
+            r.forecast(&key(), &s, Some(100))
+                .and_then(|f| f.time_to_exhaustion_s)
+        };
+        for t in 0..=8 {
+            at(t, &mut r);
+        }
+        assert!(at(9, &mut r).is_some(), "still rising");
+        for t in 10..=14 {
+            assert!(at(t, &mut r).is_some(), "{t}: within 5 s of the last rise");
+        }
+        for t in 15..=40 {
+            assert_eq!(at(t, &mut r), None, "{t}: flat for {} s", t - 9);
+        }
+        // A slow leak, a port every 8 s, keeps its forecast between the rises.
+        let mut r = Rates::new();
+        let mut last = None;
+        for t in 0..=80u64 {
+            let n = (t / 8) as u32;
+            let s = stats(u64::from(n), 0, n, 0);
+            r.sample(t * SEC, [(key(), &s)].into_iter());
+            last = r
+                .forecast(&key(), &s, Some(100))
+                .and_then(|f| f.time_to_exhaustion_s);
+            if t >= 40 {
+                assert!(last.is_some(), "{t}: a steady slow leak");
+            }
+        }
+        assert!(last.is_some());
     }
 }
