@@ -117,9 +117,12 @@ pub struct DestStats {
     pub in_use: u32,
     /// By pid.
     pub holders: Map<u32, Holder>,
-    /// Ports charged to this destination since it was created (rates: [`crate::forecast`]).
+    /// Connections seen taking a port here since the destination was created (rates:
+    /// [`crate::forecast`]). Sockets a resync finds ([`Tracker::seed`]) are not counted: they
+    /// were not seen connecting, and a TIME_WAIT socket the kernel keeps past the 60 s this
+    /// table ages it out at (its timer fires late) is found again.
     pub opened: u64,
-    /// Ports that entered TIME_WAIT here since it was created.
+    /// Ports seen entering TIME_WAIT here since it was created (not those a resync finds).
     pub tw_entered: u64,
 }
 
@@ -292,7 +295,7 @@ impl Tracker {
         }
         if e.old == st::CLOSE && e.new == st::SYN_SENT {
             let owner = Owner::of(&e.task);
-            if e.sport != 0 {
+            if e.sport != 0 && !self.held_by_another(&dest, e.sport, e.skaddr) {
                 // bind() chose the port before connect().
                 self.open(
                     dest,
@@ -383,6 +386,16 @@ impl Tracker {
             e.new
         };
         self.set_state(key, new as u8, stamp(e.ts_ns));
+    }
+
+    /// True if another socket holds `sport` to `dest` in a live state (not TIME_WAIT): then a
+    /// socket bound to that port cannot connect there (the 4-tuple is taken) unless the entry is
+    /// stale. Its CLOSE->SYN_SENT waits in `pending` for the port record or its first change
+    /// with a port instead of displacing the holder, and a failed connect ends it there.
+    fn held_by_another(&self, dest: &DestKey, sport: u16, skaddr: u64) -> bool {
+        self.key_of(dest, sport)
+            .and_then(|key| self.conns.get(&key))
+            .is_some_and(|c| c.state() as u32 != st::TIME_WAIT && c.sk_low != sk_low(skaddr))
     }
 
     /// A connect's first record, written when connect() returned with the port it got and the
@@ -480,7 +493,7 @@ impl Tracker {
             // placed (it would swap entries back and forth every pass).
             return false;
         }
-        self.open(
+        self.place(
             dest,
             sport,
             state,
@@ -488,6 +501,7 @@ impl Tracker {
             0,
             kernel_stamp(state, now_ns, time_wait_left_ns),
         )
+        .is_some()
     }
 
     /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
@@ -670,6 +684,7 @@ impl Tracker {
         }
     }
 
+    /// A connection seen taking `sport` (an event): placed and counted in the rates.
     fn open(
         &mut self,
         dest: DestKey,
@@ -679,6 +694,27 @@ impl Tracker {
         skaddr: u64,
         stamp_ns: u64,
     ) -> bool {
+        let Some(id) = self.place(dest, sport, state, owner, skaddr, stamp_ns) else {
+            return false;
+        };
+        if let Some(stats) = self.stats_mut(id) {
+            stats.opened += 1;
+            stats.tw_entered += u64::from(state as u32 == st::TIME_WAIT);
+        }
+        true
+    }
+
+    /// Puts a socket in the table (replacing what held its tuple) and charges its port;
+    /// returns its destination's id, or None over the limit.
+    fn place(
+        &mut self,
+        dest: DestKey,
+        sport: u16,
+        state: u8,
+        owner: Owner,
+        skaddr: u64,
+        stamp_ns: u64,
+    ) -> Option<u32> {
         if let Some(old) = self.key_of(&dest, sport) {
             if let Some(c) = self.conns.get(&old) {
                 // The port was in TIME_WAIT (tcp_tw_reuse; loopback connects were seen taking
@@ -693,7 +729,7 @@ impl Tracker {
         }
         if !self.make_room() {
             self.counters.over_limit += 1;
-            return false;
+            return None;
         }
         let id = self.intern(dest);
         let key = conn_key(id, sport);
@@ -704,10 +740,8 @@ impl Tracker {
         }
         if let Some(stats) = self.stats_mut(id) {
             account(stats, conn.pid(), owner.comm, state, 1);
-            stats.opened += 1;
-            stats.tw_entered += u64::from(state as u32 == st::TIME_WAIT);
         }
-        true
+        Some(id)
     }
 
     /// Gives a socket opened without an owner its owner, in the state it is in.
@@ -1224,6 +1258,106 @@ mod tests {
         assert_eq!(t.tracked(), 0);
     }
 
+    #[test]
+    fn a_bound_connect_to_a_taken_tuple_does_not_displace_its_holder() {
+        // kprobe mode, and IPv6 in fentry mode, write CLOSE->SYN_SENT at once, with the port
+        // bind() gave the socket. Process 5 holds 40000 -> dest; process 6 binds 40000 and
+        // connects there too: the kernel refuses the 4-tuple (EADDRNOTAVAIL).
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(5, "holder"), 0);
+        t.on_state(&ev(
+            2,
+            st::CLOSE,
+            st::SYN_SENT,
+            40000,
+            task(6, "binder"),
+            SEC,
+        ));
+        t.on_state(&ev(
+            2,
+            st::SYN_SENT,
+            st::CLOSE,
+            40000,
+            task(6, "binder"),
+            SEC,
+        ));
+        t.on_connect_failed(&SyscallFailure {
+            ts_ns: SEC,
+            task: task(6, "binder"),
+            skaddr: 2,
+            netns: NS,
+            errno: 99,
+            addr: "10.0.0.2".parse().unwrap(),
+            port: 80,
+            tally: Default::default(),
+        });
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!(d.in_use, 1);
+        assert_eq!(d.holders_ranked()[0].0, 5, "{:?}", d.holders_ranked());
+        assert_eq!(t.pending(), 0);
+        // A bound connect that succeeds (the holder's entry was stale) takes the port when its
+        // handshake names it.
+        t.on_state(&ev(
+            3,
+            st::CLOSE,
+            st::SYN_SENT,
+            40000,
+            task(7, "binder2"),
+            2 * SEC,
+        ));
+        t.on_state(&ev(
+            3,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40000,
+            task(0, "x"),
+            2 * SEC,
+        ));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 7));
+        // Over a TIME_WAIT holder (tcp_tw_reuse) it is charged at once.
+        active_close(&mut t, 3, 40000, 3 * SEC);
+        t.on_state(&ev(
+            4,
+            st::CLOSE,
+            st::SYN_SENT,
+            40000,
+            task(8, "reuser"),
+            4 * SEC,
+        ));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 8));
+        assert_eq!(d.by_state[st::SYN_SENT as usize], 1);
+    }
+
+    #[test]
+    fn a_time_wait_socket_found_again_after_60s_is_not_a_new_connection() {
+        // The kernel's timewait timer fires late (a timer-wheel bucket: 61.9 s was seen), so a
+        // resync can find a socket this table aged out at 60 s. Its port is in use again, but
+        // nothing connected: the rates must not count it.
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(40, "churner"), 0);
+        active_close(&mut t, 1, 40000, SEC);
+        connect(&mut t, 2, 40001, task(41, "app"), 0);
+        t.expire(SEC + TIME_WAIT_NS);
+        assert_eq!(t.dest(&dest()).unwrap().in_use, 1);
+        assert!(t.seed(
+            dest(),
+            40000,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            62 * SEC,
+            SEC
+        ));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.by_state[st::TIME_WAIT as usize]), (2, 1));
+        assert_eq!((d.opened, d.tw_entered), (2, 1), "as before the resync");
+        // Seen connecting and closing: counted.
+        connect(&mut t, 3, 40002, task(41, "app"), 63 * SEC);
+        active_close(&mut t, 3, 40002, 63 * SEC);
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.opened, d.tw_entered), (3, 2));
+    }
     #[test]
     fn correction_follows_the_kernel_unless_an_event_is_newer() {
         let mut t = Tracker::new();
