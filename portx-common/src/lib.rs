@@ -131,6 +131,10 @@ pub const EINPROGRESS: i32 = 115;
 pub const EADDRNOTAVAIL: i32 = 99;
 pub const EADDRINUSE: i32 = 98;
 pub const ENOMEM: i32 = 12;
+pub const EINTR: i32 = 4;
+/// Kernel-internal: a blocking call interrupted by a signal, restarted or turned into EINTR when
+/// the signal is handled (after the syscall's exit tracepoint and fexit have run).
+pub const ERESTARTSYS: i32 = 512;
 
 /// Offsets in `syscalls:sys_enter_*` / `sys_exit_*` records (stable since the syscall tracepoints
 /// exist; also checked by the agent).

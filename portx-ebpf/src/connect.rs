@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use portx_common::{
     fail_flags, hook_mode, kind, state_flags, syscall_tp, tcp_state, FailureKey, PortEvent,
-    SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, ENOMEM,
+    SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM, ERESTARTSYS,
 };
 
 use crate::{
@@ -172,6 +172,14 @@ pub fn emit_held_close(call: &Connecting) {
     emit(event, Wake::Batch);
 }
 
+/// A blocking connect() interrupted by a signal while it waited for the handshake
+/// (`inet_wait_for_connect`; `sock_intr_errno`: -ERESTARTSYS, or -EINTR with SO_SNDTIMEO): the
+/// call is restarted or returns EINTR, and the connect goes on as after EINPROGRESS.
+#[inline(always)]
+fn interrupted(ret: i32) -> bool {
+    ret == -ERESTARTSYS || ret == -EINTR
+}
+
 /// What a failed port search returns (`__inet_hash_connect`): with another error, a
 /// search-failed entry is not this call's.
 #[inline(always)]
@@ -245,8 +253,9 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
         // The common case, a connect() that succeeded.
         return Ok(());
     }
-    if ret == -EINPROGRESS {
-        // A connect still in progress has its port by now. In tracepoint mode its first record
+    if ret == -EINPROGRESS || interrupted(ret) {
+        // A connect still in progress has its port by now (an interrupted one too: not a
+        // failure; if the handshake failed meanwhile, the socket's state change says so). In tracepoint mode its first record
         // carried it; in the others IPv4's came from fexit or the kretprobe, and IPv6 sockets,
         // which seek their port in inet6_hash_connect (not seen there), need it read here. A
         // blocking connect's port arrives with SYN_SENT->ESTABLISHED.
