@@ -124,6 +124,10 @@ trait SockRead {
     /// `inet_sport` (network order), not skc_num: on ->CLOSE, inet_put_port() has already
     /// zeroed skc_num.
     fn sport(&self, sk: u64) -> Result<u16, ()>;
+    /// `skc_num` (host order): at CLOSE->SYN_SENT the port bind() gave the socket, else 0. Not
+    /// `inet_sport` there: freeing a port zeroes skc_num but leaves inet_sport behind, so a
+    /// socket that connects again after a refused or failed connect still shows the old port.
+    fn num(&self, sk: u64) -> Result<u16, ()>;
     /// `sk_max_ack_backlog`: nonzero on a socket accepted from a listener (see [`accepted`]).
     fn backlog(&self, sk: u64) -> Result<u32, ()>;
 }
@@ -204,6 +208,11 @@ impl SockRead for ProbeRead {
     }
 
     #[inline(always)]
+    fn num(&self, sk: u64) -> Result<u16, ()> {
+        sock_field(sk, offsets().sock_num).ok_or(())
+    }
+
+    #[inline(always)]
     fn backlog(&self, sk: u64) -> Result<u32, ()> {
         sock_field(sk, offsets().sock_max_ack_backlog).ok_or(())
     }
@@ -255,6 +264,11 @@ impl SockRead for BtfRead {
     #[inline(always)]
     fn sport(&self, sk: u64) -> Result<u16, ()> {
         Ok(unsafe { btf_load(sk, offset!(inet_sport)) })
+    }
+
+    #[inline(always)]
+    fn num(&self, sk: u64) -> Result<u16, ()> {
+        Ok(unsafe { btf_load(sk, offset!(sock_num)) })
     }
 
     #[inline(always)]
@@ -354,10 +368,12 @@ fn state_change<C: EbpfContext>(
     } else {
         header_without_task(kind::STATE, 0)
     };
-    emit(
-        at.state_event(hdr, sk, old, new, read.sport(sk)?),
-        Wake::Batch,
-    );
+    let sport = if connecting {
+        read.num(sk)?.to_be()
+    } else {
+        read.sport(sk)?
+    };
+    emit(at.state_event(hdr, sk, old, new, sport), Wake::Batch);
     Ok(())
 }
 
