@@ -4,6 +4,8 @@
 //! and a cache line that the other CPUs were also taking (measured with two rings on two CPUs:
 //! 0.80 -> 0.85 of the RST storm's rate, 0.79 -> 0.86 of the failing one). Records of one ring are in the order they were
 //! reserved; the agent merges the rings by the time each record takes once it holds its slot.
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
@@ -135,8 +137,11 @@ pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
         }
         None => {
             if let Some(count) = DROPS.get_ptr_mut(0) {
-                // Per-CPU slot: no other writer can race with this one.
-                unsafe { *count += 1 };
+                // Per-CPU, but not alone on its CPU: a state change in softirq can interrupt a
+                // program between a plain load and store (and fexit programs can be preempted),
+                // and that drop would go uncounted. An atomic add, as `failure_counts` does.
+                // SAFETY: a u64-aligned value of this map.
+                unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
             }
         }
     }
