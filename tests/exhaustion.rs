@@ -423,6 +423,101 @@ fn refused_and_reset_connections_hold_no_port() {
     assert_eq!(summary["lost"], 0, "{summary:#}");
 }
 
+/// A blocking connect() interrupted by a signal (a profiler's timer, a SIGALRM) returns EINTR
+/// while the kernel goes on connecting: connect()'s exit sees -ERESTARTSYS. Not a failure, and
+/// the port it holds in SYN_SENT is charged to it.
+#[test]
+fn an_interrupted_connect_is_not_a_failure_and_holds_its_port() {
+    let _g = serial();
+    if !require_root("an_interrupted_connect_is_not_a_failure_and_holds_its_port") {
+        return;
+    }
+    let mut ns = Netns::new();
+    // Never accepts, backlog 0: one connection fills the accept queue, and the kernel drops
+    // every later SYN, so later connects stay in SYN_SENT.
+    ns.keep(
+        "server",
+        &["serve", "--listen", V4, "--no-accept", "--backlog", "0"],
+        "ready",
+    );
+    let mut agent = Agent::start(ns.id);
+    let (filler, _) = ns.keep("filler", &["hold", "--connect", V4], "held 1");
+    let (waiter, line) = ns.keep(
+        "waiter",
+        &["interrupted", "--connect", V4, "--after-ms", "300"],
+        "connect ",
+    );
+    assert!(
+        line.starts_with("connect interrupted errno=4 sport="),
+        "the connect was not interrupted: {line}"
+    );
+    let (hog, _) = ns.keep(
+        "hog",
+        &["hold", "--nonblock", "--connect", V4, "--count", "14"],
+        "held 14",
+    );
+    let victim = ns.victim_fails("victim", V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    let ctx = format!("{report:#}\n{}", agent.context());
+    let failed: Vec<&Value> = agent
+        .seen()
+        .iter()
+        .filter(|v| v["type"] == "connect_failed" && v["pid"] == waiter)
+        .collect();
+    assert!(failed.is_empty(), "reported as failed: {failed:?}\n{ctx}");
+    assert_eq!(report["in_use"], 16, "{ctx}");
+    let holders = report["holders"].as_array().cloned().unwrap_or_default();
+    let ports = |pid: u32| {
+        holders
+            .iter()
+            .find(|h| h["pid"] == pid)
+            .and_then(|h| h["ports"].as_u64())
+    };
+    assert_eq!(
+        (ports(waiter), ports(filler), ports(hog)),
+        (Some(1), Some(1), Some(14)),
+        "{ctx}"
+    );
+}
+
+/// A socket whose connect() was refused connects again: the kernel freed its first port but
+/// leaves it in `inet_sport`. Only the port the second connect got is charged, to it. (In
+/// kprobe mode CLOSE->SYN_SENT is written at once, with the port bind() gave — here none.)
+#[test]
+fn a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port() {
+    let _g = serial();
+    if !require_root("a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port") {
+        return;
+    }
+    // A wide range: the second connect almost never gets the first port back.
+    let mut ns = Netns::with(&[
+        "net.ipv4.ip_local_port_range=40000 59999",
+        "net.ipv4.tcp_tw_reuse=0",
+    ]);
+    ns.serve(&[V4]);
+    // No resync while the test looks: it would remove a wrong entry, not show it.
+    let mut agent = Agent::start_with(ns.id, &["--resync", "3600"]);
+    let redialer = ns.spawn(
+        "redialer",
+        &["redial", "--refused", V4_OTHER, "--connect", V4],
+    );
+    let refused = redialer.expect("refused errno=111 sport=");
+    let redialed = redialer.expect("redialed sport=");
+    let after = clock_ns();
+    let summary = agent.wait_for("a summary after the second connect", |v| {
+        v["type"] == "summary" && v["ts"].as_u64() > Some(after)
+    });
+    let ctx = format!("{refused} / {redialed}\n{summary:#}\n{}", agent.context());
+    assert_eq!(summary["tracked"], 1, "one port, the new one: {ctx}");
+    let d = &summary["destinations"][0];
+    assert_eq!(
+        (d["dport"].as_u64(), d["in_use"].as_u64()),
+        (Some(9000), Some(1)),
+        "{ctx}"
+    );
+    assert_eq!(d["top_holder"]["pid"], redialer.pid(), "{ctx}");
+}
+
 /// Wall-clock now in Unix ns, the agent's `ts` clock.
 fn clock_ns() -> u64 {
     std::time::SystemTime::now()

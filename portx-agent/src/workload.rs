@@ -148,6 +148,26 @@ pub enum WorkloadCmd {
         #[arg(long, default_value = "127.0.0.1")]
         addr: std::net::Ipv4Addr,
     },
+    /// One socket: connect() to `--refused` (nothing listens there: ECONNREFUSED), then
+    /// connect() the same socket to `--connect`, and keep it. The kernel leaves the first
+    /// port in `inet_sport` after freeing it. Prints `refused errno=E sport=P` (the port
+    /// getsockname still shows) and `redialed sport=Q`; exits 3 if a connect ends otherwise.
+    Redial {
+        #[arg(long)]
+        refused: std::net::SocketAddrV4,
+        #[arg(long)]
+        connect: std::net::SocketAddrV4,
+    },
+    /// A blocking connect() interrupted by SIGALRM after MS (a handler without SA_RESTART, so
+    /// the call returns EINTR and the connect goes on in the kernel), e.g. while the server's
+    /// full accept queue drops its SYNs; keeps the socket. Prints `connect interrupted errno=E
+    /// sport=P`, or `connect ok sport=P` if it finished first.
+    Interrupted {
+        #[arg(long)]
+        connect: std::net::SocketAddrV4,
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        after_ms: u64,
+    },
 }
 
 /// Exit status of a workload whose socket call failed as it reports on stdout.
@@ -233,6 +253,8 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
+        WorkloadCmd::Redial { refused, connect } => redial(refused, connect),
+        WorkloadCmd::Interrupted { connect, after_ms } => interrupted(connect, after_ms),
         WorkloadCmd::NoPort {
             fastopen,
             unix,
@@ -609,8 +631,29 @@ fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
     say("disconnected");
     // SAFETY: as above.
     unsafe { libc::sigwait(&set, &mut sig) };
+    if let Err(e) = connect_fd(fd, addr) {
+        bail!("reconnecting: {}", std::io::Error::from_raw_os_error(e));
+    }
+    say(&format!("reconnected sport={}", local_port(fd)));
+    sleep_forever()
+}
+
+/// A new blocking IPv4 TCP socket.
+fn tcp_socket() -> anyhow::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: socket() with constant arguments; the fd is owned by the TcpStream at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+/// connect() on `fd`: Ok, or the errno it failed with.
+fn connect_fd(fd: i32, addr: std::net::SocketAddrV4) -> Result<(), i32> {
     let sa = sockaddr_v4(addr);
-    // SAFETY: as above.
+    // SAFETY: a valid fd and a sockaddr_in we own, with its true length.
     let r = unsafe {
         libc::connect(
             fd,
@@ -618,10 +661,75 @@ fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
-    if r != 0 {
-        bail!("reconnecting: {}", std::io::Error::last_os_error());
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(errno(&std::io::Error::last_os_error()))
     }
-    say(&format!("reconnected sport={}", local_port(fd)));
+}
+
+fn redial(refused: std::net::SocketAddrV4, addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
+    let s = tcp_socket()?;
+    let fd = s.as_raw_fd();
+    match connect_fd(fd, refused) {
+        Err(e) if e == libc::ECONNREFUSED => {
+            say(&format!("refused errno={e} sport={}", local_port(fd)));
+        }
+        other => {
+            say(&format!("connect to {refused} was not refused: {other:?}"));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+    }
+    if let Err(e) = connect_fd(fd, addr) {
+        say(&format!("connect failed errno={e}"));
+        std::process::exit(EXIT_SOCKET_ERROR);
+    }
+    say(&format!("redialed sport={}", local_port(fd)));
+    sleep_forever()
+}
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+fn interrupted(addr: std::net::SocketAddrV4, after_ms: u64) -> anyhow::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that does nothing, and no SA_RESTART: the
+    // interrupted connect() returns EINTR instead of being restarted.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sigaction(SIGALRM)");
+        }
+    }
+    let timer = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: (after_ms / 1000) as libc::time_t,
+            tv_usec: ((after_ms % 1000) * 1000) as libc::suseconds_t,
+        },
+    };
+    let s = tcp_socket()?;
+    let fd = s.as_raw_fd();
+    // SAFETY: a valid itimerval; the old value is not wanted.
+    if unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setitimer");
+    }
+    match connect_fd(fd, addr) {
+        Ok(()) => say(&format!("connect ok sport={}", local_port(fd))),
+        Err(e) if e == libc::EINTR => {
+            say(&format!(
+                "connect interrupted errno={e} sport={}",
+                local_port(fd)
+            ));
+        }
+        Err(e) => {
+            say(&format!("connect failed errno={e}"));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+    }
     sleep_forever()
 }
 
@@ -653,14 +761,7 @@ fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {
 /// A blocking TCP connection opened by sendto(MSG_FASTOPEN): the kernel connects inside sendto,
 /// so no connect() returns for it.
 fn fastopen(addr: std::net::SocketAddrV4) -> anyhow::Result<TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: socket() with constant arguments; the fd is owned by the TcpStream at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: fd was just created and is owned by nothing else.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let stream = tcp_socket()?;
     let sa = sockaddr_v4(addr);
     // SAFETY: a one-byte buffer and a sockaddr_in we own, with their true lengths.
     let sent = unsafe {
