@@ -4,7 +4,8 @@
 //! - churn: new ports charged to the destination per second;
 //! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
 //!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that;
-//! - time to exhaustion: (range − in use) / growth of in-use ports, given only when the growth
+//! - time to exhaustion: (range − in use) / growth of in-use ports (ports in the range: one bound
+//!   explicitly outside it does not fill it), given only when the growth
 //!   is positive, in-use ports rose lately (the smoothed growth takes ~50 s to fade after they
 //!   stop), and either the projection reaches the range or live ports (not TIME_WAIT, which
 //!   levels off) are what grows. 0 once nothing is left.
@@ -32,6 +33,7 @@ struct Sample {
     at_ns: u64,
     opened: u64,
     tw_entered: u64,
+    /// Ports in use in the range ([`DestStats::in_range`]): what growth and exhaustion are about.
     in_use: u32,
     live: u32,
     churn: f64,
@@ -79,7 +81,7 @@ impl Rates {
                 at_ns: now_ns,
                 opened: stats.opened,
                 tw_entered: stats.tw_entered,
-                in_use: stats.in_use,
+                in_use: stats.in_range(),
                 live: live(stats),
                 churn: 0.0,
                 tw_rate: 0.0,
@@ -122,13 +124,13 @@ impl Rates {
                             ),
                             growth: ewma(
                                 prev.growth,
-                                (f64::from(stats.in_use) - f64::from(prev.in_use)) / dt,
+                                (f64::from(stats.in_range()) - f64::from(prev.in_use)) / dt,
                             ),
                             live_growth: ewma(
                                 prev.live_growth,
                                 (f64::from(fresh.live) - f64::from(prev.live)) / dt,
                             ),
-                            rose_at_ns: if stats.in_use > prev.in_use {
+                            rose_at_ns: if stats.in_range() > prev.in_use {
                                 now_ns
                             } else {
                                 prev.rose_at_ns
@@ -156,15 +158,18 @@ impl Rates {
         let s = self.samples.get(key).filter(|s| s.count >= 2)?;
         let projected = f64::from(live(stats)) + s.tw_rate * TIME_WAIT_SECS;
         let projected_in_use = projected.round().min(f64::from(u32::MAX)) as u32;
+        let in_range = stats.in_range();
         let time_to_exhaustion_s = range.and_then(|r| {
-            if stats.in_use >= r {
+            if in_range >= r {
                 return Some(0.0);
             }
-            let heading = projected >= f64::from(r) || s.live_growth > 0.05;
+            // Ports outside the range (bound explicitly) neither fill it nor count towards it.
+            let heading =
+                projected - f64::from(stats.outside_range) >= f64::from(r) || s.live_growth > 0.05;
             let since_rise = s.at_ns.saturating_sub(s.rose_at_ns) as f64 / 1e9;
             let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / s.growth);
             (heading && rising && s.growth > 0.05)
-                .then(|| (f64::from(r - stats.in_use) / s.growth * 10.0).round() / 10.0)
+                .then(|| (f64::from(r - in_range) / s.growth * 10.0).round() / 10.0)
         });
         Some(Forecast {
             churn_per_s: (s.churn * 10.0).round() / 10.0,

@@ -280,6 +280,7 @@ mod tests {
             dport,
             range: Some(16),
             in_use,
+            outside_range: 0,
             utilization: Some(f64::from(in_use) / 16.0),
             by_state: [("ESTABLISHED", in_use - 2), ("TIME_WAIT", 2)]
                 .into_iter()

@@ -335,6 +335,7 @@ mod tests {
             dport: Some(9000),
             range: Some(16),
             in_use: 16,
+            outside_range: 0,
             utilization: Some(1.0),
             by_state: [("ESTABLISHED", 16)].into_iter().collect(),
             holders: vec![HolderRecord {

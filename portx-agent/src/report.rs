@@ -153,6 +153,11 @@ pub struct Exhaustion {
     /// the netns could not be read.
     pub range: Option<u32>,
     pub in_use: u32,
+    /// Of `in_use`, ports outside the range (or reserved): bound explicitly, they do not count
+    /// in `utilization`. Left out when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub outside_range: u32,
+    /// (`in_use` − `outside_range`) ÷ `range`.
     pub utilization: Option<f64>,
     pub by_state: BTreeMap<&'static str, u32>,
     pub holders: Vec<HolderRecord>,
@@ -181,6 +186,9 @@ pub struct DestRecord {
     pub dport: u16,
     pub range: Option<u32>,
     pub in_use: u32,
+    /// As in [`Exhaustion`].
+    #[serde(skip_serializing_if = "is_zero")]
+    pub outside_range: u32,
     pub utilization: Option<f64>,
     pub by_state: BTreeMap<&'static str, u32>,
     /// The process holding most of these ports.
@@ -193,7 +201,7 @@ pub struct DestRecord {
     /// Ports in use once TIME_WAIT reaches its steady state at this rate (Little's law: live
     /// ports + TIME_WAIT rate × 60 s).
     pub projected_in_use: Option<u32>,
-    /// Seconds until `in_use` reaches `range` at the recent growth rate, when it is heading
+    /// Seconds until the ports in the range in use reach `range` at the recent growth rate, when it is heading
     /// there; 0 when exhausted; null when not heading for exhaustion or unknown.
     pub time_to_exhaustion_s: Option<f64>,
 }
@@ -282,6 +290,10 @@ fn holders(stats: &DestStats) -> Vec<HolderRecord> {
         .collect()
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn utilization(in_use: u32, range: Option<u32>) -> Option<f64> {
     range
         .filter(|r| *r > 0)
@@ -336,7 +348,8 @@ pub fn exhaustion(
         dport: dest.map(|d| d.dport),
         range,
         in_use: stats.in_use,
-        utilization: utilization(stats.in_use, range),
+        outside_range: stats.outside_range,
+        utilization: utilization(stats.in_range(), range),
         by_state: by_state(stats),
         holders: holders(stats),
         victim: Victim {
@@ -368,7 +381,8 @@ pub fn destination(
         dport: key.dport,
         range,
         in_use: stats.in_use,
-        utilization: utilization(stats.in_use, range),
+        outside_range: stats.outside_range,
+        utilization: utilization(stats.in_range(), range),
         by_state: by_state(stats),
         top_holder: holders(stats).into_iter().next(),
         churn_per_s: None,

@@ -335,6 +335,7 @@ mod tests {
                 dport: 443,
                 range: Some(16),
                 in_use: 16,
+                outside_range: 0,
                 utilization: Some(1.0),
                 by_state: BTreeMap::from([("ESTABLISHED", 4), ("TIME_WAIT", 11), ("FIN_WAIT2", 1)]),
                 top_holder: Some(HolderRecord {

@@ -45,6 +45,11 @@ pub fn build(opts: &SnapshotOptions, pass: &seed::Pass, now_ns: u64) -> Snapshot
     let mut tracker = Tracker::new();
     seed::apply(&mut tracker, pass);
     let mut ranges = Ranges::new();
+    for snap in &pass.snapshots {
+        if let Some(s) = ranges.get(snap.netns, None) {
+            tracker.set_port_settings(snap.netns, s);
+        }
+    }
     let mut identities = Identities::new();
     let mut dests: Vec<(DestKey, &DestStats)> = tracker
         .dests()

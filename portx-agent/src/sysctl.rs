@@ -118,6 +118,11 @@ impl PortSettings {
         (self.range.0..=self.range.1).contains(&port)
     }
 
+    /// A port `connect()` may pick automatically: in the range and not reserved.
+    pub fn ephemeral(&self, port: u16) -> bool {
+        self.in_range(port) && !self.reserved.iter().any(|&(a, b)| (a..=b).contains(&port))
+    }
+
     pub fn tw_reuse_meaning(&self) -> &'static str {
         match self.tw_reuse {
             0 => "off",

@@ -36,7 +36,9 @@ use crate::{
     reader::Reader,
     report::{self, DestRecord, HolderRecord, Record, Started, Summary, Who},
     ring::Ring,
-    seed, tracefs,
+    seed,
+    sysctl::PortSettings,
+    tracefs,
     tracker::{DestKey, DestStats, Map, Target, Tracker},
     view::{GroupFailures, ProcessRecord, Totals, View, MAX_GROUPS},
 };
@@ -413,7 +415,7 @@ impl<W: io::Write> Session<W> {
         ) else {
             return;
         };
-        let settings = self.ranges.current(f.netns, Some(f.task.pid)).cloned();
+        let settings = self.port_settings(f.netns, Some(f.task.pid), true);
         let rec = match self.tracker.busiest_for(&target) {
             Some((key, stats)) => report::exhaustion(
                 f.netns,
@@ -472,7 +474,7 @@ impl<W: io::Write> Session<W> {
         ) else {
             return;
         };
-        let settings = self.ranges.current(f.netns, Some(f.task.pid)).cloned();
+        let settings = self.port_settings(f.netns, Some(f.task.pid), true);
         let usage = self.tracker.netns_usage(f.netns);
         let rec = report::exhaustion(
             f.netns,
@@ -485,6 +487,36 @@ impl<W: io::Write> Session<W> {
             self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
         );
         self.emit_exhaustion(rec);
+    }
+
+    /// The port settings of `netns` (re-read if older than a second when `fresh`), also handed
+    /// to the tracker, whose `outside_range` counts follow them.
+    fn port_settings(
+        &mut self,
+        netns: u32,
+        hint_pid: Option<u32>,
+        fresh: bool,
+    ) -> Option<PortSettings> {
+        let settings = if fresh {
+            self.ranges.current(netns, hint_pid)
+        } else {
+            self.ranges.get(netns, hint_pid)
+        }
+        .cloned();
+        if let Some(s) = &settings {
+            self.tracker.set_port_settings(netns, s);
+        }
+        settings
+    }
+
+    /// The settings of every namespace with a destination in use (read once, re-read by
+    /// `refresh_all`), handed to the tracker before its counts are reported or sampled.
+    fn sync_port_settings(&mut self) {
+        let namespaces: std::collections::BTreeSet<u32> =
+            self.tracker.dests().map(|(k, _)| k.netns).collect();
+        for netns in namespaces {
+            self.port_settings(netns, None, false);
+        }
     }
 
     /// The `n` destinations with the most ports in use that pass the filter, most first.
@@ -516,6 +548,7 @@ impl<W: io::Write> Session<W> {
 
     fn summary(&mut self, is_final: bool) {
         self.tracker.expire(clock::monotonic_ns());
+        self.sync_port_settings();
         let destinations = self
             .top_dests(self.opts.top)
             .iter()
@@ -543,6 +576,7 @@ impl<W: io::Write> Session<W> {
     fn tick_view(&mut self, publish: bool) -> Option<View> {
         let now = clock::monotonic_ns();
         self.tracker.expire(now);
+        self.sync_port_settings();
         self.rates.sample(now, self.tracker.dests());
         // Learn who the likely culprits are while they are alive: a churner that exits before a
         // report would otherwise be named by pid and comm only.

@@ -13,7 +13,7 @@
 //! a timewait socket takes over. Such a port is kept, still charged to its last owner, for
 //! `TCP_TIMEWAIT_LEN` (60 s), in a min-heap by expiry; [`crate::seed`] corrects the table against
 //! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
-use std::{cmp::Reverse, collections::HashMap, net::IpAddr};
+use std::{cmp::Reverse, collections::HashMap, net::IpAddr, sync::Arc};
 
 /// The maps looked up per event (the tracker's, the failure lines', the identity cache's) hash
 /// with foldhash (randomly seeded per map): several lookups per event make std's SipHash a
@@ -24,6 +24,7 @@ use portx_common::{tcp_state as st, IPPROTO_TCP};
 
 use crate::{
     decoder::{Comm, Opening, PortAssigned, StateChange, SyscallFailure, Task},
+    sysctl::PortSettings,
     time_wait::TimeWaitQueue,
 };
 
@@ -124,9 +125,18 @@ pub struct DestStats {
     pub opened: u64,
     /// Ports seen entering TIME_WAIT here since it was created (not those a resync finds).
     pub tw_entered: u64,
+    /// Of `in_use`, ports `connect()` cannot pick in this namespace (outside
+    /// `ip_local_port_range`, or reserved): bound explicitly, they do not fill the range. 0
+    /// while the namespace's settings are unknown (see [`Tracker::set_port_settings`]).
+    pub outside_range: u32,
 }
 
 impl DestStats {
+    /// Ports in use that `connect()` could have picked: what fills the range.
+    pub fn in_range(&self) -> u32 {
+        self.in_use.saturating_sub(self.outside_range)
+    }
+
     /// Holders, most ports first (ties: lower pid first, for stable output).
     pub fn holders_ranked(&self) -> Vec<(u32, Holder)> {
         let mut v: Vec<(u32, Holder)> = self.holders.iter().map(|(p, h)| (*p, *h)).collect();
@@ -228,6 +238,14 @@ pub struct TrackerCounters {
 struct DestSlot {
     key: DestKey,
     stats: DestStats,
+    /// Its namespace's port settings, if known.
+    ports: Option<Arc<PortSettings>>,
+}
+
+impl DestSlot {
+    fn outside_range(&self, sport: u16) -> bool {
+        self.ports.as_ref().is_some_and(|p| !p.ephemeral(sport))
+    }
 }
 
 #[derive(Default)]
@@ -247,6 +265,8 @@ pub struct Tracker {
     targets: Map<Target, Vec<IpAddr>>,
     /// When TIME_WAIT entries are due.
     time_wait: TimeWaitQueue,
+    /// Port settings by namespace, as the agent last read them (for `outside_range`).
+    port_settings: Map<u32, Arc<PortSettings>>,
     /// Most sockets tracked at once (0: no limit).
     limit: usize,
     pub counters: TrackerCounters,
@@ -614,12 +634,46 @@ impl Tracker {
                 .get(&c.pid())
                 .map_or(Comm([0; 16]), |h| h.comm);
             account(&mut out, c.pid(), comm, c.state(), 1);
+            out.outside_range += u32::from(slot.outside_range(sport));
         }
         out
     }
 
     pub fn tracked(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The port settings of `netns` as just read: its destinations' `outside_range` follows
+    /// them (recounted over the table when they change, which is rare; an event costs a
+    /// comparison).
+    pub fn set_port_settings(&mut self, netns: u32, settings: &PortSettings) {
+        if self
+            .port_settings
+            .get(&netns)
+            .is_some_and(|s| **s == *settings)
+        {
+            return;
+        }
+        let ports = Arc::new(settings.clone());
+        self.port_settings.insert(netns, Arc::clone(&ports));
+        for slot in self.dest_slots.iter_mut().flatten() {
+            if slot.key.netns == netns {
+                slot.ports = Some(Arc::clone(&ports));
+                slot.stats.outside_range = 0;
+            }
+        }
+        for key in self.conns.keys() {
+            let (id, sport) = key_parts(*key);
+            if let Some(slot) = self
+                .dest_slots
+                .get_mut(id as usize)
+                .and_then(Option::as_mut)
+            {
+                if slot.key.netns == netns && slot.outside_range(sport) {
+                    slot.stats.outside_range += 1;
+                }
+            }
+        }
     }
 
     pub fn pending(&self) -> usize {
@@ -649,6 +703,7 @@ impl Tracker {
         let slot = DestSlot {
             key: dest,
             stats: DestStats::default(),
+            ports: self.port_settings.get(&dest.netns).cloned(),
         };
         let id = match self.free_dest_ids.pop() {
             Some(id) => {
@@ -738,8 +793,15 @@ impl Tracker {
         if state as u32 == st::TIME_WAIT {
             self.time_wait.push(stamp_ns, id, sport);
         }
-        if let Some(stats) = self.stats_mut(id) {
-            account(stats, conn.pid(), owner.comm, state, 1);
+        if let Some(slot) = self
+            .dest_slots
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+        {
+            account(&mut slot.stats, conn.pid(), owner.comm, state, 1);
+            if slot.outside_range(sport) {
+                slot.stats.outside_range += 1;
+            }
         }
         Some(id)
     }
@@ -800,10 +862,18 @@ impl Tracker {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
-        let id = key_parts(key).0;
-        let Some(stats) = self.stats_mut(id) else {
+        let (id, sport) = key_parts(key);
+        let Some(slot) = self
+            .dest_slots
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+        else {
             return;
         };
+        if slot.outside_range(sport) {
+            slot.stats.outside_range = slot.stats.outside_range.saturating_sub(1);
+        }
+        let stats = &mut slot.stats;
         let pid = conn.pid();
         let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
         account(stats, pid, comm, conn.state(), -1);
@@ -1328,6 +1398,66 @@ mod tests {
         let d = t.dest(&dest()).unwrap();
         assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 8));
         assert_eq!(d.by_state[st::SYN_SENT as usize], 1);
+    }
+
+    #[test]
+    fn ports_outside_the_range_do_not_fill_it() {
+        // A client that binds its source ports itself, below the range (e.g. ports < 1024).
+        let settings = PortSettings {
+            range: (40000, 40015),
+            reserved: vec![(40015, 40015)],
+            tw_reuse: 0,
+            max_tw_buckets: None,
+        };
+        let mut t = Tracker::new();
+        for i in 0..16u16 {
+            let sk = 100 + u64::from(i);
+            t.on_state(&ev(
+                sk,
+                st::CLOSE,
+                st::SYN_SENT,
+                700 + i,
+                task(5, "resvport"),
+                0,
+            ));
+            t.on_state(&ev(
+                sk,
+                st::SYN_SENT,
+                st::ESTABLISHED,
+                700 + i,
+                task(0, "x"),
+                0,
+            ));
+        }
+        connect(&mut t, 1, 40000, task(6, "app"), 0);
+        // Settings read after the sockets were placed: counted over the table.
+        t.set_port_settings(NS, &settings);
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.outside_range, d.in_range()), (17, 16, 1));
+        // Placed after: counted as they come; a reserved port is outside too.
+        connect(&mut t, 2, 40015, task(6, "app"), SEC);
+        t.on_state(&ev(100, st::ESTABLISHED, st::CLOSE, 700, task(0, "x"), SEC));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.outside_range, d.in_range()), (17, 16, 1));
+        assert_eq!(t.netns_usage(NS).outside_range, 16);
+        let rec = crate::report::destination(&dest(), d, Some(&settings));
+        assert_eq!((rec.range, rec.utilization), (Some(15), Some(0.067)));
+        let mut rates = crate::forecast::Rates::new();
+        rates.sample(2 * SEC, t.dests());
+        rates.sample(3 * SEC, t.dests());
+        let d = t.dest(&dest()).unwrap();
+        let f = rates.forecast(&dest(), d, rec.range).unwrap();
+        assert_eq!(f.time_to_exhaustion_s, None, "1 of 15 in use, not growing");
+        // The range widened to take them in, nothing reserved any more: recounted.
+        t.set_port_settings(
+            NS,
+            &PortSettings {
+                range: (600, 40015),
+                reserved: vec![],
+                ..settings
+            },
+        );
+        assert_eq!(t.dest(&dest()).unwrap().outside_range, 0);
     }
 
     #[test]
