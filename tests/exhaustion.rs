@@ -518,6 +518,46 @@ fn a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port() {
     assert_eq!(d["top_holder"]["pid"], redialer.pid(), "{ctx}");
 }
 
+/// Ports a client bound itself, outside `ip_local_port_range`, are in use to the destination but
+/// do not fill the range: 6 bound below 40000-40015 and 4 picked by connect() are 4 of 16.
+#[test]
+fn ports_bound_outside_the_range_do_not_fill_it() {
+    let _g = serial();
+    if !require_root("ports_bound_outside_the_range_do_not_fill_it") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    let (bound, _) = ns.keep(
+        "bound",
+        &[
+            "hold-bound",
+            "--connect",
+            V4,
+            "--count",
+            "6",
+            "--from-port",
+            "30000",
+        ],
+        "held 6 ports=30000,",
+    );
+    ns.keep(
+        "picked",
+        &["hold", "--connect", V4, "--count", "4"],
+        "held 4",
+    );
+    let summary = agent.wait_for("a summary with all 10 ports", |v| {
+        v["type"] == "summary" && v["destinations"][0]["in_use"] == 10
+    });
+    let d = &summary["destinations"][0];
+    let ctx = format!("{summary:#}\n{}", agent.context());
+    assert_eq!(d["outside_range"], 6, "{ctx}");
+    assert_eq!(d["range"], 16, "{ctx}");
+    assert_eq!(d["utilization"], 0.25, "{ctx}");
+    assert_eq!(d["top_holder"]["pid"], bound, "{ctx}");
+}
+
 /// Wall-clock now in Unix ns, the agent's `ts` clock.
 fn clock_ns() -> u64 {
     std::time::SystemTime::now()

@@ -148,6 +148,17 @@ pub enum WorkloadCmd {
         #[arg(long, default_value = "127.0.0.1")]
         addr: std::net::Ipv4Addr,
     },
+    /// Open COUNT IPv4 connections, socket i bound to port FROM+i first (a client that picks
+    /// its own source ports, e.g. outside `ip_local_port_range`), and keep them. Prints `held N
+    /// ports=a,b,..`; exits 3 if a bind or connect fails.
+    HoldBound {
+        #[arg(long)]
+        connect: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        count: u16,
+        #[arg(long)]
+        from_port: u16,
+    },
     /// One socket: connect() to `--refused` (nothing listens there: ECONNREFUSED), then
     /// connect() the same socket to `--connect`, and keep it. The kernel leaves the first
     /// port in `inet_sport` after freeing it. Prints `refused errno=E sport=P` (the port
@@ -253,6 +264,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
+        WorkloadCmd::HoldBound {
+            connect,
+            count,
+            from_port,
+        } => hold_bound(connect, count, from_port),
         WorkloadCmd::Redial { refused, connect } => redial(refused, connect),
         WorkloadCmd::Interrupted { connect, after_ms } => interrupted(connect, after_ms),
         WorkloadCmd::NoPort {
@@ -666,6 +682,40 @@ fn connect_fd(fd: i32, addr: std::net::SocketAddrV4) -> Result<(), i32> {
     } else {
         Err(errno(&std::io::Error::last_os_error()))
     }
+}
+
+fn hold_bound(addr: std::net::SocketAddrV4, count: u16, from: u16) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    for i in 0..count {
+        let port = from
+            .checked_add(i)
+            .context("--from-port + --count passes 65535")?;
+        let s = tcp_socket()?;
+        let local = sockaddr_v4(std::net::SocketAddrV4::new(*addr.ip(), port));
+        // SAFETY: a valid fd and a sockaddr_in we own, with its true length.
+        let rc = unsafe {
+            libc::bind(
+                s.as_raw_fd(),
+                (&local as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            say(&format!(
+                "bind failed errno={}",
+                errno(&std::io::Error::last_os_error())
+            ));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+        if let Err(e) = connect_fd(s.as_raw_fd(), addr) {
+            say(&format!("connect failed errno={e}"));
+            std::process::exit(EXIT_SOCKET_ERROR);
+        }
+        held.push((s, port));
+    }
+    let ports: Vec<String> = held.iter().map(|(_, p)| p.to_string()).collect();
+    say(&format!("held {} ports={}", held.len(), ports.join(",")));
+    sleep_forever()
 }
 
 fn redial(refused: std::net::SocketAddrV4, addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
