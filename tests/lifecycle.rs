@@ -1,10 +1,15 @@
 //! The agent's life: clean exit with a final summary on SIGINT/SIGTERM and nothing left
 //! attached; after SIGKILL nothing left attached either, and a new agent picks up from the
 //! kernel's own state; a clear one-line error without privileges; which hooks a mode attaches.
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use portx_e2e::{
-    agent_bin, assert_unloaded, loaded_since, portx_program_ids, require_root, serial, Agent, Netns,
+    agent_bin, assert_unloaded, hooks, loaded_since, portx_program_ids, require_root, serial,
+    state_hook, Agent, Netns,
 };
 
 #[test]
@@ -33,6 +38,43 @@ fn sigterm_and_sigint_end_cleanly_and_detach_everything() {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
         assert_unloaded(mine);
     }
+}
+
+/// `portx-agent trace 2>&1 | head -1`: once the reader is gone, stdout and stderr are both
+/// closed pipes. The agent ends as when stdout alone is closed, status 0 — not a panic (101)
+/// from a log line it cannot write.
+#[test]
+fn a_closed_stdout_and_stderr_end_the_agent_cleanly() {
+    let _g = serial();
+    if !require_root("a_closed_stdout_and_stderr_end_the_agent_cleanly") {
+        return;
+    }
+    let ns = Netns::new();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut child = Command::new(agent_bin())
+        .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
+        .args(["--state-hook", &state_hook(), "--netns", &ns.id.to_string()])
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().expect("pipe writer"))
+        .stderr(writer)
+        .spawn()
+        .expect("starting the agent");
+    let mut first = String::new();
+    let mut lines = BufReader::new(reader);
+    lines.read_line(&mut first).expect("the agent's first line");
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for the agent") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent still runs 30 s after its output was closed (first line: {first})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "first line: {first}");
 }
 
 /// In fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies (a

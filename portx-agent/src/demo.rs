@@ -3,7 +3,7 @@
 //! 6 ports in TIME_WAIT and exiting; then a victim whose connect() fails with EADDRNOTAVAIL —
 //! traced live by the same tracer as `trace`, filtered to that namespace. Every process is a real
 //! child (killed on drop, and on our death through PR_SET_PDEATHSIG), so nothing outlives it.
-use std::{process::Stdio, time::Duration};
+use std::{io::Write as _, process::Stdio, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _};
 use tokio::{
@@ -56,7 +56,8 @@ impl Proc {
 
 fn narrate(json: bool, what: &str) {
     if !json {
-        eprintln!("demo: {what}");
+        // A closed stderr loses the narration, not the demo.
+        let _ = writeln!(std::io::stderr(), "demo: {what}");
     }
 }
 

@@ -1,4 +1,7 @@
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
 
 use clap::Parser as _;
 use portx_agent::{
@@ -14,9 +17,13 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-    );
+    // A log line that cannot be written (stderr closed, e.g. `2>&1 | head`) is lost, not a
+    // panic: tracing-subscriber would otherwise report it with eprintln!, which panics there.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        )
+        .log_internal_errors(false);
     if matches!(cli.command, Command::Top(_)) {
         // The screen owns the terminal: lines are kept and shown there, written out after.
         logs.with_writer(|| LOGS.writer()).with_ansi(false).init();
@@ -48,7 +55,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portx-agent: {e:#}");
+            // Not eprintln!: it panics on a closed stderr, and the exit status says it anyway.
+            let _ = writeln!(std::io::stderr(), "portx-agent: {e:#}");
             ExitCode::FAILURE
         }
     }
