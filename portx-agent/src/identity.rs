@@ -205,11 +205,11 @@ pub fn parse_status_exited(status: &str) -> bool {
 
 /// Reads a live process' identity; None if it is gone or exiting, or a kernel thread.
 pub fn read(pid: u32) -> Option<Identity> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = procfs::read_lossy(format!("/proc/{pid}/status")).ok()?;
     if parse_status_exited(&status) {
         return None;
     }
-    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+    let cgroup = procfs::read_lossy(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|t| parse_cgroup(&t));
     let cmdline = read_cmdline(pid)

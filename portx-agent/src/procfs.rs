@@ -24,8 +24,18 @@ pub fn parse_socket_link(link: &str) -> Option<u64> {
         .ok()
 }
 
+/// A /proc text file, decoded lossily: a process names itself (comm) and its cgroups with any
+/// bytes, and one invalid UTF-8 byte must not cost the whole file (the parsers need only ASCII).
+pub fn read_lossy(path: impl AsRef<Path>) -> std::io::Result<String> {
+    let bytes = fs::read(path)?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 pub fn comm(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
+    read_lossy(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim_end_matches('\n').to_string())
 }
@@ -38,7 +48,7 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
 }
 
 pub fn start_time(pid: u32) -> Option<u64> {
-    parse_stat_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    parse_stat_start_time(&read_lossy(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Socket inode -> owning process, over every process. Processes and fds that vanish during
@@ -113,5 +123,33 @@ mod tests {
         assert_eq!(me.pid, std::process::id());
         assert!(start_time(me.pid).is_some());
         assert_eq!(comm(me.pid).as_deref(), Some(me.comm.as_str()));
+    }
+
+    #[test]
+    fn a_process_named_with_a_non_utf8_byte_keeps_its_comm_and_start_time() {
+        use std::os::unix::ffi::OsStrExt as _;
+        // exec takes comm from the file name: a copy of sleep named `sl\xffep`.
+        let dir = std::env::temp_dir().join(format!("portx-procfs-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join(std::ffi::OsStr::from_bytes(b"sl\xffep"));
+        fs::copy("/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+        let pid = child.id();
+        let mut comm_now = None;
+        for _ in 0..100 {
+            comm_now = comm(pid);
+            if comm_now.as_deref().is_some_and(|c| c.starts_with("sl")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let start = start_time(pid);
+        let identity = crate::identity::read(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(comm_now.as_deref(), Some("sl\u{fffd}ep"));
+        assert!(start.is_some());
+        assert!(identity.is_some(), "a live process has an identity");
     }
 }
