@@ -137,7 +137,13 @@ struct Counters {
 struct LastReport {
     at_ns: u64,
     failures_since: u64,
+    /// The last failure counted here (monotonic ns), for [`prune_reports`].
+    touched_ns: u64,
 }
+
+/// Failures left in a destination's tally this long after its last one are dropped with it:
+/// a report that much later would mislabel them as recent (they are in the summaries' counts).
+const REPORT_TALLY_KEPT: Duration = Duration::from_secs(600);
 
 struct Session<W: io::Write> {
     opts: TraceOptions,
@@ -362,10 +368,9 @@ impl<W: io::Write> Session<W> {
             self.count_failure(&f, true, u.failures);
             if f.errno == EADDRNOTAVAIL {
                 // Into the destination's next report (the records bring the reports).
-                self.reports
-                    .entry(Target::of_connect(&f))
-                    .or_default()
-                    .failures_since += u.failures;
+                let entry = self.reports.entry(Target::of_connect(&f)).or_default();
+                entry.failures_since += u.failures;
+                entry.touched_ns = now;
             }
             if self.opts.filter.failure(&f, true) {
                 if let Some(line) = self.failure_lines.on_unrecorded(&f, true, u.failures) {
@@ -547,7 +552,10 @@ impl<W: io::Write> Session<W> {
     }
 
     fn summary(&mut self, is_final: bool) {
-        self.tracker.expire(clock::monotonic_ns());
+        let now = clock::monotonic_ns();
+        self.tracker.expire(now);
+        prune_reports(&mut self.reports, now, self.opts.report_every);
+        prune_reports(&mut self.bind_reports, now, self.opts.report_every);
         self.sync_port_settings();
         let destinations = self
             .top_dests(self.opts.top)
@@ -673,11 +681,26 @@ fn due<K: std::hash::Hash + Eq>(
     let every = every.as_nanos() as u64;
     let entry = reports.entry(key).or_default();
     entry.failures_since += failures;
+    entry.touched_ns = now_ns;
     if entry.at_ns != 0 && now_ns.saturating_sub(entry.at_ns) < every {
         return None;
     }
     entry.at_ns = now_ns.max(1);
     Some(std::mem::take(&mut entry.failures_since))
+}
+
+/// Forgets what a destination's rate limit no longer needs, so that the maps hold only
+/// destinations failing lately (a proxy whose upstreams come and go would grow them for good):
+/// an entry past its interval with nothing tallied (a new failure finds a report due either
+/// way), and any entry whose last failure is [`REPORT_TALLY_KEPT`] old.
+fn prune_reports<K>(reports: &mut Map<K, LastReport>, now_ns: u64, every: Duration) {
+    let every = every.as_nanos() as u64;
+    let kept = REPORT_TALLY_KEPT.as_nanos() as u64;
+    reports.retain(|_, r| {
+        let idle = now_ns.saturating_sub(r.touched_ns);
+        let due = r.at_ns == 0 || now_ns.saturating_sub(r.at_ns) >= every;
+        !(due && r.failures_since == 0) && idle < kept.max(every)
+    });
 }
 
 fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
@@ -1005,5 +1028,38 @@ mod tests {
             "other destination is independent"
         );
         assert_eq!(due(&mut m, 1, 5 + 1_000_000_000, sec, 1), Some(42));
+    }
+
+    #[test]
+    fn report_limits_forget_destinations_no_longer_failing() {
+        let sec = Duration::from_secs(1);
+        const S: u64 = 1_000_000_000;
+        let mut m: Map<u32, LastReport> = Map::default();
+        for dest in 0..1000 {
+            assert_eq!(due(&mut m, dest, S, sec, 1), Some(1));
+        }
+        // Destination 7 failed again within its interval: its tally waits for its next report.
+        assert_eq!(due(&mut m, 7, S + S / 2, sec, 3), None);
+        prune_reports(&mut m, S + S / 2, sec);
+        assert_eq!(m.len(), 1000, "within the interval: all kept");
+        prune_reports(&mut m, 3 * S, sec);
+        assert_eq!(m.len(), 1, "only the one with a tally");
+        assert_eq!(
+            due(&mut m, 7, 4 * S, sec, 1),
+            Some(4),
+            "the tally reaches the report"
+        );
+        assert_eq!(
+            due(&mut m, 8, 4 * S, sec, 1),
+            Some(1),
+            "a forgotten one: due at once"
+        );
+        // A tally nobody reports (no failure since) goes after REPORT_TALLY_KEPT.
+        assert_eq!(due(&mut m, 9, 4 * S, sec, 1), Some(1));
+        assert_eq!(due(&mut m, 9, 4 * S + 1, sec, 5), None);
+        prune_reports(&mut m, 4 * S + 599 * S, sec);
+        assert!(m.contains_key(&9));
+        prune_reports(&mut m, 4 * S + 1 + 600 * S, sec);
+        assert!(m.is_empty());
     }
 }
