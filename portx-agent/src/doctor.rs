@@ -9,7 +9,6 @@ use serde::Serialize;
 use crate::{
     advice::{self, Finding},
     clock,
-    ranges::Ranges,
     report::{self, DestRecord},
     seed,
     tracker::{DestKey, DestStats, Tracker},
@@ -45,10 +44,14 @@ pub struct DoctorDest {
 pub fn reports(pass: &seed::Pass, top: usize, now_ns: u64) -> Vec<NetnsReport> {
     let mut tracker = Tracker::new();
     seed::apply(&mut tracker, pass);
-    let mut ranges = Ranges::new();
+    for snap in &pass.snapshots {
+        if let Some(s) = &snap.settings {
+            tracker.set_port_settings(snap.netns, s);
+        }
+    }
     let mut out = Vec::new();
     for snap in &pass.snapshots {
-        let settings = ranges.get(snap.netns, None).cloned();
+        let settings = snap.settings.clone();
         let mut dests: Vec<(DestKey, &DestStats)> = tracker
             .dests()
             .filter(|(k, _)| k.netns == snap.netns)
@@ -206,6 +209,7 @@ mod tests {
             snapshots: vec![seed::Snapshot {
                 netns: 1,
                 sockets: (40000..40010).map(tw).collect(),
+                settings: None,
             }],
             started_ns: 1,
             owners: HashMap::new(),

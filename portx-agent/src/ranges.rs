@@ -1,6 +1,8 @@
 //! Port settings per network namespace (`ip_local_port_range`, reserved ports, `tcp_tw_reuse`),
 //! read from inside each netns and cached. Read when a netns is first seen, re-read when a
-//! failure report needs it and the cached copy is older than a second, and on every summary.
+//! failure report needs it and the cached copy is older than a second, and taken from every
+//! sock_diag pass (`--resync`), which reads them while it is in each namespace anyway, off the
+//! event loop.
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -48,7 +50,12 @@ impl Ranges {
     }
 
     pub fn refresh(&mut self, id: netns::NetnsId, hint_pid: Option<u32>) {
-        let settings = read(id, hint_pid);
+        self.set(id, read(id, hint_pid));
+    }
+
+    /// Settings read by someone already in the namespace (a sock_diag pass, which enters each
+    /// one anyway): cached as read now; None if they could not be read.
+    pub fn set(&mut self, id: netns::NetnsId, settings: Option<PortSettings>) {
         self.cache.insert(
             id,
             Entry {
@@ -58,25 +65,9 @@ impl Ranges {
         );
     }
 
-    /// Re-reads every cached netns; forgets the ones that are gone.
-    pub fn refresh_all(&mut self) {
-        let ids: Vec<_> = self.cache.keys().copied().collect();
-        for id in ids {
-            match read(id, None) {
-                Some(s) => {
-                    self.cache.insert(
-                        id,
-                        Entry {
-                            settings: Some(s),
-                            read_at: Instant::now(),
-                        },
-                    );
-                }
-                None => {
-                    self.cache.remove(&id);
-                }
-            }
-        }
+    /// Forgets the namespaces not in `alive` (a pass that saw every traced one).
+    pub fn retain(&mut self, alive: impl Fn(netns::NetnsId) -> bool) {
+        self.cache.retain(|id, _| alive(*id));
     }
 }
 

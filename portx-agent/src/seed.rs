@@ -19,6 +19,7 @@ use crate::{
     netns::{self, NetnsId},
     procfs::{self, ProcInfo},
     sockdiag::{self, DiagSocket},
+    sysctl::PortSettings,
     tracker::{DestKey, Owner, Tracker},
 };
 
@@ -27,6 +28,9 @@ pub struct Snapshot {
     pub netns: NetnsId,
     /// Client-side sockets: not listeners, not accepted by a local listener.
     pub sockets: Vec<DiagSocket>,
+    /// Its port settings, read by the same thread while it was in the namespace (None if they
+    /// could not be read: said at debug level).
+    pub settings: Option<PortSettings>,
 }
 
 /// The result of one pass over every netns.
@@ -88,17 +92,25 @@ pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
         }
         let states = sockdiag::ALL_BUT_LISTEN | (1 << st::LISTEN);
         // Our own namespace needs no setns(), hence no CAP_SYS_ADMIN (`snapshot` unprivileged).
+        // The port settings too, while in there: one setns() a namespace a pass (reading them
+        // apart took a /proc scan to find each namespace again, on the event loop).
+        let dump = move || (sockdiag::dump_tcp(states), PortSettings::read());
         let dumped = if own == Some(ns.id) {
-            Ok(sockdiag::dump_tcp(states))
+            Ok(dump())
         } else {
-            netns::run_in(&ns.path, move || sockdiag::dump_tcp(states))
+            netns::run_in(&ns.path, dump)
         };
         match dumped {
-            Ok(Ok(all)) => snapshots.push(Snapshot {
+            Ok((Ok(all), settings)) => snapshots.push(Snapshot {
                 netns: ns.id,
                 sockets: client_side(all),
+                settings: settings
+                    .inspect_err(|e| {
+                        tracing::debug!("port settings of netns {}: {e}", ns.id);
+                    })
+                    .ok(),
             }),
-            Ok(Err(e)) => {
+            Ok((Err(e), _)) => {
                 tracing::warn!("sock_diag in netns {} failed: {e}", ns.id);
                 skipped.push((ns.id, format!("sock_diag: {e}")));
             }
@@ -233,6 +245,7 @@ mod tests {
         );
         let first = Pass {
             snapshots: vec![Snapshot {
+                settings: None,
                 netns: 1,
                 sockets: vec![
                     sock(st::ESTABLISHED, 40000, 9000, 3),
@@ -259,6 +272,7 @@ mod tests {
         // Next pass: the ESTABLISHED socket is gone.
         let second = Pass {
             snapshots: vec![Snapshot {
+                settings: None,
                 netns: 1,
                 sockets: vec![sock(st::TIME_WAIT, 40002, 9000, 0)],
             }],
@@ -284,6 +298,7 @@ mod tests {
         t.seed(dest, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 50, 0);
         let pass = Pass {
             snapshots: vec![Snapshot {
+                settings: None,
                 netns: 1,
                 sockets: vec![],
             }],
@@ -293,5 +308,21 @@ mod tests {
         };
         assert_eq!(apply(&mut t, &pass).removed, 0);
         assert_eq!(t.tracked(), 1);
+    }
+
+    #[test]
+    fn a_pass_reads_each_namespaces_port_settings_while_in_it() {
+        // Our own namespace: no setns, no privileges needed.
+        let Ok(own) = netns::self_id() else {
+            eprintln!("skipped: no /proc/thread-self/ns/net");
+            return;
+        };
+        let p = pass(&[own], 1, false);
+        let Some(snap) = p.snapshots.iter().find(|s| s.netns == own) else {
+            eprintln!("skipped: sock_diag refused here: {:?}", p.skipped);
+            return;
+        };
+        assert_eq!(snap.settings, PortSettings::read().ok());
+        assert!(snap.settings.is_some());
     }
 }

@@ -5,16 +5,16 @@
 //!
 //! What it cannot know without eBPF: who closed a socket now in TIME_WAIT (timewait sockets
 //! have no inode, so they are charged to pid 0, `(unknown)`), rates, and failures.
-use std::{cmp::Reverse, io};
+use std::{cmp::Reverse, collections::HashMap, io};
 
 use crate::{
     clock,
     filter::Filter,
     identity::Identities,
     output::Output,
-    ranges::Ranges,
     report::{self, Record, Snapshot},
     seed,
+    sysctl::PortSettings,
     tracker::{DestKey, DestStats, Tracker},
 };
 
@@ -44,11 +44,13 @@ pub fn run(opts: &SnapshotOptions) -> anyhow::Result<()> {
 pub fn build(opts: &SnapshotOptions, pass: &seed::Pass, now_ns: u64) -> Snapshot {
     let mut tracker = Tracker::new();
     seed::apply(&mut tracker, pass);
-    let mut ranges = Ranges::new();
-    for snap in &pass.snapshots {
-        if let Some(s) = ranges.get(snap.netns, None) {
-            tracker.set_port_settings(snap.netns, s);
-        }
+    let settings: HashMap<u32, &PortSettings> = pass
+        .snapshots
+        .iter()
+        .filter_map(|snap| Some((snap.netns, snap.settings.as_ref()?)))
+        .collect();
+    for (netns, s) in &settings {
+        tracker.set_port_settings(*netns, s);
     }
     let mut identities = Identities::new();
     let mut dests: Vec<(DestKey, &DestStats)> = tracker
@@ -60,8 +62,7 @@ pub fn build(opts: &SnapshotOptions, pass: &seed::Pass, now_ns: u64) -> Snapshot
         .into_iter()
         .take(opts.top)
         .map(|(key, stats)| {
-            let settings = ranges.get(key.netns, None).cloned();
-            let mut rec = report::destination(&key, stats, settings.as_ref());
+            let mut rec = report::destination(&key, stats, settings.get(&key.netns).copied());
             if let Some(h) = rec.top_holder.as_mut() {
                 if let Some(id) = identities.get(h.pid, now_ns) {
                     h.who = report::Who::from(&*id);
@@ -113,6 +114,7 @@ mod tests {
         );
         let pass = seed::Pass {
             snapshots: vec![seed::Snapshot {
+                settings: None,
                 netns: 1,
                 sockets: vec![
                     sock(st::ESTABLISHED, 40000, 7),

@@ -514,8 +514,25 @@ impl<W: io::Write> Session<W> {
         settings
     }
 
-    /// The settings of every namespace with a destination in use (read once, re-read by
-    /// `refresh_all`), handed to the tracker before its counts are reported or sampled.
+    /// The port settings a sock_diag pass read in each namespace it dumped; namespaces it did
+    /// not see (gone) are forgotten.
+    fn take_port_settings(&mut self, pass: &seed::Pass) {
+        for snap in &pass.snapshots {
+            self.ranges.set(snap.netns, snap.settings.clone());
+        }
+        let seen: HashSet<u32> = pass
+            .snapshots
+            .iter()
+            .map(|s| s.netns)
+            .chain(pass.skipped.iter().map(|(id, _)| *id))
+            .collect();
+        self.ranges.retain(|id| seen.contains(&id));
+        self.tracker.retain_port_settings(|id| seen.contains(&id));
+        self.sync_port_settings();
+    }
+
+    /// The settings of every namespace with a destination in use (read once, then taken from
+    /// each sock_diag pass), handed to the tracker before its counts are reported or sampled.
     fn sync_port_settings(&mut self) {
         let namespaces: std::collections::BTreeSet<u32> =
             self.tracker.dests().map(|(k, _)| k.netns).collect();
@@ -824,9 +841,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 .await
                 .context("seeding thread")?;
         seeded = seed::apply(&mut session.tracker, &pass).added;
-        for snap in &pass.snapshots {
-            session.ranges.get(snap.netns, None);
-        }
+        session.take_port_settings(&pass);
         tracing::info!(
             "seeded {seeded} existing client sockets from {} network namespaces",
             pass.snapshots.len()
@@ -939,7 +954,6 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     );
                     warned_limit = evicted + over;
                 }
-                session.ranges.refresh_all();
                 session.flush_failure_lines(false);
                 session.summary(false);
                 session.flush();
@@ -964,6 +978,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 resync_job = None;
                 let pass = r.context("resync thread")?;
                 let applied = seed::apply(&mut session.tracker, &pass);
+                session.take_port_settings(&pass);
                 if applied.added + applied.removed + applied.corrected > 0 {
                     tracing::info!(
                         "sock_diag resync: {} sockets added, {} removed, {} corrected",

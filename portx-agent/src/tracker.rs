@@ -643,6 +643,11 @@ impl Tracker {
         self.conns.len()
     }
 
+    /// Forgets the port settings of namespaces for which `alive` is false (gone).
+    pub fn retain_port_settings(&mut self, alive: impl Fn(u32) -> bool) {
+        self.port_settings.retain(|id, _| alive(*id));
+    }
+
     /// The port settings of `netns` as just read: its destinations' `outside_range` follows
     /// them (recounted over the table when they change, which is rare; an event costs a
     /// comparison).
