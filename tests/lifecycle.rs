@@ -4,12 +4,12 @@
 use std::{
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use portx_e2e::{
     agent_bin, assert_unloaded, hooks, loaded_since, portx_program_ids, require_root, serial,
-    state_hook, Agent, Netns,
+    state_hook, Agent, Netns, Started,
 };
 
 #[test]
@@ -51,29 +51,25 @@ fn a_closed_stdout_and_stderr_end_the_agent_cleanly() {
     }
     let ns = Netns::new();
     let (reader, writer) = std::io::pipe().expect("pipe");
-    let mut child = Command::new(agent_bin())
-        .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
-        .args(["--state-hook", &state_hook(), "--netns", &ns.id.to_string()])
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone().expect("pipe writer"))
-        .stderr(writer)
-        .spawn()
-        .expect("starting the agent");
+    let mut agent = Started(
+        Command::new(agent_bin())
+            .args(["trace", "--json", "--interval", "1", "--hooks", &hooks()])
+            .args(["--state-hook", &state_hook(), "--netns", &ns.id.to_string()])
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().expect("pipe writer"))
+            .stderr(writer)
+            .spawn()
+            .expect("starting the agent"),
+    );
     let mut first = String::new();
     let mut lines = BufReader::new(reader);
     lines.read_line(&mut first).expect("the agent's first line");
     drop(lines);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for the agent") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the agent still runs 30 s after its output was closed (first line: {first})");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = agent
+        .exit_within(Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!("the agent still runs 30 s after its output was closed ({first})")
+        });
     assert_eq!(status.code(), Some(0), "first line: {first}");
 }
 

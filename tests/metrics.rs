@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portx_e2e::{agent_bin, require_root, serial, Agent, Netns};
+use portx_e2e::{agent_bin, hooks, require_root, serial, state_hook, Agent, Netns, Started};
 
 const V4: &str = "127.0.0.1:9000";
 
@@ -123,6 +123,82 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
     drop(no_reader);
     let (status, _) = agent.stop(libc::SIGINT);
     assert!(status.success(), "agent exit: {status:?}");
+}
+
+/// stdout is a pipe nobody reads (a stalled log shipper, a paused `less`): once it is full the
+/// agent still answers `/metrics` and SIGTERM — records wait in (or are dropped from, counted)
+/// the queue of the thread that writes them.
+#[test]
+fn a_stuck_stdout_stops_neither_metrics_nor_sigterm() {
+    use std::os::fd::AsRawFd as _;
+    let _g = serial();
+    if !require_root("a_stuck_stdout_stops_neither_metrics_nor_sigterm") {
+        return;
+    }
+    let mut ns = Netns::new();
+    // Eight destinations in TIME_WAIT for the next 60 s: each summary is a few KiB.
+    let listen: Vec<String> = (9000..9008).map(|p| format!("127.0.0.1:{p}")).collect();
+    ns.serve(&listen.iter().map(String::as_str).collect::<Vec<_>>());
+    let churner = ns.spawn(
+        "churner",
+        &["churn", "--connect", V4, "--count", "1", "--ports", "8"],
+    );
+    churner.expect("churned ok=8 failed=0");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    // SAFETY: fcntl on a pipe fd we own.
+    let size = unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(
+        size >= 4096,
+        "F_SETPIPE_SZ: {}",
+        std::io::Error::last_os_error()
+    );
+    let addr = free_addr();
+    let mut agent = Started(
+        Command::new(agent_bin())
+            .args(["trace", "--json", "--interval", "1", "--metrics", &addr])
+            .args(["--hooks", &hooks(), "--state-hook", &state_hook()])
+            .args(["--netns", &ns.id.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the agent"),
+    );
+    let waiting = |r: &std::io::PipeReader| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD into an int we own.
+        unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n
+    };
+    // Full: the bytes waiting stop changing while a summary comes every second (a 4 KiB pipe
+    // is one page; a write that does not fit the rest of it blocks).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut since) = (-1, Instant::now());
+    loop {
+        let now = waiting(&reader);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if now > 0 && since.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pipe never filled: {now} bytes of {size}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let asked = Instant::now();
+    let text = scrape(&addr);
+    let took = asked.elapsed();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(took < Duration::from_secs(2), "/metrics took {took:?}");
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = agent
+        .exit_within(Duration::from_secs(15))
+        .expect("the agent ignored SIGTERM for 15 s with its stdout stuck");
+    assert_eq!(status.code(), Some(0));
+    drop(reader);
 }
 
 #[test]

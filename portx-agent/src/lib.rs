@@ -3,7 +3,7 @@
 //!
 //! Event flow, one module a step:
 //! kernel ([`loader`]) -> ring buffer ([`reader`]) -> [`decoder`] -> [`tracker`] -> [`report`]
-//! -> [`output`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`].
+//! -> [`output`] -> [`stdout_thread`]; [`trace`] runs the loop, and the tracker ages TIME_WAIT with [`time_wait`].
 //! Failures: [`decoder`] -> [`failure_counts`] (what the kernel only counted) ->
 //! [`failure_lines`] (a line a second per process, destination and errno) -> [`report`]. The kernel's own truth comes from [`sockdiag`],
 //! [`procfs`], [`sysctl`] (per netns, cached by [`ranges`]) and [`netns`], folded into the
@@ -41,6 +41,7 @@ pub mod screen;
 pub mod seed;
 pub mod snapshot;
 pub mod sockdiag;
+pub mod stdout_thread;
 pub mod sysctl;
 pub mod time_wait;
 pub mod top;

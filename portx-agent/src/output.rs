@@ -151,6 +151,12 @@ impl<W: Write> Output<W> {
                         s.evicted, s.over_limit
                     );
                 }
+                if s.output_dropped > 0 {
+                    extra += &format!(
+                        ", {} output lines dropped (stdout did not keep up)",
+                        s.output_dropped
+                    );
+                }
                 extra
             }
         )?;

@@ -230,6 +230,9 @@ pub struct Summary {
     pub over_limit: u64,
     /// connect() failures with EADDRNOTAVAIL since start.
     pub connect_failures: u64,
+    /// Lines of output dropped because stdout did not keep up (its reader stopped reading),
+    /// since start; whole records, never half of one.
+    pub output_dropped: u64,
     /// True for the summary printed at exit.
     #[serde(rename = "final")]
     pub is_final: bool,

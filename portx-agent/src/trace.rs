@@ -36,7 +36,7 @@ use crate::{
     reader::Reader,
     report::{self, DestRecord, HolderRecord, Record, Started, Summary, Who},
     ring::Ring,
-    seed,
+    seed, stdout_thread,
     sysctl::PortSettings,
     tracefs,
     tracker::{DestKey, DestStats, Map, Target, Tracker},
@@ -169,6 +169,10 @@ struct Session<W: io::Write> {
     broken: Option<io::Error>,
     /// The kernel's per-CPU count of records it could not write (None in tests).
     drop_map: Option<PerCpuArray<MapData, u64>>,
+    /// Lines the stdout thread dropped (None when writing directly).
+    output_dropped: Option<stdout_thread::DroppedLines>,
+    /// `output_dropped` as last warned about.
+    output_dropped_warned: u64,
 }
 
 impl<W: io::Write> Session<W> {
@@ -178,6 +182,18 @@ impl<W: io::Write> Session<W> {
                 self.broken = Some(e);
             }
         }
+    }
+
+    /// Lines of output dropped since start; warns on stderr when more were.
+    fn output_dropped_now(&mut self) -> u64 {
+        let n = self.output_dropped.as_ref().map_or(0, |d| d.get());
+        if n > self.output_dropped_warned {
+            tracing::warn!(
+                "stdout is not keeping up (its reader stopped reading?): {n} lines of output dropped since start"
+            );
+            self.output_dropped_warned = n;
+        }
+        n
     }
 
     /// Records lost since start, read from the kernel now.
@@ -591,6 +607,7 @@ impl<W: io::Write> Session<W> {
             evicted: self.tracker.counters.evicted,
             over_limit: self.tracker.counters.over_limit,
             connect_failures: self.counters.connect_failures,
+            output_dropped: self.output_dropped_now(),
             is_final,
             ts: clock::wall_ns(clock::monotonic_ns()),
         });
@@ -810,6 +827,10 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     } else {
         Box::new(io::stdout())
     };
+    let (out, finish_output) =
+        stdout_thread::spawn(out).context("starting the thread that writes stdout")?;
+    let output_dropped = out.dropped_counter();
+    let out: Box<dyn io::Write + Send> = Box::new(out);
     let mut session = Session {
         hooks: loaded.mode.to_string(),
         identities: Identities::new(),
@@ -828,6 +849,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         failure_map: Some(failure_map),
         broken: None,
         drop_map: Some(drop_map),
+        output_dropped: Some(output_dropped),
+        output_dropped_warned: 0,
         opts,
     };
 
@@ -1019,8 +1042,18 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     }
     drop(loaded);
     tracing::debug!("detached every program");
+    // What is queued for stdout, the final summary last, goes out unless stdout stays stuck.
+    drop(session);
+    if !finish_output.wait(OUTPUT_GRACE) {
+        tracing::warn!(
+            "stdout took nothing for {OUTPUT_GRACE:?}: exiting without the records still queued"
+        );
+    }
     Ok(())
 }
+
+/// How long the agent waits at exit for a stuck stdout to take its last records.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -244,6 +244,32 @@ impl Netns {
     }
 }
 
+/// A process a test started itself (not through [`Agent`]), killed if the test ends first.
+pub struct Started(pub Child);
+
+impl Started {
+    /// Its exit status, or None if it still runs after `limit`.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.0.try_wait().expect("waiting for a process") {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The agent under test: `portx-agent trace --json --netns <id>`.
 pub struct Agent {
     child: Option<Child>,
