@@ -236,6 +236,12 @@ pub fn render(view: &View, top_k: usize) -> Result<String, std::fmt::Error> {
     );
     counter(
         &mut r,
+        "portx_output_dropped_lines",
+        "Lines of output dropped because stdout did not keep up (its reader stopped reading)",
+        t.output_dropped,
+    );
+    counter(
+        &mut r,
         "portx_evicted_sockets",
         "TIME_WAIT entries evicted at --max-sockets",
         t.evicted,
@@ -365,6 +371,7 @@ mod tests {
         let text = render(&View::default(), 20).unwrap();
         assert!(text.ends_with("# EOF\n"));
         assert!(text.contains("portx_lost_events_total 0"));
+        assert!(text.contains("portx_output_dropped_lines_total 0"));
     }
 
     #[test]

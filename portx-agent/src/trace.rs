@@ -689,6 +689,7 @@ impl<W: io::Write> Session<W> {
                 other_failures: self.counters.other_failures,
                 evicted: self.tracker.counters.evicted,
                 over_limit: self.tracker.counters.over_limit,
+                output_dropped: self.output_dropped_now(),
                 tracked: self.tracker.tracked() as u64,
                 pending: self.tracker.pending() as u64,
             },

@@ -46,6 +46,8 @@ pub struct Totals {
     pub evicted: u64,
     /// Sockets not tracked at `--max-sockets`.
     pub over_limit: u64,
+    /// Lines of output dropped because stdout did not keep up.
+    pub output_dropped: u64,
     /// Sockets tracked now (a gauge).
     pub tracked: u64,
     /// connect()s under way whose port is not known yet (a gauge).
