@@ -132,6 +132,14 @@ impl Write for Queued {
     }
 }
 
+impl Drop for Queued {
+    /// What was written since the last flush goes too (a `BufWriter` above empties into this
+    /// on drop without flushing it).
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
 impl Finish {
     /// Waits up to `grace` for the thread to write what was queued (its queue closes when the
     /// [`Queued`] end is dropped); false if it did not finish in time (stdout still stuck).
@@ -215,6 +223,27 @@ mod tests {
         q.write_all(b"next\n").unwrap();
         let e = q.flush().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn what_was_written_goes_out_when_the_writer_is_dropped() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let (mut q, finish) = spawn(Box::new(out.clone())).unwrap();
+        q.write_all(b"last\n").unwrap();
+        drop(q);
+        assert!(finish.wait(Duration::from_secs(5)));
+        assert_eq!(&*out.0.lock().unwrap(), b"last\n");
     }
 
     #[test]
