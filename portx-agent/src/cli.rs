@@ -19,8 +19,9 @@ EXAMPLES:
     sudo portx-agent doctor                     settings, what they mean, and what would help
 
 EXIT STATUS:
-    0 stopped by SIGINT/SIGTERM, --duration, or q in top; 1 runtime error (missing capability, kernel
-    without BTF or ring buffers, attach failure); 2 invalid command line.";
+    0 stopped by SIGINT/SIGTERM, --duration, or q in top, or once stdout is closed; 1 runtime error
+    (missing capability, kernel without BTF or ring buffers, attach failure); 2 invalid command
+    line.";
 
 #[derive(Debug, Parser)]
 #[command(name = "portx-agent", version, about, after_help = EXAMPLES)]
@@ -36,6 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Trace port allocations, TCP state changes and connect()/bind() failures; report who holds
     /// the ports when a connect() fails with EADDRNOTAVAIL.
+    #[command(after_help = EXAMPLES)]
     Trace(TraceArgs),
     /// A live screen: the hottest destinations (utilization, ports by state, churn, time to
     /// exhaustion) and the processes holding the most ports, refreshed every second. q quits.

@@ -11,7 +11,7 @@ pub struct TestArgs {
     /// Skip the QEMU kernel matrix.
     #[arg(long)]
     pub no_vm: bool,
-    /// The wider kernel matrix (5.10 and the newest backports kernel too).
+    /// The wider kernel matrix (5.10, 6.18 and the newest backports kernel too).
     #[arg(long)]
     pub wide: bool,
 }

@@ -25,7 +25,7 @@ pub struct VmArgs {
     /// kprobe and tracepoint/raw-tracepoint (the host's own tests cover tracepoint with tp_btf).
     #[arg(long = "hooks", value_name = "MODE[/STATE]", value_parser = row_spec)]
     pub hooks: Vec<String>,
-    /// The wider kernel set: 5.10, 6.1, 6.12 and the newest trixie-backports kernel.
+    /// The wider kernel set: 5.10, 6.1, 6.12, 6.18 and the newest trixie-backports kernel.
     #[arg(long)]
     pub wide: bool,
     /// VMs at once.
