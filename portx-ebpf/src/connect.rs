@@ -255,10 +255,11 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
     }
     if ret == -EINPROGRESS || interrupted(ret) {
         // A connect still in progress has its port by now (an interrupted one too: not a
-        // failure; if the handshake failed meanwhile, the socket's state change says so). In tracepoint mode its first record
-        // carried it; in the others IPv4's came from fexit or the kretprobe, and IPv6 sockets,
-        // which seek their port in inet6_hash_connect (not seen there), need it read here. A
-        // blocking connect's port arrives with SYN_SENT->ESTABLISHED.
+        // failure; if the handshake failed meanwhile, the socket's state change says so). In
+        // tracepoint mode its first record carried it; in the others IPv4's came from fexit or
+        // the kretprobe, and IPv6 sockets, which seek their port in inet6_hash_connect (not
+        // seen there), need it read here. A blocking connect's port arrives with
+        // SYN_SENT->ESTABLISHED.
         if hook_mode() == hook_mode::TRACEPOINT || call.family != AF_INET6 {
             return Ok(());
         }
