@@ -5,6 +5,7 @@
 //! event loop.
 use std::{
     collections::HashMap,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -49,8 +50,15 @@ impl Ranges {
         self.cache.get(&id).and_then(|e| e.settings.as_ref())
     }
 
+    /// Re-reads `id`. A read that fails keeps the last good copy (the next sock_diag pass
+    /// re-reads it, or forgets a namespace that is gone): a failure report with the settings of
+    /// a few seconds ago says more than one with none.
     pub fn refresh(&mut self, id: netns::NetnsId, hint_pid: Option<u32>) {
-        self.set(id, read(id, hint_pid));
+        match read(id, hint_pid) {
+            Some(s) => self.set(id, Some(s)),
+            None if self.cache.get(&id).is_some_and(|e| e.settings.is_some()) => {}
+            None => self.set(id, None),
+        }
     }
 
     /// Settings read by someone already in the namespace (a sock_diag pass, which enters each
@@ -72,19 +80,24 @@ impl Ranges {
 }
 
 fn read(id: netns::NetnsId, hint_pid: Option<u32>) -> Option<PortSettings> {
-    let path = match hint_pid.filter(|&p| netns::id_of_pid(p).ok() == Some(id)) {
-        Some(pid) => std::path::PathBuf::from(format!("/proc/{pid}/ns/net")),
-        None => match netns::find(id) {
-            Ok(Some(r)) => r.path,
-            Ok(None) => {
-                tracing::debug!("netns {id} has no process or bind mount left");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!("looking for netns {id}: {e}");
-                return None;
-            }
-        },
+    if let Some(pid) = hint_pid.filter(|&p| netns::id_of_pid(p).ok() == Some(id)) {
+        // The hinted process (the one that just failed) often exits right then: if it is gone
+        // before we enter through it, find another way in.
+        match PortSettings::read_in(Path::new(&format!("/proc/{pid}/ns/net"))) {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::debug!("netns {id} through pid {pid}: {e}"),
+        }
+    }
+    let path = match netns::find(id) {
+        Ok(Some(r)) => r.path,
+        Ok(None) => {
+            tracing::debug!("netns {id} has no process or bind mount left");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("looking for netns {id}: {e}");
+            return None;
+        }
     };
     match PortSettings::read_in(&path) {
         Ok(s) => Some(s),
@@ -95,5 +108,28 @@ fn read(id: netns::NetnsId, hint_pid: Option<u32>) -> Option<PortSettings> {
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_re_read_keeps_the_last_good_copy() {
+        let s = PortSettings {
+            range: (40000, 40015),
+            reserved: vec![],
+            tw_reuse: 0,
+            max_tw_buckets: None,
+        };
+        // No namespace has inode 1: every read of it fails.
+        let mut r = Ranges::new();
+        r.set(1, Some(s.clone()));
+        r.refresh(1, None);
+        assert_eq!(r.get(1, None), Some(&s));
+        // Never read successfully: None, not a guess.
+        r.refresh(2, None);
+        assert_eq!(r.get(2, None), None);
     }
 }

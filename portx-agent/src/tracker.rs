@@ -689,11 +689,12 @@ impl Tracker {
         self.dest_slots.get(id as usize)?.as_ref()
     }
 
+    fn slot_mut(&mut self, id: u32) -> Option<&mut DestSlot> {
+        self.dest_slots.get_mut(id as usize)?.as_mut()
+    }
+
     fn stats_mut(&mut self, id: u32) -> Option<&mut DestStats> {
-        self.dest_slots
-            .get_mut(id as usize)?
-            .as_mut()
-            .map(|s| &mut s.stats)
+        self.slot_mut(id).map(|s| &mut s.stats)
     }
 
     fn key_of(&self, dest: &DestKey, sport: u16) -> Option<ConnKey> {
@@ -798,11 +799,7 @@ impl Tracker {
         if state as u32 == st::TIME_WAIT {
             self.time_wait.push(stamp_ns, id, sport);
         }
-        if let Some(slot) = self
-            .dest_slots
-            .get_mut(id as usize)
-            .and_then(Option::as_mut)
-        {
+        if let Some(slot) = self.slot_mut(id) {
             account(&mut slot.stats, conn.pid(), owner.comm, state, 1);
             if slot.outside_range(sport) {
                 slot.stats.outside_range += 1;
@@ -868,11 +865,7 @@ impl Tracker {
             return;
         };
         let (id, sport) = key_parts(key);
-        let Some(slot) = self
-            .dest_slots
-            .get_mut(id as usize)
-            .and_then(Option::as_mut)
-        else {
+        let Some(slot) = self.slot_mut(id) else {
             return;
         };
         if slot.outside_range(sport) {
@@ -1493,6 +1486,7 @@ mod tests {
         let d = t.dest(&dest()).unwrap();
         assert_eq!((d.opened, d.tw_entered), (3, 2));
     }
+
     #[test]
     fn correction_follows_the_kernel_unless_an_event_is_newer() {
         let mut t = Tracker::new();
