@@ -144,8 +144,17 @@ fn workload(args: &[&str]) -> Workload {
     }
 }
 
-/// A private network namespace with a 16-port range and `tcp_tw_reuse=0`, alive as long as this
-/// guard (its holder process is killed on drop; workloads are dropped before it).
+/// A private network namespace with a 16-port range, `tcp_tw_reuse=0` and `tcp_rfc1337=1`,
+/// alive as long as this guard (its holder process is killed on drop; workloads are dropped
+/// before it).
+///
+/// `tcp_rfc1337=1` keeps a TIME_WAIT socket for its 60 s when an RST arrives. With the default
+/// (0) the RST ends it at once, and loopback can send one: under CPU load, a handshake's last
+/// ACK, queued on one CPU's backlog, can reach the listener after the same connection's
+/// close, queued on the other CPU, has ended the server's socket. The listener answers with
+/// an RST, the client's TIME_WAIT goes, and a test's victim connects through the port. Seen
+/// once in ~20 runs of `time_wait_churn_names_the_churner` under 3 busy loops
+/// (`TcpOutRsts` 1, the RST from the listener with reason TCP_FLAGS).
 pub struct Netns {
     /// Dropped (killed) before `park`: fields drop in declaration order.
     workloads: Vec<Workload>,
@@ -166,6 +175,7 @@ impl Netns {
         Self::with(&[
             &format!("net.ipv4.ip_local_port_range={RANGE}"),
             "net.ipv4.tcp_tw_reuse=0",
+            "net.ipv4.tcp_rfc1337=1",
         ])
     }
 
@@ -216,9 +226,31 @@ impl Netns {
     /// (exit status 3); its pid.
     pub fn victim_fails(&self, name: &str, dest: &str) -> u32 {
         let mut victim = self.spawn(name, &["connect", "--connect", dest]);
-        victim.expect("connect failed errno=99");
+        let line = victim.line();
+        assert!(
+            line.starts_with("connect failed errno=99"),
+            "{name}: expected `connect failed errno=99…`, got `{line}`; the namespace's sockets:\n{}",
+            self.sockets()
+        );
         assert_eq!(victim.wait().code(), Some(3), "{name}'s exit status");
         victim.pid()
+    }
+
+    /// The namespace's IPv4 settings, its TCP sockets (`ss -tanoie`) and counters (`nstat -a`),
+    /// for a failure's message.
+    pub fn sockets(&self) -> String {
+        match Command::new("nsenter")
+            .arg(format!("--net={}", self.path))
+            .args(["sh", "-c", "sysctl net.ipv4; ss -tanoie; nstat -a"])
+            .output()
+        {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("(nsenter ss: {e})"),
+        }
     }
 
     /// `count` connections to `dest`, each closed with RST (no TIME_WAIT), by a process named
