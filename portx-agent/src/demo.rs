@@ -133,6 +133,11 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "net.ipv4.ip_local_port_range=40000 40015",
         "--sysctl",
         "net.ipv4.tcp_tw_reuse=0",
+        // An RST that reaches a TIME_WAIT socket ends it unless this is set, and loopback
+        // under CPU load can send one (see tests/support's `Netns`): the churner's ports stay
+        // in TIME_WAIT for their 60 s, and the victim fails as promised.
+        "--sysctl",
+        "net.ipv4.tcp_rfc1337=1",
     ])
     .await?;
     let line = park.line().await?;
