@@ -106,7 +106,8 @@ impl Rates {
                 None => None,
             };
             let sample = match prev {
-                // The tracker restarts a destination's counters when it empties; start over.
+                // The tracker restarts a destination's counters when it frees an idle one and
+                // it comes back; start over.
                 Some(prev)
                     if prev.opened <= stats.opened && prev.tw_entered <= stats.tw_entered =>
                 {

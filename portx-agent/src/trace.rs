@@ -618,8 +618,9 @@ impl<W: io::Write> Session<W> {
     fn tick_view(&mut self, publish: bool) -> Option<View> {
         let now = clock::monotonic_ns();
         self.tracker.expire(now);
+        self.tracker.sweep_idle();
         self.sync_port_settings();
-        self.rates.sample(now, self.tracker.dests());
+        self.rates.sample(now, self.tracker.kept_dests());
         // Learn who the likely culprits are while they are alive: a churner that exits before a
         // report would otherwise be named by pid and comm only.
         let culprits: Vec<u32> = self

@@ -240,6 +240,8 @@ struct DestSlot {
     stats: DestStats,
     /// Its namespace's port settings, if known.
     ports: Option<Arc<PortSettings>>,
+    /// `stats.opened` at the previous [`Tracker::sweep_idle`].
+    opened_at_sweep: u64,
 }
 
 impl DestSlot {
@@ -591,25 +593,27 @@ impl Tracker {
                 };
                 self.dest(&key).map(|d| (key, d))
             })
+            .filter(|(_, d)| d.in_use > 0)
             .max_by_key(|(k, d)| (d.in_use, Reverse(*k)))
     }
 
-    /// Destinations, most ports in use first.
     /// Every destination with a port in use.
     pub fn dests(&self) -> impl Iterator<Item = (DestKey, &DestStats)> + '_ {
+        self.kept_dests().filter(|(_, d)| d.in_use > 0)
+    }
+
+    /// Every destination kept, also one with no port in use right now that
+    /// [`Tracker::sweep_idle`] has not freed yet: what the rates sample.
+    pub fn kept_dests(&self) -> impl Iterator<Item = (DestKey, &DestStats)> + '_ {
         self.dest_slots
             .iter()
             .flatten()
             .map(|slot| (slot.key, &slot.stats))
     }
 
+    /// The `n` destinations with the most ports in use, most first.
     pub fn top(&self, n: usize) -> Vec<(DestKey, &DestStats)> {
-        let mut v: Vec<(DestKey, &DestStats)> = self
-            .dest_slots
-            .iter()
-            .flatten()
-            .map(|s| (s.key, &s.stats))
-            .collect();
+        let mut v: Vec<(DestKey, &DestStats)> = self.dests().collect();
         v.sort_by_key(|(k, d)| (Reverse(d.in_use), *k));
         v.truncate(n);
         v
@@ -710,6 +714,7 @@ impl Tracker {
             key: dest,
             stats: DestStats::default(),
             ports: self.port_settings.get(&dest.netns).cloned(),
+            opened_at_sweep: 0,
         };
         let id = match self.free_dest_ids.pop() {
             Some(id) => {
@@ -729,7 +734,27 @@ impl Tracker {
         id
     }
 
-    /// Frees a destination's id once no port is in use there.
+    /// Frees the destinations that had no port in use and no new connection since the previous
+    /// sweep (called once a second, before the rates are sampled). One that empties is kept
+    /// until then: a destination whose connections come and go one at a time keeps its slot and
+    /// its counters, so its rates are not restarted and no slot is allocated per connection.
+    pub fn sweep_idle(&mut self) {
+        let mut idle = Vec::new();
+        for (id, slot) in self.dest_slots.iter_mut().enumerate() {
+            let Some(slot) = slot else {
+                continue;
+            };
+            if slot.stats.in_use == 0 && slot.stats.opened == slot.opened_at_sweep {
+                idle.push(id as u32);
+            }
+            slot.opened_at_sweep = slot.stats.opened;
+        }
+        for id in idle {
+            self.release(id);
+        }
+    }
+
+    /// Frees a destination's id.
     fn release(&mut self, id: u32) {
         let Some(slot) = self.dest_slots.get_mut(id as usize).and_then(Option::take) else {
             return;
@@ -875,9 +900,6 @@ impl Tracker {
         let pid = conn.pid();
         let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
         account(stats, pid, comm, conn.state(), -1);
-        if stats.in_use == 0 {
-            self.release(id);
-        }
     }
 }
 
@@ -987,6 +1009,41 @@ mod tests {
         t.on_state(&ev(sk, st::ESTABLISHED, st::FIN_WAIT1, port, irq, ts));
         t.on_state(&ev(sk, st::FIN_WAIT1, st::FIN_WAIT2, port, irq, ts));
         t.on_state(&ev(sk, st::FIN_WAIT2, st::CLOSE, port, irq, ts));
+    }
+
+    /// connect() and an RST close: the port is free again at once.
+    fn connect_and_reset(t: &mut Tracker, sk: u64, port: u16, ts: u64) {
+        connect(t, sk, port, task(10, "prober"), ts);
+        t.on_state(&ev(sk, st::ESTABLISHED, st::CLOSE, port, task(0, "x"), ts));
+    }
+
+    #[test]
+    fn a_destination_whose_connections_come_one_at_a_time_keeps_its_rate() {
+        // A health checker: 100 connections a second to one destination, each reset before the
+        // next, so no port is in use at any sampling. Its churn is still 100 a second.
+        let mut t = Tracker::new();
+        let mut rates = crate::forecast::Rates::new();
+        let mut sk = 1;
+        for second in 0..30u64 {
+            for i in 0..100 {
+                connect_and_reset(&mut t, sk, 40000 + (sk % 16) as u16, second * SEC + i);
+                sk += 1;
+            }
+            t.sweep_idle();
+            rates.sample((second + 1) * SEC, t.kept_dests());
+        }
+        let (_, stats) = t.kept_dests().next().expect("kept while it is busy");
+        assert_eq!((stats.in_use, stats.opened), (0, 3000));
+        assert_eq!(t.dests().count(), 0, "listed only with a port in use");
+        let f = rates.forecast(&dest(), stats, None).expect("sampled");
+        assert!(
+            (f.churn_per_s - 100.0).abs() < 10.0,
+            "churn {} a second, not 100",
+            f.churn_per_s
+        );
+        // Idle: freed by the first sweep that sees nothing new.
+        t.sweep_idle();
+        assert!(t.dest(&dest()).is_none());
     }
 
     #[test]
@@ -1209,6 +1266,9 @@ mod tests {
         assert_eq!(t.tracked(), 16, "nothing expires before 60 s");
         t.expire(SEC + TIME_WAIT_NS);
         assert_eq!(t.tracked(), 0);
+        assert_eq!(t.dests().count(), 0, "no port in use");
+        t.sweep_idle();
+        t.sweep_idle();
         assert!(t.dest(&dest()).is_none());
         assert_eq!(t.counters.time_wait_expired, 16);
     }
@@ -1544,6 +1604,11 @@ mod tests {
         connect(&mut t, 1, 40000, task(1, "a"), 0);
         active_close(&mut t, 1, 40000, SEC);
         assert!(t.forget(&dest(), 40000));
+        // A is kept until a sweep finds it idle: the first sees its connection, the second
+        // nothing new.
+        t.sweep_idle();
+        assert_eq!(t.dest(&dest()).map(|d| d.in_use), Some(0));
+        t.sweep_idle();
         assert!(t.dest(&dest()).is_none());
         // Destination B takes A's id, same port, and reaches TIME_WAIT later (at 30 s).
         let other = StateChange {
