@@ -618,7 +618,7 @@ impl<W: io::Write> Session<W> {
     fn tick_view(&mut self, publish: bool) -> Option<View> {
         let now = clock::monotonic_ns();
         self.tracker.expire(now);
-        self.tracker.sweep_idle();
+        self.tracker.sweep_idle(now);
         self.sync_port_settings();
         self.rates.sample(now, self.tracker.kept_dests());
         // Learn who the likely culprits are while they are alive: a churner that exits before a

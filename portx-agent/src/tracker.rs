@@ -234,7 +234,8 @@ pub struct TrackerCounters {
     pub over_limit: u64,
 }
 
-/// A destination in use and its counts.
+/// A destination in use, or kept a while after its last port was freed (see
+/// [`Tracker::sweep_idle`]), and its counts.
 struct DestSlot {
     key: DestKey,
     stats: DestStats,
@@ -242,7 +243,19 @@ struct DestSlot {
     ports: Option<Arc<PortSettings>>,
     /// `stats.opened` at the previous [`Tracker::sweep_idle`].
     opened_at_sweep: u64,
+    /// The sweep that first saw `opened_at_sweep` (monotonic ns): no connection since.
+    quiet_since_ns: u64,
 }
+
+/// A destination with no port in use is kept while it had a new connection within this long
+/// (the rates' smoothing time): a health checker that connects every few seconds keeps its
+/// rates instead of starting over at each probe.
+pub const KEEP_EMPTY_NS: u64 = 10 * 1_000_000_000;
+/// Past this many destinations kept with no port in use, one whose last port is freed goes at
+/// once: the socket limit bounds the destinations in use, this the rest.
+pub const MAX_KEPT_EMPTY: usize = 4096;
+/// Sweeps closer together than this do nothing (ticks that fire back to back after a stall).
+const SWEEP_EVERY_NS: u64 = 900_000_000;
 
 impl DestSlot {
     fn outside_range(&self, sport: u16) -> bool {
@@ -259,7 +272,8 @@ pub struct Tracker {
     /// kernel skipped (a program cannot nest in itself on one CPU): the next state change, which
     /// carries the tuple, places the socket. Bounded by [`MAX_ORPHAN_OWNERS`].
     orphan_owners: Map<u64, Owner>,
-    /// Destinations with at least one port in use, by id (an index into `dest_slots`).
+    /// Destinations kept (in use, or kept a while after, see [`Tracker::sweep_idle`]), by id
+    /// (an index into `dest_slots`).
     dest_ids: Map<DestKey, u32>,
     dest_slots: Vec<Option<DestSlot>>,
     free_dest_ids: Vec<u32>,
@@ -271,6 +285,8 @@ pub struct Tracker {
     port_settings: Map<u32, Arc<PortSettings>>,
     /// Most sockets tracked at once (0: no limit).
     limit: usize,
+    /// When [`Tracker::sweep_idle`] last ran (monotonic ns).
+    last_sweep_ns: u64,
     pub counters: TrackerCounters,
 }
 
@@ -715,6 +731,7 @@ impl Tracker {
             stats: DestStats::default(),
             ports: self.port_settings.get(&dest.netns).cloned(),
             opened_at_sweep: 0,
+            quiet_since_ns: 0,
         };
         let id = match self.free_dest_ids.pop() {
             Some(id) => {
@@ -734,20 +751,30 @@ impl Tracker {
         id
     }
 
-    /// Frees the destinations that had no port in use and no new connection since the previous
-    /// sweep (called once a second, before the rates are sampled). One that empties is kept
-    /// until then: a destination whose connections come and go one at a time keeps its slot and
-    /// its counters, so its rates are not restarted and no slot is allocated per connection.
-    pub fn sweep_idle(&mut self) {
+    /// Frees the destinations with no port in use and no new connection for [`KEEP_EMPTY_NS`]
+    /// (called once a second, before the rates are sampled; calls less than ~a second apart do
+    /// nothing). A destination whose last port is freed is kept until then (up to
+    /// [`MAX_KEPT_EMPTY`] of them): one whose connections come and go one at a time keeps its
+    /// slot and its counters, so its rates are not restarted and no slot is allocated per
+    /// connection.
+    pub fn sweep_idle(&mut self, now_ns: u64) {
+        if self.last_sweep_ns != 0 && now_ns.saturating_sub(self.last_sweep_ns) < SWEEP_EVERY_NS {
+            return;
+        }
+        self.last_sweep_ns = now_ns;
         let mut idle = Vec::new();
         for (id, slot) in self.dest_slots.iter_mut().enumerate() {
             let Some(slot) = slot else {
                 continue;
             };
-            if slot.stats.in_use == 0 && slot.stats.opened == slot.opened_at_sweep {
+            if slot.stats.opened != slot.opened_at_sweep || slot.quiet_since_ns == 0 {
+                slot.opened_at_sweep = slot.stats.opened;
+                slot.quiet_since_ns = now_ns;
+            } else if slot.stats.in_use == 0
+                && now_ns.saturating_sub(slot.quiet_since_ns) >= KEEP_EMPTY_NS
+            {
                 idle.push(id as u32);
             }
-            slot.opened_at_sweep = slot.stats.opened;
         }
         for id in idle {
             self.release(id);
@@ -900,6 +927,11 @@ impl Tracker {
         let pid = conn.pid();
         let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
         account(stats, pid, comm, conn.state(), -1);
+        // Kept for the sweep (its rates go on), unless too many are kept already: the
+        // destinations in use are at most the sockets, and the others at most this many more.
+        if stats.in_use == 0 && self.dest_ids.len() > self.conns.len() + MAX_KEPT_EMPTY {
+            self.release(id);
+        }
     }
 }
 
@@ -1029,8 +1061,11 @@ mod tests {
                 connect_and_reset(&mut t, sk, 40000 + (sk % 16) as u16, second * SEC + i);
                 sk += 1;
             }
-            t.sweep_idle();
-            rates.sample((second + 1) * SEC, t.kept_dests());
+            let now = (second + 1) * SEC;
+            t.sweep_idle(now);
+            // A tick that fires right after the one before (after a stall) frees nothing.
+            t.sweep_idle(now + 1_000_000);
+            rates.sample(now, t.kept_dests());
         }
         let (_, stats) = t.kept_dests().next().expect("kept while it is busy");
         assert_eq!((stats.in_use, stats.opened), (0, 3000));
@@ -1041,9 +1076,71 @@ mod tests {
             "churn {} a second, not 100",
             f.churn_per_s
         );
-        // Idle: freed by the first sweep that sees nothing new.
-        t.sweep_idle();
+        // Idle: freed once no connection came for KEEP_EMPTY_NS (the last sweep that saw one
+        // was at 30 s).
+        t.sweep_idle(39 * SEC);
+        assert!(t.dest(&dest()).is_some());
+        t.sweep_idle(40 * SEC);
         assert!(t.dest(&dest()).is_none());
+    }
+
+    #[test]
+    fn a_destination_probed_every_few_seconds_is_kept_between_probes() {
+        let mut t = Tracker::new();
+        let mut rates = crate::forecast::Rates::new();
+        for second in 1..=60u64 {
+            if second % 3 == 0 {
+                connect_and_reset(&mut t, second, 40000, second * SEC);
+            }
+            t.sweep_idle(second * SEC);
+            rates.sample(second * SEC, t.kept_dests());
+            if second >= 3 {
+                assert_eq!(
+                    t.kept_dests().count(),
+                    1,
+                    "freed between probes at {second} s"
+                );
+            }
+        }
+        let stats = t.dest(&dest()).expect("kept");
+        let f = rates.forecast(&dest(), stats, None).expect("sampled");
+        assert!(
+            (f.churn_per_s - 1.0 / 3.0).abs() < 0.1,
+            "churn {} a second, not 1/3",
+            f.churn_per_s
+        );
+    }
+
+    #[test]
+    fn destinations_kept_with_no_port_in_use_are_bounded() {
+        // A scan: one short connection to each of many destinations, no sweep meanwhile.
+        let mut t = Tracker::new();
+        for i in 0..(MAX_KEPT_EMPTY as u64 + 100) {
+            let e = StateChange {
+                dport: 1 + i as u16,
+                ..ev(i + 1, st::CLOSE, st::SYN_SENT, 0, task(7, "scan"), SEC)
+            };
+            t.on_state(&e);
+            t.on_state(&StateChange {
+                old: st::SYN_SENT,
+                new: st::ESTABLISHED,
+                sport: 40000,
+                ..e
+            });
+            t.on_state(&StateChange {
+                old: st::ESTABLISHED,
+                new: st::CLOSE,
+                sport: 40000,
+                ..e
+            });
+        }
+        assert_eq!(t.tracked(), 0);
+        assert!(
+            t.dest_ids.len() <= MAX_KEPT_EMPTY + 1,
+            "{} destinations kept",
+            t.dest_ids.len()
+        );
+        assert_eq!(t.kept_dests().count(), t.dest_ids.len());
     }
 
     #[test]
@@ -1267,8 +1364,8 @@ mod tests {
         t.expire(SEC + TIME_WAIT_NS);
         assert_eq!(t.tracked(), 0);
         assert_eq!(t.dests().count(), 0, "no port in use");
-        t.sweep_idle();
-        t.sweep_idle();
+        t.sweep_idle(SEC + TIME_WAIT_NS);
+        t.sweep_idle(SEC + TIME_WAIT_NS + KEEP_EMPTY_NS);
         assert!(t.dest(&dest()).is_none());
         assert_eq!(t.counters.time_wait_expired, 16);
     }
@@ -1604,11 +1701,11 @@ mod tests {
         connect(&mut t, 1, 40000, task(1, "a"), 0);
         active_close(&mut t, 1, 40000, SEC);
         assert!(t.forget(&dest(), 40000));
-        // A is kept until a sweep finds it idle: the first sees its connection, the second
-        // nothing new.
-        t.sweep_idle();
+        // A is kept until a sweep finds it idle: the first sees its connection, the one
+        // KEEP_EMPTY_NS later nothing new.
+        t.sweep_idle(3 * SEC);
         assert_eq!(t.dest(&dest()).map(|d| d.in_use), Some(0));
-        t.sweep_idle();
+        t.sweep_idle(3 * SEC + KEEP_EMPTY_NS);
         assert!(t.dest(&dest()).is_none());
         // Destination B takes A's id, same port, and reaches TIME_WAIT later (at 30 s).
         let other = StateChange {
