@@ -149,12 +149,13 @@ fn workload(args: &[&str]) -> Workload {
 /// before it).
 ///
 /// `tcp_rfc1337=1` keeps a TIME_WAIT socket for its 60 s when an RST arrives. With the default
-/// (0) the RST ends it at once, and loopback can send one: under CPU load, a handshake's last
-/// ACK, queued on one CPU's backlog, can reach the listener after the same connection's
-/// close, queued on the other CPU, has ended the server's socket. The listener answers with
-/// an RST, the client's TIME_WAIT goes, and a test's victim connects through the port. Seen
-/// once in ~20 runs of `time_wait_churn_names_the_churner` under 3 busy loops
-/// (`TcpOutRsts` 1, the RST from the listener with reason TCP_FLAGS).
+/// (0) the RST ends it at once, and loopback can send one under CPU load: in ~1 of 20 runs of
+/// `time_wait_churn_names_the_churner` under 3 busy loops, one of the 16 TIME_WAIT ports was
+/// gone before the victim connected (and the victim got it), `TcpOutRsts` was 1, and the RST
+/// came from the listener in ksoftirqd with reason TCP_FLAGS: an ACK reached it with no
+/// connection left to take it. The segment counts (7 a connection, plus that RST) fit a
+/// handshake's last ACK held on one CPU's backlog until the same connection's close, taken
+/// first on the other CPU, had ended the server's socket.
 pub struct Netns {
     /// Dropped (killed) before `park`: fields drop in declaration order.
     workloads: Vec<Workload>,
