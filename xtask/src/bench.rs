@@ -8,6 +8,7 @@
 //! latency from a failing connect() to its record, and the tracker's scale on synthetic events.
 //! Not a test: it asserts nothing, it measures.
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -161,13 +162,73 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
     Ok((n as u64, field("secs").unwrap_or(args.seconds)))
 }
 
+/// The median (of an even count, the mean of the middle two); NaN for none.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// Per round of `mode`, `tool`'s rate over the rate with nothing attached in the same round.
+fn round_ratios(samples: &[Value], mode: &str, tool: &str) -> BTreeMap<u64, f64> {
+    let rate = |t: &str, round: &Value| {
+        samples
+            .iter()
+            .find(|s| s["mode"] == mode && s["tool"] == t && s["round"] == *round)?["rate"]
+            .as_f64()
+    };
+    samples
+        .iter()
+        .filter(|s| s["mode"] == mode && s["tool"] == tool)
+        .filter_map(|s| {
+            let base = rate("none", &s["round"]).filter(|b| *b > 0.0)?;
+            Some((s["round"].as_u64()?, s["rate"].as_f64()? / base))
+        })
+        .collect()
+}
+
+/// portx against the empty programs on its hooks and against bpftrace's counter, round by round
+/// (the rounds' noise is mostly shared by the tools of one round).
+struct AgainstFloor {
+    /// Of `floor`'s ratio minus portx's, per round: what portx costs above the floor.
+    gap_median: f64,
+    gap_min: f64,
+    gap_max: f64,
+    /// Rounds in which portx kept more of the storm's rate than bpftrace.
+    above_bpftrace: usize,
+    /// Rounds with both portx and the floor measured.
+    rounds: usize,
+}
+
+fn against_floor(samples: &[Value], mode: &str) -> Option<AgainstFloor> {
+    let portx = round_ratios(samples, mode, "portx");
+    let floor = round_ratios(samples, mode, "floor");
+    let bpftrace = round_ratios(samples, mode, "bpftrace");
+    let mut gaps: Vec<f64> = portx
+        .iter()
+        .filter_map(|(round, p)| Some(floor.get(round)? - p))
+        .collect();
+    if gaps.is_empty() {
+        return None;
+    }
+    let above_bpftrace = portx
+        .iter()
+        .filter(|(round, p)| bpftrace.get(round).is_some_and(|b| *p > b))
+        .count();
+    let (gap_min, gap_max) = gaps
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), g| (a.min(*g), b.max(*g)));
+    Some(AgainstFloor {
+        rounds: gaps.len(),
+        gap_median: median(&mut gaps),
+        gap_min,
+        gap_max,
+        above_bpftrace,
+    })
 }
 
 fn sysctls(mode: &str) -> Vec<&'static str> {
@@ -456,12 +517,68 @@ fn report(
             table.push(json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu, "peak_rss_mib": hwm, "lost": lost, "missed": missed}));
         }
     }
+    let mut against = Vec::new();
+    for &mode in modes {
+        if let Some(a) = against_floor(samples, mode) {
+            println!(
+                "{mode:<6} floor - portx, same round: median {:.3}, {:.3} to {:.3}; portx above bpftrace in {} of {} rounds",
+                a.gap_median, a.gap_min, a.gap_max, a.above_bpftrace, a.rounds
+            );
+            against.push(json!({"mode": mode, "floor_minus_portx_median": a.gap_median, "floor_minus_portx_min": a.gap_min, "floor_minus_portx_max": a.gap_max, "portx_above_bpftrace_rounds": a.above_bpftrace, "rounds": a.rounds}));
+        }
+    }
     println!("undersized ring buffer (4 KiB, rst storm): {small}");
     println!("latency failing connect() -> record on stdout: {latency}");
     println!("tracker on synthetic events (one core): {tracker}");
-    let all = json!({"table": table, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
+    let all = json!({"table": table, "against_floor": against, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
     let path = dir.join("last.json");
     fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(mode: &str, tool: &str, round: u64, rate: f64) -> Value {
+        json!({"mode": mode, "tool": tool, "round": round, "rate": rate})
+    }
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn the_floor_gap_and_the_bpftrace_wins_are_taken_round_by_round() {
+        let mut samples = Vec::new();
+        // Round 0: a fast round; round 1: everything slower, nothing attached included.
+        for (round, none, portx, floor, bpftrace) in [
+            (0, 200.0, 180.0, 196.0, 170.0),
+            (1, 100.0, 92.0, 98.0, 94.0),
+            (2, 150.0, 135.0, 150.0, 120.0),
+        ] {
+            samples.push(sample("rst", "none", round, none));
+            samples.push(sample("rst", "portx", round, portx));
+            samples.push(sample("rst", "floor", round, floor));
+            samples.push(sample("rst", "bpftrace", round, bpftrace));
+        }
+        // Another mode's samples stay out of it.
+        samples.push(sample("fail", "none", 0, 10.0));
+        samples.push(sample("fail", "portx", 0, 1.0));
+        let a = against_floor(&samples, "rst").expect("rounds with both");
+        // Gaps per round: 0.98-0.90, 0.98-0.92, 1.00-0.90.
+        assert_eq!(a.rounds, 3);
+        assert!((a.gap_min - 0.06).abs() < 1e-9, "{}", a.gap_min);
+        assert!((a.gap_median - 0.08).abs() < 1e-9, "{}", a.gap_median);
+        assert!((a.gap_max - 0.10).abs() < 1e-9, "{}", a.gap_max);
+        assert_eq!(a.above_bpftrace, 2, "rounds 0 and 2");
+        assert!(
+            against_floor(&samples, "fail").is_none(),
+            "no floor measured"
+        );
+    }
 }
