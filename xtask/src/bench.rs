@@ -479,12 +479,7 @@ fn report(
                 .filter(move |s| s["mode"] == mode && s["tool"] == tool)
         };
         for tool in TOOLS {
-            let mut ratios: Vec<f64> = of(tool)
-                .filter_map(|s| {
-                    let base = of("none").find(|b| b["round"] == s["round"])?["rate"].as_f64()?;
-                    Some(s["rate"].as_f64()? / base)
-                })
-                .collect();
+            let mut ratios: Vec<f64> = round_ratios(samples, mode, tool).into_values().collect();
             let mut rates: Vec<f64> = of(tool).filter_map(|s| s["rate"].as_f64()).collect();
             let (lo, hi) = ratios
                 .iter()
