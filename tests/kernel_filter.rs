@@ -1,7 +1,7 @@
 //! What the kernel side leaves out. `--netns`: no record for a namespace that is not traced (so
 //! it costs no ring-buffer space and its loss is not counted), every record for the ones that
 //! are. And the accepted side of a connection: it holds the listener's port, not an ephemeral
-//! one.
+//! one. And what it remembers: each namespace's inode, by the namespace's cookie.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portx_e2e::{require_root, serial, Agent, Netns};
@@ -121,6 +121,79 @@ fn the_accepted_side_of_a_connection_is_not_written() {
         "{s}\n{}",
         agent.context()
     );
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+}
+
+/// The kernel programs remember each namespace's inode by the namespace's cookie. Namespaces
+/// made and freed one after another (a new one may take a freed one's memory) and two alive at
+/// once must each be named by their own inode: a hog's 16 ports in each are counted under that
+/// namespace and no other.
+#[test]
+fn records_name_their_own_namespace_while_namespaces_come_and_go() {
+    let _g = serial();
+    if !require_root("records_name_their_own_namespace_while_namespaces_come_and_go") {
+        return;
+    }
+    let mut agent = Agent::start_everywhere();
+    for round in 0..6 {
+        let mut pair = [Netns::new(), Netns::new()];
+        let mut hogs = Vec::new();
+        for ns in &mut pair {
+            ns.serve(&[V4]);
+            hogs.push(ns.hog("hog", V4).0);
+        }
+        for (ns, hog) in pair.iter().zip(&hogs) {
+            let since = now_ns();
+            let what = format!(
+                "round {round}: 16 ports of namespace {} held by {hog}",
+                ns.id
+            );
+            let summary = agent.wait_for(&what, |v| {
+                v["type"] == "summary"
+                    && v["ts"].as_u64().unwrap_or(0) > since
+                    && v["destinations"].as_array().is_some_and(|d| {
+                        d.iter().any(|d| {
+                            d["netns"] == ns.id
+                                && d["dport"] == 9000
+                                && d["in_use"] == 16
+                                && d["top_holder"]["pid"] == *hog
+                        })
+                    })
+            });
+            // Nothing of this namespace's counted under an inode that is not a live one.
+            let ids: Vec<u32> = pair.iter().map(|n| n.id).collect();
+            let strays: Vec<&Value> = summary["destinations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| {
+                    d["top_holder"]["pid"]
+                        .as_u64()
+                        .is_some_and(|p| hogs.contains(&(p as u32)))
+                        && !ids.iter().any(|id| d["netns"] == *id)
+                })
+                .collect();
+            assert!(
+                strays.is_empty(),
+                "round {round}: {strays:#?}\n{}",
+                agent.context()
+            );
+        }
+        // Freed in one order, then the other: the kernel gives a new namespace the lowest free
+        // inode and the memory freed last, so that one order or the other pairs a freed
+        // namespace's memory with another one's inode.
+        let [a, b] = pair;
+        if round % 2 == 0 {
+            drop(a);
+            drop(b);
+        } else {
+            drop(b);
+            drop(a);
+        }
+        // (Namespaces are freed by a kernel worker, after their processes are gone.)
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     let (status, _) = agent.stop(libc::SIGINT);
     assert!(status.success(), "{status:?}");
 }

@@ -238,6 +238,24 @@ impl Btf {
 
     /// Byte offset of a dotted member path (e.g. `__sk_common.skc_num`) in `struct strukt`.
     pub fn member_offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
+        Ok(self.member(strukt, path)?.0)
+    }
+
+    /// Byte offset and size of a dotted member path in `struct strukt` (size 0 for a pointer or
+    /// an array).
+    pub fn member_offset_and_size(&self, strukt: &str, path: &str) -> Result<(u32, u32), BtfError> {
+        let (offset, ty) = self.member(strukt, path)?;
+        let t = self.resolve(ty)?;
+        let size = match t.kind {
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => t.size_or_type,
+            // (Pointers, arrays: not asked for.)
+            _ => 0,
+        };
+        Ok((offset, size))
+    }
+
+    /// Byte offset and type id of a dotted member path in `struct strukt`.
+    fn member(&self, strukt: &str, path: &str) -> Result<(u32, u32), BtfError> {
         let id = *self
             .structs
             .get(strukt)
@@ -249,6 +267,7 @@ impl Btf {
         };
         let mut t = self.ty(id)?;
         let mut bits = 0u32;
+        let mut last = 0;
         let mut parts = path.split('.').peekable();
         while let Some(part) = parts.next() {
             if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
@@ -262,6 +281,7 @@ impl Btf {
                 });
             }
             bits = bits.checked_add(b).ok_or_else(no_member)?;
+            last = ty;
             if parts.peek().is_some() {
                 t = self.resolve(ty)?;
             }
@@ -272,7 +292,7 @@ impl Btf {
                 path: path.into(),
             });
         }
-        Ok(bits / 8)
+        Ok((bits / 8, last))
     }
 }
 
@@ -336,7 +356,18 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
         nsproxy_net: btf.member_offset("nsproxy", "net_ns")?,
         sock_max_ack_backlog: sk("sk_max_ack_backlog")?,
+        net_cookie: net_cookie(btf)?,
     })
+}
+
+/// `struct net` -> `net_cookie` if BTF has it as 8 bytes (u64, or `atomic64_t` before Linux
+/// 5.12), else 0: then every record reads the namespace's `ns.inum` itself.
+fn net_cookie(btf: &Btf) -> Result<u32, BtfError> {
+    match btf.member_offset_and_size("net", "net_cookie") {
+        Ok((offset, 8)) => Ok(offset),
+        Ok(_) | Err(BtfError::NoMember { .. }) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +556,44 @@ mod tests {
         );
     }
 
+    /// A `struct net` with `net_cookie` of type `cookie` (None: no such member) at byte 64.
+    fn net_with_cookie(cookie: Option<&str>) -> Btf {
+        let mut b = Builder::new();
+        let u32_ = b.int("unsigned int", 4);
+        let u64_ = b.int("long long unsigned int", 8);
+        let s64 = b.int("long long int", 8);
+        let ty = match cookie {
+            Some("u64") => Some(b.typedef("u64", u64_)),
+            Some("atomic64_t") => {
+                let counter = b.composite(KIND_STRUCT, "", 8, false, &[("counter", s64, 0)]);
+                Some(b.typedef("atomic64_t", counter))
+            }
+            Some("u32") => Some(u32_),
+            _ => None,
+        };
+        let mut members = vec![("ifindex", u32_, 0)];
+        if let Some(ty) = ty {
+            members.push(("net_cookie", ty, 64 * 8));
+        }
+        b.composite(KIND_STRUCT, "net", 128, false, &members);
+        Btf::from_bytes(&b.build()).unwrap()
+    }
+
+    #[test]
+    fn the_namespace_cookie_is_used_only_where_it_has_8_bytes() {
+        assert_eq!(net_cookie(&net_with_cookie(Some("u64"))), Ok(64));
+        assert_eq!(net_cookie(&net_with_cookie(Some("atomic64_t"))), Ok(64));
+        assert_eq!(net_cookie(&net_with_cookie(Some("u32"))), Ok(0));
+        assert_eq!(net_cookie(&net_with_cookie(None)), Ok(0));
+        assert_eq!(
+            net_with_cookie(Some("atomic64_t")).member_offset_and_size("net", "net_cookie"),
+            Ok((64, 8))
+        );
+        // No `struct net` at all is still an error: the namespace's inode is read from it.
+        let btf = Btf::from_bytes(&sample()).unwrap();
+        assert_eq!(net_cookie(&btf), Err(BtfError::NoStruct("net".into())));
+    }
+
     #[test]
     fn errors_name_what_is_missing() {
         let btf = Btf::from_bytes(&sample()).unwrap();
@@ -588,6 +657,8 @@ mod tests {
         assert!(o.sock_num > 0 && o.sock_num < 64, "{o:?}");
         assert!(o.sock_net > o.sock_num && o.sock_net < 128, "{o:?}");
         assert!(o.net_inum > 0 && o.net_inum < 1024, "{o:?}");
+        // Every kernel portx supports (5.10 on) has it: u64, or atomic64_t before 5.12.
+        assert!(o.net_cookie > o.net_inum, "{o:?}");
         assert!(o.task_nsproxy > 0 && o.nsproxy_net > 0, "{o:?}");
         // skc_state follows skc_family (a u16) in every layout since 2.6.
         assert_eq!(o.sock_state, o.sock_family + 2, "{o:?}");

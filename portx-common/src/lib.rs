@@ -296,6 +296,11 @@ pub struct KernelOffsets {
     /// `sk_max_ack_backlog` (u32 since Linux 5.5): a listener's backlog, which the sockets it
     /// accepts inherit (they are copies of it) and a socket that connects never has.
     pub sock_max_ack_backlog: u32,
+    /// `struct net` -> `net_cookie` (8 bytes: u64, `atomic64_t` on older kernels), never the
+    /// same for two namespaces; 0 where BTF has no such member. The kernel programs remember
+    /// each namespace's `ns.inum` by it (`ns.inum` shares a cache line with the namespace's
+    /// reference count, which every socket's creation and end writes).
+    pub net_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -360,7 +365,7 @@ const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 96);
 const _: () = assert!(size_of::<FailureKey>() == 32);
 const _: () = assert!(size_of::<FailureCount>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 60);
+const _: () = assert!(size_of::<KernelOffsets>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {

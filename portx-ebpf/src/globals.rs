@@ -50,6 +50,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     task_nsproxy: 0,
     nsproxy_net: 0,
     sock_max_ack_backlog: 0,
+    net_cookie: 0,
 };
 
 #[inline(always)]

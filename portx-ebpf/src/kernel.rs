@@ -1,7 +1,54 @@
 //! Reads of kernel structs at offsets the agent found in BTF.
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    macros::map,
+    maps::PerCpuArray,
+};
 
 use crate::globals::offsets;
+
+/// Namespaces each CPU remembers the inode of (a power of two).
+const NETNS_SLOTS: u32 = 64;
+
+/// Per CPU, namespaces' inodes by the namespace's `net_cookie`: slot `cookie % NETNS_SLOTS`
+/// holds the cookie's low 32 bits above the inode, 0 when empty. One u64, written with one
+/// store: a program that interrupts another on the same CPU (a state change in softirq) sees
+/// a slot whole, before or after.
+///
+/// Why: `ns.inum` shares a cache line with the namespace's reference count, which every
+/// socket's creation and end writes, on whichever CPU. Read on every state change, it missed
+/// the cache each time: under the RST storm that one load was 59 % of the state program's
+/// samples (`perf`). `net_cookie` sits in a line the kernel writes once. A cookie is never
+/// given to two namespaces (it comes from a 64-bit counter), so a remembered inode cannot
+/// belong to a namespace that was freed and whose memory a new one reuses; two cookies share
+/// a slot's tag only 2^32 namespaces apart.
+#[map(name = "NETNS_INODES")]
+static NETNS_INODES: PerCpuArray<u64> = PerCpuArray::with_max_entries(NETNS_SLOTS, 0);
+
+/// The inode of the namespace whose cookie is `cookie`, remembered, else `read_inum()` (and
+/// remembered). A cookie of 0 (no `net_cookie` in BTF, or 5.10/5.11's lazily made one not made
+/// yet) always reads.
+#[inline(always)]
+pub fn netns_by_cookie(cookie: u64, read_inum: impl FnOnce() -> u32) -> u32 {
+    if cookie == 0 {
+        return read_inum();
+    }
+    let tag = cookie as u32;
+    let Some(slot) = NETNS_INODES.get_ptr_mut(tag & (NETNS_SLOTS - 1)) else {
+        return read_inum();
+    };
+    // SAFETY: a u64 of this map, this CPU's.
+    let held = unsafe { core::ptr::read_volatile(slot) };
+    if (held >> 32) as u32 == tag && held as u32 != 0 {
+        return held as u32;
+    }
+    let inum = read_inum();
+    if inum != 0 {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(slot, (u64::from(tag) << 32) | u64::from(inum)) };
+    }
+    inum
+}
 
 #[inline(always)]
 unsafe fn read_ptr(base: u64, off: u32) -> u64 {
@@ -11,14 +58,21 @@ unsafe fn read_ptr(base: u64, off: u32) -> u64 {
     bpf_probe_read_kernel((base + off as u64) as *const u64).unwrap_or(0)
 }
 
-/// `net->ns.inum`, 0 when unknown.
+/// `net->ns.inum`, 0 when unknown; remembered by the namespace's cookie ([`netns_by_cookie`]).
 #[inline(always)]
 unsafe fn net_inum(net: u64) -> u32 {
-    let off = offsets().net_inum;
-    if net == 0 || off == 0 {
+    let o = offsets();
+    if net == 0 || o.net_inum == 0 {
         return 0;
     }
-    bpf_probe_read_kernel((net + off as u64) as *const u32).unwrap_or(0)
+    let cookie = if o.net_cookie == 0 {
+        0
+    } else {
+        bpf_probe_read_kernel((net + o.net_cookie as u64) as *const u64).unwrap_or(0)
+    };
+    netns_by_cookie(cookie, || {
+        bpf_probe_read_kernel((net + o.net_inum as u64) as *const u32).unwrap_or(0)
+    })
 }
 
 /// Network namespace inode of a `struct net *`, 0 when unknown.

@@ -25,7 +25,7 @@ use crate::{
     connect::{self, phase, Connecting, FromSynSent},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, hook_mode, offsets},
-    kernel::{btf_load, btf_load_in6, netns_of, sock_field, sock_netns},
+    kernel::{btf_load, btf_load_in6, netns_by_cookie, netns_of, sock_field, sock_netns},
     netns_filter, offset,
 };
 
@@ -256,7 +256,13 @@ impl SockRead for BtfRead {
             netns: if net == 0 {
                 0
             } else {
-                unsafe { btf_load(net, offset!(net_inum)) }
+                let cookie_at = offset!(net_cookie);
+                let cookie = if cookie_at == 0 {
+                    0
+                } else {
+                    unsafe { btf_load::<u64>(net, cookie_at) }
+                };
+                netns_by_cookie(cookie, || unsafe { btf_load(net, offset!(net_inum)) })
             },
         }))
     }
