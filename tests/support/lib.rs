@@ -336,7 +336,13 @@ impl Agent {
 
     /// An agent that traces every network namespace (no `--netns`).
     pub fn start_everywhere() -> Agent {
-        Self::spawn(&[])
+        Self::start_everywhere_with(&[])
+    }
+
+    /// An agent that traces every network namespace, with `extra` arguments.
+    pub fn start_everywhere_with(extra: &[&str]) -> Agent {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(&args)
     }
 
     fn spawn(args: &[String]) -> Agent {
