@@ -187,9 +187,9 @@ fn records_name_their_own_namespace_while_namespaces_come_and_go() {
                 agent.context()
             );
         }
-        // Freed in one order, then the other: the kernel gives a new namespace the lowest free
-        // inode and the memory freed last, so that one order or the other pairs a freed
-        // namespace's memory with another one's inode.
+        // Freed in one order, then the other: a new namespace gets the lowest free inode, and
+        // memory in whatever order the kernel's deferred frees left it, so that one order or the
+        // other may pair a freed namespace's memory with another one's inode.
         let [a, b] = pair;
         if round % 2 == 0 {
             drop(a);
