@@ -46,7 +46,50 @@ fn event(i: u32, old: u32, new: u32, with_port: bool, ts: u64) -> StateChange {
     }
 }
 
+/// A connect storm as the agent sees it (see the README's Performance section): each connection
+/// opened by its thread's record with the port and closed by an RST, two threads to two
+/// destinations, a handful of sockets alive at once. Returns events per second.
+fn churn(connections: u32) -> f64 {
+    let mut t = Tracker::new();
+    let start = Instant::now();
+    for i in 0..connections {
+        let ts = u64::from(i) * 1_000;
+        let thread = i % 2;
+        let mut e = StateChange {
+            ts_ns: ts,
+            task: Task {
+                pid: 4000,
+                tid: 4001 + thread,
+                comm: Comm::new("storm"),
+            },
+            opening: Opening::InThread,
+            skaddr: 0xffff_8880_0000_0000 + u64::from(i % 4096) * 2048,
+            netns: 4026532000,
+            old: st::SYN_SENT,
+            new: st::ESTABLISHED,
+            saddr: IpAddr::from([127, 0, 0, 1]),
+            sport: (32768 + i % 28000) as u16,
+            daddr: IpAddr::from([127, 0, 0, 1]),
+            dport: 40000 + thread as u16,
+        };
+        t.on_state(&e);
+        e.opening = Opening::No;
+        e.task = Task {
+            pid: 0,
+            tid: 0,
+            comm: Comm::default(),
+        };
+        e.old = st::ESTABLISHED;
+        e.new = st::CLOSE;
+        t.on_state(&e);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(t.tracked(), 0);
+    f64::from(connections) * 2.0 / secs
+}
+
 fn main() {
+    let churn_events_per_sec = churn(2_000_000);
     let mut t = Tracker::new();
     let rss0 = rss_kib();
     let start = Instant::now();
@@ -85,7 +128,8 @@ fn main() {
     let expire_secs = start.elapsed().as_secs_f64();
     let events = f64::from(SOCKETS) * 5.0;
     println!(
-        "{{\"events_per_sec\":{:.0},\"open_events_per_sec\":{:.0},\"rss_mib_1m\":{:.1},\"rss_mib_1m_time_wait\":{:.1},\"bytes_per_socket\":{:.0},\"idle_tick_ns\":{:.0},\"expire_all_ms\":{:.1},\"expire_ticks\":{}}}",
+        "{{\"churn_events_per_sec\":{:.0},\"events_per_sec\":{:.0},\"open_events_per_sec\":{:.0},\"rss_mib_1m\":{:.1},\"rss_mib_1m_time_wait\":{:.1},\"bytes_per_socket\":{:.0},\"idle_tick_ns\":{:.0},\"expire_all_ms\":{:.1},\"expire_ticks\":{}}}",
+        churn_events_per_sec,
         events / (open_secs + close_secs),
         f64::from(SOCKETS) * 2.0 / open_secs,
         (rss1.saturating_sub(rss0)) as f64 / 1024.0,

@@ -13,7 +13,13 @@
 //! a timewait socket takes over. Such a port is kept, still charged to its last owner, for
 //! `TCP_TIMEWAIT_LEN` (60 s), in a min-heap by expiry; [`crate::seed`] corrects the table against
 //! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
-use std::{cell::Cell, cmp::Reverse, collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    cell::Cell,
+    cmp::Reverse,
+    collections::{hash_map::Entry, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 /// The maps looked up per event (the tracker's, the failure lines', the identity cache's) hash
 /// with foldhash (randomly seeded per map): several lookups per event make std's SipHash a
@@ -375,10 +381,12 @@ impl Tracker {
             }
             return;
         }
-        let found = self
-            .key_of(&dest, e.sport)
-            .and_then(|key| Some((key, *self.conns.get(&key)?)));
-        let Some((key, conn)) = found else {
+        // One lookup for the socket's entry: it is read, changed or removed through it.
+        let found = match self.key_of(&dest, e.sport).map(|key| self.conns.entry(key)) {
+            Some(Entry::Occupied(entry)) => Some(entry),
+            _ => None,
+        };
+        let Some(mut entry) = found else {
             if let Some(owner) = self.orphan_owners.remove(&e.skaddr) {
                 if e.sport != 0 && e.new != st::CLOSE {
                     self.counters.recovered += 1;
@@ -404,6 +412,8 @@ impl Tracker {
             self.counters.untracked += 1;
             return;
         };
+        let key = *entry.key();
+        let conn = entry.get_mut();
         if conn.sk_low != 0 && conn.sk_low != sk_low(e.skaddr) {
             // Another socket with this tuple (e.g. the accepting side of a loopback connection).
             self.counters.untracked += 1;
@@ -411,22 +421,25 @@ impl Tracker {
         }
         if conn.sk_low == 0 {
             // Seeded from sock_diag: adopt the socket address now that an event names it.
-            if let Some(c) = self.conns.get_mut(&key) {
-                c.sk_low = sk_low(e.skaddr);
-            }
+            conn.sk_low = sk_low(e.skaddr);
         }
         let new = if e.new == st::CLOSE {
             match conn.state() as u32 {
                 st::FIN_WAIT2 | st::CLOSING => st::TIME_WAIT,
                 _ => {
-                    self.close(key);
+                    let conn = entry.remove();
+                    self.closed(key, conn);
                     return;
                 }
             }
         } else {
             e.new
         };
-        self.set_state(key, new as u8, stamp(e.ts_ns));
+        let old = conn.state();
+        conn.set_state(new as u8);
+        conn.stamp_ns = stamp(e.ts_ns);
+        let pid = conn.pid();
+        self.restated(key, pid, old, new as u8, stamp(e.ts_ns));
     }
 
     /// True if another socket holds `sport` to `dest` in a live state (not TIME_WAIT): then a
@@ -656,7 +669,7 @@ impl Tracker {
                 .holders
                 .get(&c.pid())
                 .map_or(Comm([0; 16]), |h| h.comm);
-            account(&mut out, c.pid(), comm, c.state(), 1);
+            charge(&mut out, c.pid(), comm, c.state());
             out.outside_range += u32::from(slot.outside_range(sport));
         }
         out
@@ -847,15 +860,28 @@ impl Tracker {
         skaddr: u64,
         stamp_ns: u64,
     ) -> Option<u32> {
+        let conn = Conn::new(owner.pid, state, skaddr, stamp_ns);
+        if self.limit == 0 || self.conns.len() < self.limit {
+            // Room without evicting: one lookup finds the tuple and puts the socket there.
+            let id = self.intern(dest);
+            let key = conn_key(id, sport);
+            match self.conns.entry(key) {
+                Entry::Vacant(v) => {
+                    v.insert(conn);
+                }
+                Entry::Occupied(mut o) => {
+                    let old = o.insert(conn);
+                    taken_again(&dest, sport, skaddr, &old);
+                    self.uncount(key, old);
+                }
+            }
+            self.placed(id, sport, conn, owner.comm, stamp_ns);
+            return Some(id);
+        }
+        // At the limit: a tuple taken again frees its entry first, which may be the room needed.
         if let Some(old) = self.key_of(&dest, sport) {
             if let Some(c) = self.conns.get(&old) {
-                // The port was in TIME_WAIT (tcp_tw_reuse; loopback connects were seen taking
-                // TIME_WAIT ports with tcp_tw_reuse=0 too, confirmed by ss) or the entry was
-                // stale.
-                tracing::debug!(
-                    "port {sport} to {:?}:{} taken again by sk {skaddr:#x} (was state {} sk_low {:#x} pid {})",
-                    dest.daddr, dest.dport, c.state(), c.sk_low, c.pid()
-                );
+                taken_again(&dest, sport, skaddr, c);
                 self.close(old);
             }
         }
@@ -864,19 +890,23 @@ impl Tracker {
             return None;
         }
         let id = self.intern(dest);
-        let key = conn_key(id, sport);
-        let conn = Conn::new(owner.pid, state, skaddr, stamp_ns);
-        self.conns.insert(key, conn);
+        self.conns.insert(conn_key(id, sport), conn);
+        self.placed(id, sport, conn, owner.comm, stamp_ns);
+        Some(id)
+    }
+
+    /// Charges the port of a socket just put in the table.
+    fn placed(&mut self, id: u32, sport: u16, conn: Conn, comm: Comm, stamp_ns: u64) {
+        let state = conn.state();
         if state as u32 == st::TIME_WAIT {
             self.time_wait.push(stamp_ns, id, sport);
         }
         if let Some(slot) = self.slot_mut(id) {
-            account(&mut slot.stats, conn.pid(), owner.comm, state, 1);
+            charge(&mut slot.stats, conn.pid(), comm, state);
             if slot.outside_range(sport) {
                 slot.stats.outside_range += 1;
             }
         }
-        Some(id)
     }
 
     /// Gives a socket opened without an owner its owner, in the state it is in.
@@ -890,8 +920,8 @@ impl Tracker {
         conn.set_pid(owner.pid);
         let state = conn.state();
         if let Some(stats) = self.stats_mut(key_parts(key).0) {
-            account(stats, 0, Comm::default(), state, -1);
-            account(stats, owner.pid, owner.comm, state, 1);
+            discharge(stats, 0, state);
+            charge(stats, owner.pid, owner.comm, state);
         }
     }
 
@@ -919,39 +949,64 @@ impl Tracker {
         conn.set_state(new);
         conn.stamp_ns = stamp_ns;
         let pid = conn.pid();
+        self.restated(key, pid, old, new, stamp_ns);
+    }
+
+    /// Counts a change of `pid`'s socket at `key` from `old` to `new` (the entry already changed).
+    fn restated(&mut self, key: ConnKey, pid: u32, old: u8, new: u8, stamp_ns: u64) {
+        let (id, sport) = key_parts(key);
         if new as u32 == st::TIME_WAIT {
-            let (id, sport) = key_parts(key);
             self.time_wait.push(stamp_ns, id, sport);
         }
-        if let Some(stats) = self.stats_mut(key_parts(key).0) {
-            let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
-            account(stats, pid, comm, old, -1);
-            account(stats, pid, comm, new, 1);
+        if let Some(stats) = self.stats_mut(id) {
+            restate(stats, pid, old, new);
             stats.tw_entered += u64::from(new as u32 == st::TIME_WAIT && old != new);
         }
     }
 
     fn close(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.remove(&key) else {
-            return;
-        };
-        let (id, sport) = key_parts(key);
-        let Some(slot) = self.slot_mut(id) else {
-            return;
-        };
-        if slot.outside_range(sport) {
-            slot.stats.outside_range = slot.stats.outside_range.saturating_sub(1);
+        if let Some(conn) = self.conns.remove(&key) {
+            self.closed(key, conn);
         }
-        let stats = &mut slot.stats;
-        let pid = conn.pid();
-        let comm = stats.holders.get(&pid).map_or(Comm([0; 16]), |h| h.comm);
-        account(stats, pid, comm, conn.state(), -1);
+    }
+
+    /// Frees the port of a socket just taken out of the table.
+    fn closed(&mut self, key: ConnKey, conn: Conn) {
+        let id = self.uncount(key, conn);
         // Kept for the sweep (its rates go on), unless too many are kept already: the
         // destinations in use are at most the sockets, and the others at most this many more.
-        if stats.in_use == 0 && self.dest_ids.len() > self.conns.len() + MAX_KEPT_EMPTY {
+        if self.stats_mut(id).is_some_and(|s| s.in_use == 0)
+            && self.dest_ids.len() > self.conns.len() + MAX_KEPT_EMPTY
+        {
             self.release(id);
         }
     }
+
+    /// Takes a socket's port out of its destination's counts; returns the destination's id.
+    fn uncount(&mut self, key: ConnKey, conn: Conn) -> u32 {
+        let (id, sport) = key_parts(key);
+        if let Some(slot) = self.slot_mut(id) {
+            if slot.outside_range(sport) {
+                slot.stats.outside_range = slot.stats.outside_range.saturating_sub(1);
+            }
+            discharge(&mut slot.stats, conn.pid(), conn.state());
+        }
+        id
+    }
+}
+
+/// A port taken by a new socket while the table still has it: it was in TIME_WAIT
+/// (tcp_tw_reuse; loopback connects were seen taking TIME_WAIT ports with tcp_tw_reuse=0 too,
+/// confirmed by ss) or the entry was stale. The new socket replaces the old entry.
+fn taken_again(dest: &DestKey, sport: u16, skaddr: u64, old: &Conn) {
+    tracing::debug!(
+        "port {sport} to {:?}:{} taken again by sk {skaddr:#x} (was state {} sk_low {:#x} pid {})",
+        dest.daddr,
+        dest.dport,
+        old.state(),
+        old.sk_low,
+        old.pid()
+    );
 }
 
 /// The stamp of a change at `ts_ns` seen in an event.
@@ -969,22 +1024,60 @@ fn kernel_stamp(state: u8, now_ns: u64, left_ns: u64) -> u64 {
     }
 }
 
-fn account(stats: &mut DestStats, pid: u32, comm: Comm, state: u8, delta: i32) {
-    let tw = u32::from(state as u32 == st::TIME_WAIT);
+/// Counts a port `pid` holds in `state` (one holder lookup).
+fn charge(stats: &mut DestStats, pid: u32, comm: Comm, state: u8) {
     if let Some(slot) = stats.by_state.get_mut(state as usize) {
-        *slot = slot.saturating_add_signed(delta);
+        *slot = slot.saturating_add(1);
     }
-    stats.in_use = stats.in_use.saturating_add_signed(delta);
+    stats.in_use = stats.in_use.saturating_add(1);
     let holder = stats.holders.entry(pid).or_insert(Holder {
         comm,
         ports: 0,
         time_wait: 0,
     });
-    holder.ports = holder.ports.saturating_add_signed(delta);
-    holder.time_wait = holder.time_wait.saturating_add_signed(delta * tw as i32);
-    if holder.ports == 0 {
-        stats.holders.remove(&pid);
+    holder.ports = holder.ports.saturating_add(1);
+    holder.time_wait = holder.time_wait.saturating_add(time_wait(state));
+}
+
+/// Uncounts a port `pid` held in `state`; the holder goes with its last port (one lookup).
+fn discharge(stats: &mut DestStats, pid: u32, state: u8) {
+    if let Some(slot) = stats.by_state.get_mut(state as usize) {
+        *slot = slot.saturating_sub(1);
     }
+    stats.in_use = stats.in_use.saturating_sub(1);
+    if let Entry::Occupied(mut holder) = stats.holders.entry(pid) {
+        let h = holder.get_mut();
+        h.ports = h.ports.saturating_sub(1);
+        h.time_wait = h.time_wait.saturating_sub(time_wait(state));
+        if h.ports == 0 {
+            holder.remove();
+        }
+    }
+}
+
+/// Moves a port `pid` holds from state `old` to `new`: the holder keeps it (one lookup; a
+/// holder the counts lack is made, without a comm, as a port counted out and in again would).
+fn restate(stats: &mut DestStats, pid: u32, old: u8, new: u8) {
+    if let Some(slot) = stats.by_state.get_mut(old as usize) {
+        *slot = slot.saturating_sub(1);
+    }
+    if let Some(slot) = stats.by_state.get_mut(new as usize) {
+        *slot = slot.saturating_add(1);
+    }
+    let holder = stats.holders.entry(pid).or_insert(Holder {
+        comm: Comm::default(),
+        ports: 1,
+        time_wait: time_wait(old),
+    });
+    holder.time_wait = holder
+        .time_wait
+        .saturating_sub(time_wait(old))
+        .saturating_add(time_wait(new));
+}
+
+/// 1 for TIME_WAIT, else 0.
+fn time_wait(state: u8) -> u32 {
+    u32::from(state as u32 == st::TIME_WAIT)
 }
 
 /// Name of a TCP state as `ss` and the kernel print it.
@@ -1462,7 +1555,11 @@ mod tests {
         let d = t.dest(&dest()).unwrap();
         assert_eq!(d.in_use, 1);
         assert_eq!(d.by_state[st::TIME_WAIT as usize], 0);
-        assert_eq!(d.holders_ranked()[0].0, 2);
+        // The old owner's port and its TIME_WAIT count went with its entry.
+        let h = d.holders_ranked();
+        assert_eq!(h.len(), 1);
+        assert_eq!((h[0].0, h[0].1.ports, h[0].1.time_wait), (2, 1, 0));
+        assert_eq!(h[0].1.comm, Comm::new("new"));
         // The stale heap entry of the first incarnation must not close the new connection.
         t.expire(1 + TIME_WAIT_NS);
         assert_eq!(t.tracked(), 1);
