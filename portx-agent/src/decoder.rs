@@ -163,7 +163,7 @@ fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
 /// which is IPv4 traffic sharing the IPv4 4-tuple space, so it is accounted as IPv4.
 pub fn ip_from(family: u16, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
     match family {
-        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET => Ok(ipv4(raw)),
         AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw)).to_canonical()),
         other => Err(DecodeError::Family(other)),
     }
@@ -176,12 +176,15 @@ pub fn ip_from(family: u16, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
 #[inline(always)]
 fn addresses(family: u16, s: &[u8; 16], d: &[u8; 16]) -> Result<(IpAddr, IpAddr), DecodeError> {
     match family {
-        AF_INET => Ok((
-            IpAddr::V4(Ipv4Addr::from(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))),
-            IpAddr::V4(Ipv4Addr::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))),
-        )),
+        AF_INET => Ok((ipv4(s), ipv4(d))),
         _ => Ok((ip_from(family, s)?, ip_from(family, d)?)),
     }
+}
+
+/// An AF_INET address: the first 4 bytes.
+#[inline(always)]
+fn ipv4(raw: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
 }
 
 fn task(h: &EventHeader) -> Task {

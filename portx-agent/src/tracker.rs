@@ -198,6 +198,13 @@ impl Conn {
     fn set_state(&mut self, state: u8) {
         self.pid_state = (self.pid_state & !0xff) | u32::from(state);
     }
+    /// Moves to `state`, changed at `stamp_ns` (see `stamp_ns`); returns the state it left.
+    fn change(&mut self, state: u8, stamp_ns: u64) -> u8 {
+        let old = self.state();
+        self.set_state(state);
+        self.stamp_ns = stamp_ns;
+        old
+    }
     fn set_pid(&mut self, pid: u32) {
         self.pid_state = (pid.min(0x00ff_ffff) << 8) | (self.pid_state & 0xff);
     }
@@ -435,9 +442,7 @@ impl Tracker {
         } else {
             e.new
         };
-        let old = conn.state();
-        conn.set_state(new as u8);
-        conn.stamp_ns = stamp(e.ts_ns);
+        let old = conn.change(new as u8, stamp(e.ts_ns));
         let pid = conn.pid();
         self.restated(key, pid, old, new as u8, stamp(e.ts_ns));
     }
@@ -945,9 +950,7 @@ impl Tracker {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        let old = conn.state();
-        conn.set_state(new);
-        conn.stamp_ns = stamp_ns;
+        let old = conn.change(new, stamp_ns);
         let pid = conn.pid();
         self.restated(key, pid, old, new, stamp_ns);
     }
