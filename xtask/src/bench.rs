@@ -4,8 +4,11 @@
 //! a bpftrace script counting the same tracepoints, and with empty programs on portx's hooks (the
 //! floor any tool attached there pays) — in a rotated order each round. Reported: the
 //! rate each keeps relative to nothing attached (median, min–max over rounds), the agent's CPU per
-//! 100k connections and peak RSS, lost/missed events, loss with an undersized ring buffer, the
-//! latency from a failing connect() to its record, and the tracker's scale on synthetic events.
+//! 100k connections and peak RSS, lost/missed events; after each mode's rounds, portx's own CPU
+//! as a share of the busy CPUs in the same storm (`own_cpu`: its programs' run time by the
+//! kernel's statistics, above empty programs measured alike, and the agent's CPU); loss with an
+//! undersized ring buffer, the latency from a failing connect() to its record, and the tracker's
+//! scale on synthetic events.
 //! Not a test: it asserts nothing, it measures.
 use std::{
     collections::BTreeMap,
@@ -22,10 +25,10 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::{
-    cmd,
+    bpf, cmd,
     floor::Floor,
     host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
-    setup,
+    own_cpu, setup,
 };
 
 #[derive(Args)]
@@ -40,6 +43,10 @@ pub struct BenchArgs {
     /// Failing connect()s whose latency to the agent's record is measured.
     #[arg(long, default_value_t = 20)]
     pub latency_samples: usize,
+    /// Storms per mode in which portx's own CPU is measured, with the kernel's BPF run-time
+    /// statistics on (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub own_cpu_storms: usize,
     /// Only these close modes (default: all of rst, close, fail).
     #[arg(long = "mode", value_parser = MODES)]
     pub modes: Vec<String>,
@@ -163,7 +170,7 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
 }
 
 /// The median (of an even count, the mean of the middle two); NaN for none.
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     match n {
@@ -267,6 +274,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|m| args.modes.is_empty() || args.modes.iter().any(|a| a == m))
         .collect();
     let mut samples: Vec<Value> = Vec::new();
+    let mut own = Vec::new();
     for &mode in &modes {
         let ns = Netns::new(&agent, &sysctls(mode))?;
         for round in 0..args.rounds {
@@ -301,6 +309,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "missed": summary.as_ref().map(|s| s["missed"].clone()),
                 }));
             }
+        }
+        // After the rounds: the statistics cost every program on the host a little while on.
+        let (mut storms, mut floor) = (Vec::new(), Vec::new());
+        for _ in 0..args.own_cpu_storms {
+            storms.push(own_cpu_storm(&agent, &ns, mode, args, &dir, tick)?);
+            floor.push(floor_storm(&agent, &ns, mode, args, tick)?);
+        }
+        if let Some(mut s) = own_cpu::summary(&storms, &floor) {
+            s["mode"] = json!(mode);
+            own.push(s);
         }
     }
 
@@ -340,7 +358,90 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .find_map(|l| serde_json::from_str(l).ok())
             .unwrap_or(Value::Null)
     };
-    report(&modes, &samples, &small, &latency, &tracker, args, &dir)
+    let found = Found {
+        samples,
+        own_cpu: own,
+        undersized_ring: small,
+        latency,
+        tracker,
+    };
+    report(&modes, &found, args, &dir)
+}
+
+/// One storm with portx attached, measured as [`measured_storm`] says.
+fn own_cpu_storm(
+    agent: &Path,
+    ns: &Netns,
+    mode: &str,
+    args: &BenchArgs,
+    dir: &Path,
+    tick: f64,
+) -> anyhow::Result<own_cpu::Storm> {
+    let mut t = start_tool("portx", agent, ns, dir, &[], tick)?;
+    let pid = t
+        .proc
+        .as_ref()
+        .map(Proc::pid)
+        .ok_or_else(|| anyhow!("portx has no process"))?;
+    let storm = measured_storm(agent, ns, mode, args, pid, Some(pid), tick);
+    if let Some(mut p) = t.proc.take() {
+        p.interrupt();
+    }
+    let storm = storm?;
+    if storm.programs.is_empty() {
+        bail!("portx (pid {pid}) holds no BPF program fd");
+    }
+    eprintln!(
+        "bench: {mode} own CPU storm: {} connections, programs {:?}",
+        storm.connections, storm.programs
+    );
+    Ok(storm)
+}
+
+/// One storm with the floor's empty programs attached: what the statistics measure of a
+/// program that does nothing.
+fn floor_storm(
+    agent: &Path,
+    ns: &Netns,
+    mode: &str,
+    args: &BenchArgs,
+    tick: f64,
+) -> anyhow::Result<own_cpu::Storm> {
+    let _floor = Floor::attach().context("floor")?;
+    let storm = measured_storm(agent, ns, mode, args, std::process::id(), None, tick)?;
+    eprintln!(
+        "bench: {mode} floor storm: {} connections, programs {:?}",
+        storm.connections, storm.programs
+    );
+    Ok(storm)
+}
+
+/// A storm with the kernel's BPF run-time statistics on: the machine's busy CPU, the runs of the
+/// programs process `holder` holds and, given one, process `cpu_of`'s CPU (see `own_cpu`).
+fn measured_storm(
+    agent: &Path,
+    ns: &Netns,
+    mode: &str,
+    args: &BenchArgs,
+    holder: u32,
+    cpu_of: Option<u32>,
+    tick: f64,
+) -> anyhow::Result<own_cpu::Storm> {
+    let cpu = || cpu_of.map_or(0.0, |pid| proc_cpu_secs(pid, tick));
+    let stats = bpf::RunTimeStats::enable()?;
+    let programs0 = own_cpu::programs_of(holder)?;
+    let (busy0, cpu0) = (own_cpu::busy_ticks()?, cpu());
+    let (n, _) = storm(agent, ns, mode, args)?;
+    let (busy1, cpu1) = (own_cpu::busy_ticks()?, cpu());
+    let programs1 = own_cpu::programs_of(holder)?;
+    drop(stats);
+    Ok(own_cpu::Storm {
+        connections: n,
+        busy_s: busy1.saturating_sub(busy0) as f64 / tick,
+        agent_s: cpu1 - cpu0,
+        // Named while still loaded.
+        programs: own_cpu::runs_between(&programs0, &programs1),
+    })
 }
 
 /// Time from a failing connect() returning to the agent's `connect_failed` (and `exhaustion`)
@@ -457,15 +558,30 @@ fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
     }))
 }
 
+/// What a run measured, besides the table it prints.
+struct Found {
+    /// One a storm of the rounds: mode, round, tool, rate, the tool's CPU and memory.
+    samples: Vec<Value>,
+    /// By mode, [`own_cpu::summary`].
+    own_cpu: Vec<Value>,
+    undersized_ring: Value,
+    latency: Value,
+    tracker: Value,
+}
+
 fn report(
     modes: &[&'static str],
-    samples: &[Value],
-    small: &Value,
-    latency: &Value,
-    tracker: &Value,
+    found: &Found,
     args: &BenchArgs,
     dir: &Path,
 ) -> anyhow::Result<()> {
+    let Found {
+        samples,
+        own_cpu: own,
+        undersized_ring: small,
+        latency,
+        tracker,
+    } = found;
     let mut table = Vec::new();
     println!("\nportx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
     println!(
@@ -522,10 +638,17 @@ fn report(
             against.push(json!({"mode": mode, "floor_minus_portx_median": a.gap_median, "floor_minus_portx_min": a.gap_min, "floor_minus_portx_max": a.gap_max, "portx_above_bpftrace_rounds": a.above_bpftrace, "rounds": a.rounds}));
         }
     }
+    for s in own {
+        println!(
+            "{:<6} portx's own CPU, BPF run-time statistics on: {}",
+            s["mode"].as_str().unwrap_or("?"),
+            own_cpu::line(s)
+        );
+    }
     println!("undersized ring buffer (4 KiB, rst storm): {small}");
     println!("latency failing connect() -> record on stdout: {latency}");
     println!("tracker on synthetic events (one core): {tracker}");
-    let all = json!({"table": table, "against_floor": against, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
+    let all = json!({"table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
     let path = dir.join("last.json");
     fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("written to {}", path.display());

@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+use crate::bpf::{bpf, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN};
+
 const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const PERF_TYPE_TRACEPOINT: u32 = 2;
@@ -28,31 +28,27 @@ pub struct Floor {
     _fds: Vec<OwnedFd>,
 }
 
-fn bpf(cmd: libc::c_long, attr: &[u64]) -> anyhow::Result<OwnedFd> {
-    // SAFETY: attr is a zero-padded bpf_attr of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: a new fd the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
+/// The floor's program on the state change, by the name the kernel shows.
+pub const STATE: &str = "floor_state";
+/// The floor's program on connect()'s exit.
+pub const EXIT: &str = "floor_exit";
 
-/// BPF_PROG_LOAD of the empty program as `prog_type`.
-fn load_empty(prog_type: u32) -> anyhow::Result<OwnedFd> {
+/// BPF_PROG_LOAD of the empty program as `prog_type`, named `name` (at most 15 bytes).
+fn load_empty(prog_type: u32, name: &str) -> anyhow::Result<OwnedFd> {
     let license = CString::new("GPL")?;
     let mut attr = [0u64; 16];
-    // prog_type (u32), insn_cnt (u32), insns (u64), license (u64); log fields stay 0.
+    // prog_type (u32), insn_cnt (u32), insns (u64), license (u64); log fields, kern_version and
+    // prog_flags stay 0; prog_name[16] at byte 48.
     attr[0] = u64::from(prog_type) | (EMPTY.len() as u64) << 32;
     attr[1] = EMPTY.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    for (i, half) in prog_name.chunks_exact(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(half);
+        attr[6 + i] = u64::from_ne_bytes(b);
+    }
     bpf(BPF_PROG_LOAD, &attr)
         .with_context(|| format!("loading an empty program of type {prog_type}"))
 }
@@ -69,7 +65,7 @@ fn tracefs_event_id(event: &str) -> anyhow::Result<u64> {
 
 impl Floor {
     pub fn attach() -> anyhow::Result<Self> {
-        let raw = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT)?;
+        let raw = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, STATE)?;
         let name = CString::new("inet_sock_set_state")?;
         let mut attr = [0u64; 2];
         attr[0] = name.as_ptr() as u64;
@@ -77,7 +73,7 @@ impl Floor {
         let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)
             .context("attaching to raw tracepoint inet_sock_set_state")?;
 
-        let tp = load_empty(BPF_PROG_TYPE_TRACEPOINT)?;
+        let tp = load_empty(BPF_PROG_TYPE_TRACEPOINT, EXIT)?;
         let id = tracefs_event_id("syscalls/sys_exit_connect")?;
         // perf_event_attr, its first 64 bytes (PERF_ATTR_SIZE_VER0): type, size, config,
         // sample_period 1, wakeup_events 1; everything else 0.

@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask setup | test | vm-test | bench | soak | fuzz`.
 mod bench;
+mod bpf;
 mod cmd;
 mod floor;
 mod fuzz;
 mod host;
+mod own_cpu;
 mod setup;
 mod soak;
 mod test;
