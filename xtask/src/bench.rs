@@ -169,6 +169,12 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
     Ok((n as u64, field("secs").unwrap_or(args.seconds)))
 }
 
+/// The smallest and the largest of `v` (f64::MAX and f64::MIN for none).
+pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)))
+}
+
 /// The median (of an even count, the mean of the middle two); NaN for none.
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -226,9 +232,7 @@ fn against_floor(samples: &[Value], mode: &str) -> Option<AgainstFloor> {
         .iter()
         .filter(|(round, p)| bpftrace.get(round).is_some_and(|b| *p > b))
         .count();
-    let (gap_min, gap_max) = gaps
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), g| (a.min(*g), b.max(*g)));
+    let (gap_min, gap_max) = min_max(&gaps);
     Some(AgainstFloor {
         rounds: gaps.len(),
         gap_median: median(&mut gaps),
@@ -597,9 +601,7 @@ fn report(
         for tool in TOOLS {
             let mut ratios: Vec<f64> = round_ratios(samples, mode, tool).into_values().collect();
             let mut rates: Vec<f64> = of(tool).filter_map(|s| s["rate"].as_f64()).collect();
-            let (lo, hi) = ratios
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+            let (lo, hi) = min_max(&ratios);
             let ratio = median(&mut ratios);
             let rate = median(&mut rates);
             let mut cpu: Vec<f64> = of(tool)

@@ -43,7 +43,8 @@ fn load_empty(prog_type: u32, name: &str) -> anyhow::Result<OwnedFd> {
     attr[1] = EMPTY.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
     let mut prog_name = [0u8; 16];
-    prog_name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
     for (i, half) in prog_name.chunks_exact(8).enumerate() {
         let mut b = [0u8; 8];
         b.copy_from_slice(half);

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fs};
 use anyhow::Context as _;
 use serde_json::{json, Value};
 
-use crate::{bpf, floor};
+use crate::{bench, bpf, floor};
 
 /// One program's run-time statistics as `/proc/<pid>/fdinfo/<fd>` shows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,10 +177,8 @@ fn spread(storms: &[Storm], share: impl Fn(&Storm) -> f64) -> (f64, f64, f64) {
         .filter(|s| s.busy_s > 0.0)
         .map(|s| share(s) / s.busy_s)
         .collect();
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
-    (crate::bench::median(&mut v), lo, hi)
+    let (lo, hi) = bench::min_max(&v);
+    (bench::median(&mut v), lo, hi)
 }
 
 /// A mode's storms summed up: portx's own CPU as shares of the busy CPUs (median, min–max over
