@@ -205,14 +205,22 @@ fn bind_before_connect_exhausts_the_namespace() {
     }
     let mut ns = Netns::new();
     let mut agent = Agent::start(ns.id);
-    ns.keep("binder", &["bind-hold", "--count", "16"], "bound 16");
-    let victim = ns.spawn("victim", &["bind-hold", "--count", "1"]);
+    // Not 127.0.0.1: the record's address must be the one this call named (read back from the
+    // caller's sockaddr, found through the registers it entered bind() with or stashed at entry).
+    let at = ["--addr", "127.0.0.2"];
+    ns.keep(
+        "binder",
+        &["bind-hold", "--count", "16", at[0], at[1]],
+        "bound 16",
+    );
+    let victim = ns.spawn("victim", &["bind-hold", "--count", "1", at[0], at[1]]);
     victim.expect("bind failed errno=98");
     let failed = agent.wait_for("bind_failed", |v| {
         v["type"] == "bind_failed" && v["pid"] == victim.pid()
     });
     assert_eq!(failed["errno"], 98);
     assert_eq!(failed["error"], "EADDRINUSE");
+    assert_eq!(failed["saddr"], "127.0.0.2", "{failed:#}");
     assert_eq!(failed["sport"], 0);
     assert_eq!(failed["comm"], "victim");
     let report = agent.wait_for("netns exhaustion", |v| {

@@ -340,6 +340,7 @@ impl Btf {
 /// The offsets the kernel programs need (see [`KernelOffsets`]).
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let sk = |path: &str| btf.member_offset("sock", path);
+    let (regs_arg0, regs_arg1) = syscall_arg_regs(btf)?;
     Ok(KernelOffsets {
         sock_family: sk("__sk_common.skc_family")?,
         sock_protocol: sk("sk_protocol")?,
@@ -357,7 +358,30 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         nsproxy_net: btf.member_offset("nsproxy", "net_ns")?,
         sock_max_ack_backlog: sk("sk_max_ack_backlog")?,
         net_cookie: net_cookie(btf)?,
+        regs_arg0,
+        regs_arg1,
     })
+}
+
+/// `struct pt_regs`: where a syscall's first two arguments are at its exit, on this agent's
+/// architecture; (0, 0) on others, or where BTF has no such members (then bind()'s entry is
+/// traced as well, see `loader`).
+fn syscall_arg_regs(btf: &Btf) -> Result<(u32, u32), BtfError> {
+    let found = if cfg!(target_arch = "x86_64") {
+        btf.member_offset("pt_regs", "di")
+            .and_then(|di| Ok((di, btf.member_offset("pt_regs", "si")?)))
+    } else if cfg!(target_arch = "aarch64") {
+        // The return value is written over regs[0]; the first argument stays in orig_x0.
+        btf.member_offset("pt_regs", "orig_x0")
+            .and_then(|x0| Ok((x0, btf.member_offset("pt_regs", "regs")? + 8)))
+    } else {
+        return Ok((0, 0));
+    };
+    match found {
+        Ok(regs) => Ok(regs),
+        Err(BtfError::NoMember { .. } | BtfError::NoStruct(_)) => Ok((0, 0)),
+        Err(e) => Err(e),
+    }
 }
 
 /// `struct net` -> `net_cookie` if BTF has it as 8 bytes (u64, or `atomic64_t` before Linux
@@ -595,6 +619,35 @@ mod tests {
     }
 
     #[test]
+    fn syscall_arguments_at_exit_are_found_in_pt_regs_or_left_unknown() {
+        // x86-64's layout: si and di at 104 and 112.
+        let mut b = Builder::new();
+        let u64_ = b.int("long unsigned int", 8);
+        b.composite(
+            KIND_STRUCT,
+            "pt_regs",
+            168,
+            false,
+            &[("si", u64_, 104 * 8), ("di", u64_, 112 * 8)],
+        );
+        let x86 = Btf::from_bytes(&b.build()).unwrap();
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(syscall_arg_regs(&x86), Ok((112, 104)));
+        }
+        // No `struct pt_regs`, or not the members this architecture names: unknown, and bind()
+        // is traced at its entry too.
+        let btf = Btf::from_bytes(&sample()).unwrap();
+        assert_eq!(syscall_arg_regs(&btf), Ok((0, 0)));
+        let mut b = Builder::new();
+        let u64_ = b.int("long unsigned int", 8);
+        b.composite(KIND_STRUCT, "pt_regs", 8, false, &[("pc", u64_, 0)]);
+        assert_eq!(
+            syscall_arg_regs(&Btf::from_bytes(&b.build()).unwrap()),
+            Ok((0, 0))
+        );
+    }
+
+    #[test]
     fn errors_name_what_is_missing() {
         let btf = Btf::from_bytes(&sample()).unwrap();
         assert_eq!(
@@ -665,5 +718,8 @@ mod tests {
         // The state program's one-copy read of sock_common's head applies on x86-64.
         #[cfg(target_arch = "x86_64")]
         assert!(o.head_matches(), "{o:?}");
+        // x86-64's pt_regs is ABI: di and si are at 112 and 104.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!((o.regs_arg0, o.regs_arg1), (112, 104), "{o:?}");
     }
 }

@@ -182,26 +182,48 @@ const STATE_TP: &str = "inet_sock_set_state";
 const STATE_BTF: &str = "inet_sock_set_state_btf";
 
 /// A syscall whose exit portx needs: in fentry mode fexit on its body `function` (program
-/// `fexit`), else its tracepoints (program, category, event). connect() needs no entry program:
-/// the state change into SYN_SENT notes what its exit needs.
+/// `fexit`), else the first of `tracepoints` that loads. connect() needs no entry program: the
+/// state change into SYN_SENT notes what its exit needs.
 struct SyscallExit {
     fexit: &'static str,
     function: &'static str,
-    tracepoints: &'static [(&'static str, &'static str, &'static str)],
+    tracepoints: &'static [Tracepoints],
+}
+
+/// Tracepoint programs that do a syscall's work together: (program, category, event) each.
+struct Tracepoints {
+    programs: &'static [(&'static str, &'static str, &'static str)],
+    /// Reads the call's arguments from the task's registers at exit: only where the agent found
+    /// them in BTF (`KernelOffsets::regs_arg0`), and the kernel has `bpf_task_pt_regs` (5.15).
+    needs_arg_regs: bool,
 }
 
 const SYSCALL_EXITS: [SyscallExit; 2] = [
     SyscallExit {
         fexit: "sys_connect_fexit",
         function: "__sys_connect",
-        tracepoints: &[("sys_exit_connect", "syscalls", "sys_exit_connect")],
+        tracepoints: &[Tracepoints {
+            programs: &[("sys_exit_connect", "syscalls", "sys_exit_connect")],
+            needs_arg_regs: false,
+        }],
     },
     SyscallExit {
         fexit: "sys_bind_fexit",
         function: "__sys_bind",
+        // A program at a syscall's entry puts every syscall of the machine through the
+        // syscall-tracing path's entry too: only where the exit cannot read the arguments.
         tracepoints: &[
-            ("sys_enter_bind", "syscalls", "sys_enter_bind"),
-            ("sys_exit_bind", "syscalls", "sys_exit_bind"),
+            Tracepoints {
+                programs: &[("sys_exit_bind", "syscalls", "sys_exit_bind")],
+                needs_arg_regs: true,
+            },
+            Tracepoints {
+                programs: &[
+                    ("sys_enter_bind", "syscalls", "sys_enter_bind"),
+                    ("sys_exit_bind_stashed", "syscalls", "sys_exit_bind"),
+                ],
+                needs_arg_regs: false,
+            },
         ],
     },
 ];
@@ -347,14 +369,11 @@ fn load_mode(mode: HookMode, opts: &LoadOptions) -> anyhow::Result<Loaded> {
                 ),
             }
         }
-        for &(name, category, event) in exit.tracepoints {
-            let prog: &mut TracePoint = program(&mut ebpf, name)?;
-            prog.load()
-                .with_context(|| format!("loading tracepoint {category}:{event}"))?;
-            prog.attach(category, event)
-                .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
-            attached.push(format!("tracepoint:{category}:{event}"));
-        }
+        attached.extend(attach_syscall_tracepoints(
+            &mut ebpf,
+            exit,
+            opts.offsets.regs_arg0 != 0 && opts.offsets.regs_arg1 != 0,
+        )?);
     }
     tracing::info!("attached {mode} hooks: {}", attached.join(", "));
     tracing::info!(
@@ -392,6 +411,63 @@ fn attach_syscall_fexit(
     prog.attach()
         .with_context(|| format!("attaching fexit/{function}"))?;
     Ok(())
+}
+
+/// The first of `exit.tracepoints` whose programs all load, attached; returns them as
+/// `kind:target`. A set is left for the next one only when a program fails to load (before any
+/// of the set is attached).
+fn attach_syscall_tracepoints(
+    ebpf: &mut Ebpf,
+    exit: &SyscallExit,
+    arg_regs_known: bool,
+) -> anyhow::Result<Vec<String>> {
+    let mut refused = Vec::new();
+    for set in exit.tracepoints {
+        if set.needs_arg_regs && !arg_regs_known {
+            refused.push(format!(
+                "{}: the syscall's arguments are not found in this kernel's struct pt_regs",
+                set.programs[0].0
+            ));
+            continue;
+        }
+        let loaded = set
+            .programs
+            .iter()
+            .try_for_each(|&(name, category, event)| {
+                let prog: &mut TracePoint = program(ebpf, name)?;
+                prog.load()
+                    .with_context(|| format!("loading {name} on tracepoint {category}:{event}"))
+            });
+        if let Err(e) = loaded {
+            refused.push(format!("{e:#}"));
+            continue;
+        }
+        if !refused.is_empty() {
+            tracing::info!(
+                "{}: {}; using {} instead",
+                exit.function,
+                refused.join("; "),
+                set.programs
+                    .iter()
+                    .map(|p| p.0)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            );
+        }
+        let mut attached = Vec::new();
+        for &(name, category, event) in set.programs {
+            let prog: &mut TracePoint = program(ebpf, name)?;
+            prog.attach(category, event)
+                .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+            attached.push(format!("tracepoint:{category}:{event}"));
+        }
+        return Ok(attached);
+    }
+    bail!(
+        "no tracepoint programs for {} loaded: {}",
+        exit.function,
+        refused.join("; ")
+    )
 }
 
 /// The state-change program, as `tp_btf` if `choice` allows and the kernel takes it, else as a

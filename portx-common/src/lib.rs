@@ -301,6 +301,13 @@ pub struct KernelOffsets {
     /// each namespace's `ns.inum` by it (`ns.inum` shares a cache line with the namespace's
     /// reference count, which every socket's creation and end writes).
     pub net_cookie: u32,
+    /// `struct pt_regs`: where a syscall's first argument is at its exit (x86-64 `di`, arm64
+    /// `orig_x0`: arm64 writes the return value over `regs[0]`); 0 where portx does not know the
+    /// architecture. With [`Self::regs_arg1`] it lets bind()'s exit read the call's fd and
+    /// address from the task's registers, so that no program is needed at bind()'s entry.
+    pub regs_arg0: u32,
+    /// `struct pt_regs`: a syscall's second argument at its exit (x86-64 `si`, arm64 `regs[1]`).
+    pub regs_arg1: u32,
 }
 
 impl KernelOffsets {
@@ -365,7 +372,7 @@ const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 96);
 const _: () = assert!(size_of::<FailureKey>() == 32);
 const _: () = assert!(size_of::<FailureCount>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 64);
+const _: () = assert!(size_of::<KernelOffsets>() == 72);
 
 #[cfg(feature = "user")]
 mod pod {

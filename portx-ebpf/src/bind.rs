@@ -1,17 +1,24 @@
-//! bind()'s exit — fexit on `__sys_bind` in fentry mode, else `syscalls:sys_{enter,exit}_bind`:
-//! failed binds. EADDRINUSE on a port-0 bind means the whole range is gone for
-//! bind-before-connect.
+//! bind()'s exit — fexit on `__sys_bind` in fentry mode, else `syscalls:sys_exit_bind`, reading
+//! the call's arguments from the task's registers, else `syscalls:sys_{enter,exit}_bind`: failed
+//! binds. EADDRINUSE on a port-0 bind means the whole range is gone for bind-before-connect.
+//!
+//! Why not both tracepoints where one will do: while any program hangs on a syscall's entry
+//! tracepoint, every syscall of every thread on the machine enters through the kernel's
+//! syscall-tracing path and looks itself up among the traced ones, not only bind()s: about 10 ns
+//! a syscall here, half of what portx's hooks added to a `getppid()` with both bind()
+//! tracepoints (docs/performance-log.md, session 21).
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs,
+    },
     macros::{fexit, map, tracepoint},
     maps::HashMap,
     programs::{FExitContext, TracePointContext},
 };
-use portx_common::syscall_tp;
 
 use crate::{
-    kernel::current_netns,
-    netns_filter,
+    kernel::{current_netns, syscall_ret},
+    netns_filter, offset,
     sockaddr::{self, InFlight},
 };
 
@@ -26,15 +33,36 @@ pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// `syscalls:sys_exit_bind` alone: a failed call's fd and address are still in the registers the
+/// task entered the syscall with (`bpf_task_pt_regs`, Linux 5.15; where in them, the agent found
+/// in BTF). A call that succeeded costs a load and a compare.
 #[tracepoint]
 pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    let ret = syscall_ret(&ctx);
+    if ret >= 0 {
+        return 0;
+    }
+    // SAFETY: helpers without preconditions; the task is the current one, its pt_regs a BTF
+    // pointer read with probe reads at offsets from BTF.
+    let (fd, uaddr) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        let arg = |at: u32| bpf_probe_read_kernel((regs + u64::from(at)) as *const u64);
+        match (arg(offset!(regs_arg0)), arg(offset!(regs_arg1))) {
+            (Ok(fd), Ok(uaddr)) => (fd, uaddr),
+            _ => return 1,
+        }
+    };
+    failed_call(ret, fd as i32, uaddr)
+}
+
+/// `syscalls:sys_exit_bind` after `sys_enter_bind` stashed the call, where the registers cannot
+/// be read at exit (before Linux 5.15, or an architecture the agent does not know).
+#[tracepoint]
+pub fn sys_exit_bind_stashed(ctx: TracePointContext) -> u32 {
     let Some(call) = sockaddr::take(&BIND_ARGS, bpf_get_current_pid_tgid()) else {
         return 0;
     };
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(syscall_tp::RET) }) else {
-        return 1;
-    };
-    match failed(ret as i32, &call) {
+    match failed(syscall_ret(&ctx), &call) {
         Ok(()) => 0,
         Err(_) => 1,
     }
@@ -52,7 +80,14 @@ pub fn sys_bind_fexit(ctx: FExitContext) -> u32 {
     }
     let fd: u64 = ctx.arg(0);
     let uaddr: u64 = ctx.arg(1);
-    match InFlight::of(bpf_get_current_pid_tgid(), fd as i32, uaddr) {
+    failed_call(ret, fd as i32, uaddr)
+}
+
+/// bind() failed with `ret` for `fd` and the user's `uaddr`: its record, unless the call is the
+/// agent's or not on an IP address.
+#[inline(always)]
+fn failed_call(ret: i32, fd: i32, uaddr: u64) -> u32 {
+    match InFlight::of(bpf_get_current_pid_tgid(), fd, uaddr) {
         Ok(Some(call)) => match failed(ret, &call) {
             Ok(()) => 0,
             Err(_) => 1,

@@ -28,7 +28,7 @@ use crate::{
     emit::{emit, header, header_without_task, Wake},
     failure_counts::{self, Counted},
     globals::{hook_mode, offsets},
-    kernel::{sock_field, sock_port},
+    kernel::{sock_field, sock_port, syscall_ret},
     state::Endpoints,
 };
 
@@ -189,15 +189,7 @@ fn search_error(ret: i32) -> bool {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    // SAFETY: the tracepoint's record is at least RET + 8 bytes; a direct load of the context
-    // (checked by the verifier) instead of a helper call.
-    let ret = unsafe {
-        (ctx.as_ptr() as *const u8)
-            .add(syscall_tp::RET)
-            .cast::<i64>()
-            .read()
-    } as i32;
-    match exit_connect(ret) {
+    match exit_connect(syscall_ret(&ctx)) {
         Ok(()) => 0,
         Err(_) => 1,
     }

@@ -51,6 +51,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     nsproxy_net: 0,
     sock_max_ack_backlog: 0,
     net_cookie: 0,
+    regs_arg0: 0,
+    regs_arg1: 0,
 };
 
 #[inline(always)]

@@ -3,7 +3,10 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::PerCpuArray,
+    programs::TracePointContext,
+    EbpfContext as _,
 };
+use portx_common::syscall_tp;
 
 use crate::globals::offsets;
 
@@ -142,4 +145,17 @@ pub unsafe fn btf_load_in6(base: u64, off: u32) -> [u8; 16] {
     out[..8].copy_from_slice(&lo.to_ne_bytes());
     out[8..].copy_from_slice(&hi.to_ne_bytes());
     out
+}
+
+/// A `syscalls:sys_exit_*` tracepoint's return value: a direct load of the context (checked by
+/// the verifier) instead of a helper call.
+#[inline(always)]
+pub fn syscall_ret(ctx: &TracePointContext) -> i32 {
+    // SAFETY: the tracepoint's record is at least RET + 8 bytes.
+    (unsafe {
+        (ctx.as_ptr() as *const u8)
+            .add(syscall_tp::RET)
+            .cast::<i64>()
+            .read()
+    }) as i32
 }

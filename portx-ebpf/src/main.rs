@@ -7,8 +7,8 @@
 //!   non-blocking connect got.
 //! - `failure_counts`: failing connects counted per process, destination and errno, a record
 //!   now and then instead of one each.
-//! - `bind`: bind()'s exit, fexit on `__sys_bind` else `syscalls:sys_{enter,exit}_bind` —
-//!   failed binds (EADDRINUSE on port 0).
+//! - `bind`: bind()'s exit, fexit on `__sys_bind` else `syscalls:sys_exit_bind` (with
+//!   `sys_enter_bind` before Linux 5.15) — failed binds (EADDRINUSE on port 0).
 //! - `hash_connect`: fexit or kprobe/kretprobe on `inet_hash_connect` — the port allocation itself.
 #![no_std]
 #![no_main]

@@ -1,6 +1,7 @@
-//! bind() in flight: the syscall's fd and `struct sockaddr *` (stashed per thread at entry on
-//! the tracepoint path; fexit sees them with the result), the address read back at exit, and
-//! only when the syscall failed.
+//! bind() in flight: the syscall's fd and `struct sockaddr *` (fexit sees them with the result;
+//! on the tracepoint path the exit reads them from the task's registers, or, before Linux 5.15,
+//! finds them stashed per thread at entry), the address read back at exit, and only when the
+//! syscall failed.
 //!
 //! Entry reads nothing from user memory but the address family (to skip non-IP sockets): a
 //! successful bind() never needs its sockaddr. At exit the kernel has just copied the same

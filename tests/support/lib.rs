@@ -527,7 +527,7 @@ impl Drop for Agent {
 pub const PROGRAMS: [&str; 4] = [
     "inet_sock_set_s",
     "sys_exit_connec",
-    "sys_enter_conne",
+    "sys_enter_bind",
     "sys_exit_bind",
 ];
 
