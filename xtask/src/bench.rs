@@ -7,8 +7,9 @@
 //! 100k connections and peak RSS, lost/missed events; after each mode's rounds, portx's own CPU
 //! as a share of the busy CPUs in the same storm (`own_cpu`: its programs' run time by the
 //! kernel's statistics, above empty programs measured alike, and the agent's CPU); loss with an
-//! undersized ring buffer, the latency from a failing connect() to its record, and the tracker's
-//! scale on synthetic events.
+//! undersized ring buffer, the syscall tax (what portx's hooks cost every other syscall, see
+//! `syscall_tax`), the latency from a failing connect() to its record, and the tracker's scale
+//! on synthetic events. The floor mirrors the hooks portx attaches on this kernel.
 //! Not a test: it asserts nothing, it measures.
 use std::{
     collections::BTreeMap,
@@ -28,7 +29,7 @@ use crate::{
     bpf, cmd,
     floor::Floor,
     host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
-    own_cpu, setup,
+    own_cpu, setup, syscall_tax,
 };
 
 #[derive(Args)]
@@ -47,6 +48,9 @@ pub struct BenchArgs {
     /// statistics on (0: none).
     #[arg(long, default_value_t = 3)]
     pub own_cpu_storms: usize,
+    /// Seconds of the syscall tax's alternated getppid() bursts (see `syscall_tax`; 0: none).
+    #[arg(long, default_value_t = 10.0)]
+    pub syscall_tax_seconds: f64,
     /// Only these close modes (default: all of rst, close, fail).
     #[arg(long = "mode", value_parser = MODES)]
     pub modes: Vec<String>,
@@ -72,12 +76,14 @@ struct Started {
     cpu0: f64,
 }
 
+/// Starts `tool` (the floor: empty programs on `hooks`, portx's) and waits until it is ready.
 fn start_tool(
     tool: &str,
     agent: &Path,
     ns: &Netns,
     dir: &Path,
     extra: &[&str],
+    hooks: &[String],
     tick: f64,
 ) -> anyhow::Result<Started> {
     let out = dir.join(format!("{tool}.out"));
@@ -87,7 +93,7 @@ fn start_tool(
             return Ok(Started {
                 proc: None,
                 floor: if tool == "floor" {
-                    Some(Floor::attach().context("floor")?)
+                    Some(Floor::attach(hooks).context("floor")?.0)
                 } else {
                     None
                 },
@@ -255,6 +261,28 @@ fn sysctls(mode: &str) -> Vec<&'static str> {
     }
 }
 
+/// The hooks portx attaches on this kernel (its `started` record's `attached`), which the floor
+/// mirrors.
+fn portx_hooks(agent: &Path, ns: &Netns, dir: &Path, tick: f64) -> anyhow::Result<Vec<String>> {
+    let mut t = start_tool("portx", agent, ns, dir, &[], &[], tick)?;
+    if let Some(mut p) = t.proc.take() {
+        p.interrupt();
+    }
+    let started = fs::read_to_string(&t.out)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "started")
+        .ok_or_else(|| anyhow!("portx wrote no started record to {}", t.out.display()))?;
+    started["attached"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| Some(h.as_str()?.to_string()))
+                .collect()
+        })
+        .ok_or_else(|| anyhow!("portx's started record has no attached hooks: {started}"))
+}
+
 fn last_summary(out: &Path) -> Option<Value> {
     fs::read_to_string(out)
         .ok()?
@@ -277,6 +305,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .into_iter()
         .filter(|m| args.modes.is_empty() || args.modes.iter().any(|a| a == m))
         .collect();
+    let hooks = portx_hooks(&agent, &Netns::new(&agent, &sysctls("rst"))?, &dir, tick)?;
+    // Attached once now to learn what it leaves out (and to fail before the rounds if it cannot).
+    let (_, not_mirrored) = Floor::attach(&hooks).context("floor")?;
+    eprintln!("bench: portx attaches {hooks:?}; the floor leaves out {not_mirrored:?}");
     let mut samples: Vec<Value> = Vec::new();
     let mut own = Vec::new();
     for &mode in &modes {
@@ -285,7 +317,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let mut order = TOOLS.to_vec();
             order.rotate_left(round % TOOLS.len());
             for tool in order {
-                let mut t = start_tool(tool, &agent, &ns, &dir, &[], tick)?;
+                let mut t = start_tool(tool, &agent, &ns, &dir, &[], &hooks, tick)?;
                 let (n, secs) = storm(&agent, &ns, mode, args)?;
                 let (mut cpu, mut hwm) = (0.0, 0);
                 if let Some(p) = &t.proc {
@@ -318,13 +350,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let (mut storms, mut floor) = (Vec::new(), Vec::new());
         for _ in 0..args.own_cpu_storms {
             storms.push(own_cpu_storm(&agent, &ns, mode, args, &dir, tick)?);
-            floor.push(floor_storm(&agent, &ns, mode, args, tick)?);
+            floor.push(floor_storm(&agent, &ns, mode, args, &hooks, tick)?);
         }
         if let Some(mut s) = own_cpu::summary(&storms, &floor) {
             s["mode"] = json!(mode);
             own.push(s);
         }
     }
+
+    let tax = syscall_tax(&hooks, args.syscall_tax_seconds)?;
 
     // Undersized ring buffer: the loss must be reported, not silent.
     let small = {
@@ -335,6 +369,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             &ns,
             &dir,
             &["--ring-buffer-kib", "4"],
+            &hooks,
             tick,
         )?;
         let (n, _) = storm(&agent, &ns, "rst", args)?;
@@ -363,6 +398,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .unwrap_or(Value::Null)
     };
     let found = Found {
+        hooks,
+        not_mirrored,
+        syscall_tax: tax,
         samples,
         own_cpu: own,
         undersized_ring: small,
@@ -370,6 +408,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         tracker,
     };
     report(&modes, &found, args, &dir)
+}
+
+/// Bind()'s entry, which portx's hooks include only where bind()'s exit cannot read the call's
+/// arguments from the task's registers (before Linux 5.15).
+const BIND_ENTRY: &str = "tracepoint:syscalls:sys_enter_bind";
+
+/// The syscall tax of portx's `hooks` (see `syscall_tax`), and where they leave out bind()'s
+/// entry, of the same with it, for comparison; by what was measured.
+fn syscall_tax(hooks: &[String], seconds: f64) -> anyhow::Result<Vec<(String, Value)>> {
+    if seconds <= 0.0 {
+        return Ok(Vec::new());
+    }
+    let mut variants = vec![("portx's hooks".to_string(), hooks.to_vec())];
+    let tracepoint_mode = hooks.iter().any(|h| h.starts_with("tracepoint:syscalls:"));
+    if tracepoint_mode && !hooks.iter().any(|h| h == BIND_ENTRY) {
+        let mut with_entry = hooks.to_vec();
+        with_entry.push(BIND_ENTRY.to_string());
+        variants.push((
+            "portx's hooks and bind()'s entry (portx on kernels before 5.15)".to_string(),
+            with_entry,
+        ));
+    }
+    let sets: Vec<Vec<String>> = variants.iter().map(|(_, h)| h.clone()).collect();
+    let pairs = syscall_tax::pairs(&sets, seconds)?;
+    let found = variants
+        .into_iter()
+        .zip(pairs)
+        .map(|((what, _), p)| (what, syscall_tax::summary(&p)))
+        .collect();
+    Ok(found)
 }
 
 /// One storm with portx attached, measured as [`measured_storm`] says.
@@ -381,7 +449,7 @@ fn own_cpu_storm(
     dir: &Path,
     tick: f64,
 ) -> anyhow::Result<own_cpu::Storm> {
-    let mut t = start_tool("portx", agent, ns, dir, &[], tick)?;
+    let mut t = start_tool("portx", agent, ns, dir, &[], &[], tick)?;
     let pid = t
         .proc
         .as_ref()
@@ -409,9 +477,10 @@ fn floor_storm(
     ns: &Netns,
     mode: &str,
     args: &BenchArgs,
+    hooks: &[String],
     tick: f64,
 ) -> anyhow::Result<own_cpu::Storm> {
-    let _floor = Floor::attach().context("floor")?;
+    let _floor = Floor::attach(hooks).context("floor")?;
     let storm = measured_storm(agent, ns, mode, args, std::process::id(), None, tick)?;
     eprintln!(
         "bench: {mode} floor storm: {} connections, programs {:?}",
@@ -564,6 +633,12 @@ fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
 
 /// What a run measured, besides the table it prints.
 struct Found {
+    /// The hooks portx attached on this kernel.
+    hooks: Vec<String>,
+    /// Those of them on which the floor has no empty program.
+    not_mirrored: Vec<String>,
+    /// By what was measured, [`syscall_tax::summary`].
+    syscall_tax: Vec<(String, Value)>,
     /// One a storm of the rounds: mode, round, tool, rate, the tool's CPU and memory.
     samples: Vec<Value>,
     /// By mode, [`own_cpu::summary`].
@@ -580,6 +655,9 @@ fn report(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let Found {
+        hooks,
+        not_mirrored,
+        syscall_tax: tax,
         samples,
         own_cpu: own,
         undersized_ring: small,
@@ -587,7 +665,16 @@ fn report(
         tracker,
     } = found;
     let mut table = Vec::new();
-    println!("\nportx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
+    println!(
+        "\nportx's hooks here: {}; floor: empty programs on {}",
+        hooks.join(", "),
+        if not_mirrored.is_empty() {
+            "every one of them".to_string()
+        } else {
+            format!("all but {}", not_mirrored.join(", "))
+        }
+    );
+    println!("portx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
     println!(
         "{:<6} {:<10} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
         "MODE", "TOOL", "RATE/s", "RATIO", "MIN-MAX", "CPU s/100k", "RSS MiB", "LOST/MISSED"
@@ -647,10 +734,17 @@ fn report(
             own_cpu::line(s)
         );
     }
+    for (what, s) in tax {
+        println!(
+            "syscall tax, one thread's getppid(), bursts with nothing attached alternated with bursts with empty programs on {what}: {}",
+            syscall_tax::line(s)
+        );
+    }
     println!("undersized ring buffer (4 KiB, rst storm): {small}");
     println!("latency failing connect() -> record on stdout: {latency}");
     println!("tracker on synthetic events (one core): {tracker}");
-    let all = json!({"table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
+    let tax: serde_json::Map<String, Value> = tax.iter().cloned().collect();
+    let all = json!({"hooks": hooks, "floor_not_mirrored": not_mirrored, "syscall_tax": tax, "table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
     let path = dir.join("last.json");
     fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("written to {}", path.display());

@@ -1,7 +1,11 @@
-//! The bench's `floor`: empty BPF programs on the hooks portx uses in tracepoint mode, of the same
-//! program types — a raw tracepoint on `inet_sock_set_state` and a classic tracepoint program on
-//! `syscalls:sys_exit_connect`. What any tool attached there pays before doing any work; what
-//! portx keeps below it is its programs' work. Loaded with bpf(2) directly (each program is
+//! The bench's `floor`: empty BPF programs on the hooks portx attached on this kernel, of the same
+//! program types where portx is in tracepoint mode — a raw tracepoint on `inet_sock_set_state`
+//! (portx's `tp_btf` there is called the same way) and classic tracepoint programs on the
+//! `syscalls:` events portx uses (`sys_exit_connect`, `sys_exit_bind`, and `sys_enter_bind`
+//! where portx needs it). What any tool attached there pays before doing any work (the syscall
+//! tracepoints: on every syscall of the machine, see `syscall_tax`); what portx keeps below it
+//! is its programs' work. fexit and kprobe hooks are not mirrored: the floor says so, and is then
+//! below what a tool on portx's hooks pays. Loaded with bpf(2) directly (each program is
 //! `r0 = 0; exit`), held while the value lives, detached on drop.
 use std::{
     ffi::CString,
@@ -28,10 +32,68 @@ pub struct Floor {
     _fds: Vec<OwnedFd>,
 }
 
+/// The state change, as portx's `attached` names it in either of its program types.
+const STATE_HOOKS: [&str; 2] = [
+    "tp_btf:inet_sock_set_state",
+    "raw_tracepoint:inet_sock_set_state",
+];
+
 /// The floor's program on the state change, by the name the kernel shows.
 pub const STATE: &str = "floor_state";
 /// The floor's program on connect()'s exit.
 pub const EXIT: &str = "floor_exit";
+
+/// The classic tracepoints portx attaches: the hook as its `attached` names it, the start of the
+/// name of portx's programs there as the kernel keeps them (15 bytes), the floor's.
+const SYSCALL_HOOKS: [(&str, &str, &str); 3] = [
+    (
+        "tracepoint:syscalls:sys_exit_connect",
+        "sys_exit_connec",
+        EXIT,
+    ),
+    (
+        "tracepoint:syscalls:sys_enter_bind",
+        "sys_enter_bind",
+        "floor_bind_in",
+    ),
+    // Also `sys_exit_bind_stashed` (the one after sys_enter_bind).
+    (
+        "tracepoint:syscalls:sys_exit_bind",
+        "sys_exit_bind",
+        "floor_bind_out",
+    ),
+];
+
+/// The floor's empty program on the hook of portx's program `name` (as the kernel keeps it),
+/// if the floor has one there.
+pub fn empty_twin(name: &str) -> Option<&'static str> {
+    if name.starts_with("inet_sock_set") {
+        return Some(STATE);
+    }
+    SYSCALL_HOOKS
+        .iter()
+        .find(|(_, portx, _)| name.starts_with(portx))
+        .map(|(_, _, floor)| *floor)
+}
+
+/// What the floor does with each of portx's `attached` hooks: an empty program on the same hook
+/// (its name), or None where it has no twin for the hook.
+fn plan(hooks: &[String]) -> Vec<(&str, Option<&'static str>)> {
+    hooks
+        .iter()
+        .map(|h| {
+            let twin = if STATE_HOOKS.contains(&h.as_str()) {
+                Some(STATE)
+            } else {
+                SYSCALL_HOOKS
+                    .iter()
+                    .find(|(hook, _, _)| h == hook)
+                    .map(|(_, _, floor)| *floor)
+            };
+            (h.as_str(), twin)
+        })
+        .collect()
+}
 
 /// BPF_PROG_LOAD of the empty program as `prog_type`, named `name` (at most 15 bytes).
 fn load_empty(prog_type: u32, name: &str) -> anyhow::Result<OwnedFd> {
@@ -65,53 +127,143 @@ fn tracefs_event_id(event: &str) -> anyhow::Result<u64> {
 }
 
 impl Floor {
-    pub fn attach() -> anyhow::Result<Self> {
-        let raw = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, STATE)?;
-        let name = CString::new("inet_sock_set_state")?;
-        let mut attr = [0u64; 2];
-        attr[0] = name.as_ptr() as u64;
-        attr[1] = raw.as_raw_fd() as u64;
-        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)
-            .context("attaching to raw tracepoint inet_sock_set_state")?;
+    /// Empty programs on portx's `hooks` (its `started` record's `attached`); the hooks the floor
+    /// cannot mirror are returned beside it.
+    pub fn attach(hooks: &[String]) -> anyhow::Result<(Self, Vec<String>)> {
+        let mut fds = Vec::new();
+        let mut left_out = Vec::new();
+        for (hook, twin) in plan(hooks) {
+            match twin {
+                Some(STATE) => fds.extend(attach_raw_tracepoint("inet_sock_set_state", STATE)?),
+                Some(name) => {
+                    // "tracepoint:syscalls:sys_exit_connect" -> "syscalls/sys_exit_connect"
+                    let event = hook
+                        .strip_prefix("tracepoint:")
+                        .map(|e| e.replacen(':', "/", 1))
+                        .with_context(|| format!("{hook}: not a tracepoint"))?;
+                    fds.extend(attach_tracepoint(&event, name)?);
+                }
+                None => left_out.push(hook.to_string()),
+            }
+        }
+        if fds.is_empty() {
+            bail!("no empty twin for any of portx's hooks {hooks:?}");
+        }
+        Ok((Self { _fds: fds }, left_out))
+    }
+}
 
-        let tp = load_empty(BPF_PROG_TYPE_TRACEPOINT, EXIT)?;
-        let id = tracefs_event_id("syscalls/sys_exit_connect")?;
-        // perf_event_attr, its first 64 bytes (PERF_ATTR_SIZE_VER0): type, size, config,
-        // sample_period 1, wakeup_events 1; everything else 0.
-        let mut pattr = [0u64; 8];
-        pattr[0] = u64::from(PERF_TYPE_TRACEPOINT) | 64 << 32;
-        pattr[1] = id;
-        pattr[2] = 1;
-        pattr[6] = 1;
-        // SAFETY: a valid attr; pid -1 with cpu 0 and no group, as every tracepoint program uses
-        // (the program runs on every CPU: it hangs on the event, not on this perf event).
-        let pfd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                pattr.as_ptr(),
-                -1,
-                0,
-                -1,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if pfd < 0 {
+/// An empty raw tracepoint program named `name` on `tracepoint`: its link and program fds.
+fn attach_raw_tracepoint(tracepoint: &str, name: &str) -> anyhow::Result<[OwnedFd; 2]> {
+    let raw = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT, name)?;
+    let tp = CString::new(tracepoint)?;
+    let mut attr = [0u64; 2];
+    attr[0] = tp.as_ptr() as u64;
+    attr[1] = raw.as_raw_fd() as u64;
+    let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)
+        .with_context(|| format!("attaching to raw tracepoint {tracepoint}"))?;
+    Ok([link, raw])
+}
+
+/// An empty classic tracepoint program named `name` on tracefs `event`: its perf event and
+/// program fds, the program attached while both are open.
+fn attach_tracepoint(event: &str, name: &str) -> anyhow::Result<[OwnedFd; 2]> {
+    let tp = load_empty(BPF_PROG_TYPE_TRACEPOINT, name)?;
+    let id = tracefs_event_id(event)?;
+    // perf_event_attr, its first 64 bytes (PERF_ATTR_SIZE_VER0): type, size, config,
+    // sample_period 1, wakeup_events 1; everything else 0.
+    let mut pattr = [0u64; 8];
+    pattr[0] = u64::from(PERF_TYPE_TRACEPOINT) | 64 << 32;
+    pattr[1] = id;
+    pattr[2] = 1;
+    pattr[6] = 1;
+    // SAFETY: a valid attr; pid -1 with cpu 0 and no group, as every tracepoint program uses
+    // (the program runs on every CPU: it hangs on the event, not on this perf event).
+    let pfd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            pattr.as_ptr(),
+            -1,
+            0,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if pfd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("perf_event_open({event})"));
+    }
+    // SAFETY: a new fd the kernel just returned to us.
+    let perf = unsafe { OwnedFd::from_raw_fd(pfd as i32) };
+    // SAFETY: ioctls on the perf fd with a program fd argument / none.
+    unsafe {
+        if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, tp.as_raw_fd()) < 0 {
             return Err(std::io::Error::last_os_error())
-                .context("perf_event_open(syscalls:sys_exit_connect)");
+                .with_context(|| format!("PERF_EVENT_IOC_SET_BPF on {event}"));
         }
-        // SAFETY: a new fd the kernel just returned to us.
-        let perf = unsafe { OwnedFd::from_raw_fd(pfd as i32) };
-        // SAFETY: ioctls on the perf fd with a program fd argument / none.
-        unsafe {
-            if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, tp.as_raw_fd()) < 0 {
-                return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_SET_BPF");
-            }
-            if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) < 0 {
-                return Err(std::io::Error::last_os_error()).context("PERF_EVENT_IOC_ENABLE");
-            }
+        if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("PERF_EVENT_IOC_ENABLE on {event}"));
         }
-        Ok(Self {
-            _fds: vec![link, raw, perf, tp],
-        })
+    }
+    Ok([perf, tp])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_portx_program_in_tracepoint_mode_has_an_empty_twin() {
+        // Names as the kernel keeps them: 15 bytes.
+        assert_eq!(empty_twin("inet_sock_set_s"), Some(STATE));
+        assert_eq!(empty_twin("sys_exit_connec"), Some(EXIT));
+        assert_eq!(empty_twin("sys_enter_bind"), Some("floor_bind_in"));
+        assert_eq!(empty_twin("sys_exit_bind"), Some("floor_bind_out"));
+        assert_eq!(empty_twin("sys_exit_bind_s"), Some("floor_bind_out"));
+        // fentry mode's programs sit on other hooks.
+        assert_eq!(empty_twin("sys_connect_fex"), None);
+        // Every floor name fits the kernel's 15 bytes, so it is shown as given.
+        assert!(SYSCALL_HOOKS.iter().all(|(_, _, f)| f.len() <= 15));
+    }
+
+    #[test]
+    fn the_floor_mirrors_the_hooks_portx_attached_and_names_those_it_cannot() {
+        let hooks = |h: &[&str]| h.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // This host: tracepoint mode, bind()'s arguments read at its exit.
+        let here = hooks(&[
+            "tp_btf:inet_sock_set_state",
+            "tracepoint:syscalls:sys_exit_connect",
+            "tracepoint:syscalls:sys_exit_bind",
+        ]);
+        assert_eq!(
+            plan(&here),
+            [
+                ("tp_btf:inet_sock_set_state", Some(STATE)),
+                ("tracepoint:syscalls:sys_exit_connect", Some(EXIT)),
+                ("tracepoint:syscalls:sys_exit_bind", Some("floor_bind_out")),
+            ]
+        );
+        // An older kernel: bind()'s entry too; a raw tracepoint for the state change.
+        let older = hooks(&[
+            "raw_tracepoint:inet_sock_set_state",
+            "tracepoint:syscalls:sys_enter_bind",
+        ]);
+        assert_eq!(
+            plan(&older),
+            [
+                ("raw_tracepoint:inet_sock_set_state", Some(STATE)),
+                ("tracepoint:syscalls:sys_enter_bind", Some("floor_bind_in")),
+            ]
+        );
+        // fentry mode: no twin for fexit.
+        let fentry = hooks(&["fexit:inet_hash_connect", "tp_btf:inet_sock_set_state"]);
+        assert_eq!(
+            plan(&fentry),
+            [
+                ("fexit:inet_hash_connect", None),
+                ("tp_btf:inet_sock_set_state", Some(STATE)),
+            ]
+        );
     }
 }

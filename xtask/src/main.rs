@@ -8,6 +8,7 @@ mod host;
 mod own_cpu;
 mod setup;
 mod soak;
+mod syscall_tax;
 mod test;
 mod vm;
 

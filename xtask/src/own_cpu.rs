@@ -133,29 +133,17 @@ impl Storm {
             / 1e9
     }
 
-    /// The programs' run time above what `empty` (ns a run by program name, see [`floor_of`])
-    /// takes on the same hooks.
+    /// The programs' run time above what `empty` (ns a run by program name, see
+    /// [`floor::empty_twin`]) takes on the same hooks.
     fn above_empty_s(&self, empty: &BTreeMap<String, f64>) -> f64 {
         self.programs
             .iter()
             .map(|(name, (runs, ns))| {
-                let base = floor_of(name).and_then(|f| empty.get(f)).copied();
+                let base = floor::empty_twin(name).and_then(|f| empty.get(f)).copied();
                 (*ns as f64 - *runs as f64 * base.unwrap_or(0.0)).max(0.0)
             })
             .sum::<f64>()
             / 1e9
-    }
-}
-
-/// The floor's empty program on the hook of portx's program `name` (as the kernel keeps it: 15
-/// bytes), if the floor has one there.
-fn floor_of(name: &str) -> Option<&'static str> {
-    if name.starts_with("inet_sock_set") {
-        Some(floor::STATE)
-    } else if name.starts_with("sys_exit_connec") {
-        Some(floor::EXIT)
-    } else {
-        None
     }
 }
 
@@ -209,7 +197,7 @@ pub fn summary(storms: &[Storm], floor: &[Storm]) -> Option<Value> {
                 "name": name,
                 "runs_per_connection": runs as f64 / connections as f64,
                 "ns_per_run": ns as f64 / runs as f64,
-                "empty_ns_per_run": floor_of(name).and_then(|f| empty.get(f)),
+                "empty_ns_per_run": floor::empty_twin(name).and_then(|f| empty.get(f)),
             })
         })
         .collect();
