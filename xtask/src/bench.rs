@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use crate::{
     bpf, cmd,
-    floor::Floor,
+    floor::{self, Floor},
     host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
     own_cpu, setup, syscall_tax,
 };
@@ -93,7 +93,7 @@ fn start_tool(
             return Ok(Started {
                 proc: None,
                 floor: if tool == "floor" {
-                    Some(Floor::attach(hooks).context("floor")?.0)
+                    Some(Floor::attach(hooks).context("floor")?)
                 } else {
                     None
                 },
@@ -306,8 +306,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|m| args.modes.is_empty() || args.modes.iter().any(|a| a == m))
         .collect();
     let hooks = portx_hooks(&agent, &Netns::new(&agent, &sysctls("rst"))?, &dir, tick)?;
-    // Attached once now to learn what it leaves out (and to fail before the rounds if it cannot).
-    let (_, not_mirrored) = Floor::attach(&hooks).context("floor")?;
+    let not_mirrored = floor::not_mirrored(&hooks);
     eprintln!("bench: portx attaches {hooks:?}; the floor leaves out {not_mirrored:?}");
     let mut samples: Vec<Value> = Vec::new();
     let mut own = Vec::new();

@@ -32,66 +32,80 @@ pub struct Floor {
     _fds: Vec<OwnedFd>,
 }
 
-/// The state change, as portx's `attached` names it in either of its program types.
-const STATE_HOOKS: [&str; 2] = [
-    "tp_btf:inet_sock_set_state",
-    "raw_tracepoint:inet_sock_set_state",
-];
-
 /// The floor's program on the state change, by the name the kernel shows.
 pub const STATE: &str = "floor_state";
 /// The floor's program on connect()'s exit.
 pub const EXIT: &str = "floor_exit";
 
-/// The classic tracepoints portx attaches: the hook as its `attached` names it, the start of the
-/// name of portx's programs there as the kernel keeps them (15 bytes), the floor's.
-const SYSCALL_HOOKS: [(&str, &str, &str); 3] = [
-    (
-        "tracepoint:syscalls:sys_exit_connect",
-        "sys_exit_connec",
-        EXIT,
-    ),
-    (
-        "tracepoint:syscalls:sys_enter_bind",
-        "sys_enter_bind",
-        "floor_bind_in",
-    ),
+/// An empty program the floor puts beside one of portx's.
+struct Twin {
+    /// portx's hook, as its `started` record's `attached` names it (the state change: either of
+    /// its program types).
+    hooks: &'static [&'static str],
+    /// The start of the names of portx's programs there, as the kernel keeps them (15 bytes).
+    portx: &'static str,
+    /// The floor's program there.
+    floor: &'static str,
+    /// Where the floor attaches it: a raw tracepoint's name, or a tracefs event.
+    at: At,
+}
+
+enum At {
+    RawTracepoint(&'static str),
+    Tracepoint(&'static str),
+}
+
+const TWINS: [Twin; 4] = [
+    Twin {
+        hooks: &[
+            "tp_btf:inet_sock_set_state",
+            "raw_tracepoint:inet_sock_set_state",
+        ],
+        portx: "inet_sock_set",
+        floor: STATE,
+        at: At::RawTracepoint("inet_sock_set_state"),
+    },
+    Twin {
+        hooks: &["tracepoint:syscalls:sys_exit_connect"],
+        portx: "sys_exit_connec",
+        floor: EXIT,
+        at: At::Tracepoint("syscalls/sys_exit_connect"),
+    },
+    Twin {
+        hooks: &["tracepoint:syscalls:sys_enter_bind"],
+        portx: "sys_enter_bind",
+        floor: "floor_bind_in",
+        at: At::Tracepoint("syscalls/sys_enter_bind"),
+    },
     // Also `sys_exit_bind_stashed` (the one after sys_enter_bind).
-    (
-        "tracepoint:syscalls:sys_exit_bind",
-        "sys_exit_bind",
-        "floor_bind_out",
-    ),
+    Twin {
+        hooks: &["tracepoint:syscalls:sys_exit_bind"],
+        portx: "sys_exit_bind",
+        floor: "floor_bind_out",
+        at: At::Tracepoint("syscalls/sys_exit_bind"),
+    },
 ];
 
 /// The floor's empty program on the hook of portx's program `name` (as the kernel keeps it),
 /// if the floor has one there.
 pub fn empty_twin(name: &str) -> Option<&'static str> {
-    if name.starts_with("inet_sock_set") {
-        return Some(STATE);
-    }
-    SYSCALL_HOOKS
+    TWINS
         .iter()
-        .find(|(_, portx, _)| name.starts_with(portx))
-        .map(|(_, _, floor)| *floor)
+        .find(|t| name.starts_with(t.portx))
+        .map(|t| t.floor)
 }
 
-/// What the floor does with each of portx's `attached` hooks: an empty program on the same hook
-/// (its name), or None where it has no twin for the hook.
-fn plan(hooks: &[String]) -> Vec<(&str, Option<&'static str>)> {
+/// The floor's twin on portx's `hook`, if it has one.
+fn twin_on(hook: &str) -> Option<&'static Twin> {
+    TWINS.iter().find(|t| t.hooks.contains(&hook))
+}
+
+/// Those of portx's `hooks` on which the floor puts no empty program (fexit, kprobes).
+pub fn not_mirrored(hooks: &[String]) -> Vec<String> {
     hooks
         .iter()
-        .map(|h| {
-            let twin = if STATE_HOOKS.contains(&h.as_str()) {
-                Some(STATE)
-            } else {
-                SYSCALL_HOOKS
-                    .iter()
-                    .find(|(hook, _, _)| h == hook)
-                    .map(|(_, _, floor)| *floor)
-            };
-            (h.as_str(), twin)
-        })
+        .filter(|h| twin_on(h).is_none())
+        .cloned()
         .collect()
 }
 
@@ -127,29 +141,20 @@ fn tracefs_event_id(event: &str) -> anyhow::Result<u64> {
 }
 
 impl Floor {
-    /// Empty programs on portx's `hooks` (its `started` record's `attached`); the hooks the floor
-    /// cannot mirror are returned beside it.
-    pub fn attach(hooks: &[String]) -> anyhow::Result<(Self, Vec<String>)> {
+    /// Empty programs on portx's `hooks` (its `started` record's `attached`), but those in
+    /// [`not_mirrored`].
+    pub fn attach(hooks: &[String]) -> anyhow::Result<Self> {
         let mut fds = Vec::new();
-        let mut left_out = Vec::new();
-        for (hook, twin) in plan(hooks) {
-            match twin {
-                Some(STATE) => fds.extend(attach_raw_tracepoint("inet_sock_set_state", STATE)?),
-                Some(name) => {
-                    // "tracepoint:syscalls:sys_exit_connect" -> "syscalls/sys_exit_connect"
-                    let event = hook
-                        .strip_prefix("tracepoint:")
-                        .map(|e| e.replacen(':', "/", 1))
-                        .with_context(|| format!("{hook}: not a tracepoint"))?;
-                    fds.extend(attach_tracepoint(&event, name)?);
-                }
-                None => left_out.push(hook.to_string()),
-            }
+        for twin in hooks.iter().filter_map(|h| twin_on(h)) {
+            fds.extend(match twin.at {
+                At::RawTracepoint(tp) => attach_raw_tracepoint(tp, twin.floor)?,
+                At::Tracepoint(event) => attach_tracepoint(event, twin.floor)?,
+            });
         }
         if fds.is_empty() {
             bail!("no empty twin for any of portx's hooks {hooks:?}");
         }
-        Ok((Self { _fds: fds }, left_out))
+        Ok(Self { _fds: fds })
     }
 }
 
@@ -224,46 +229,36 @@ mod tests {
         // fentry mode's programs sit on other hooks.
         assert_eq!(empty_twin("sys_connect_fex"), None);
         // Every floor name fits the kernel's 15 bytes, so it is shown as given.
-        assert!(SYSCALL_HOOKS.iter().all(|(_, _, f)| f.len() <= 15));
+        assert!(TWINS.iter().all(|t| t.floor.len() <= 15));
     }
 
     #[test]
     fn the_floor_mirrors_the_hooks_portx_attached_and_names_those_it_cannot() {
         let hooks = |h: &[&str]| h.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let floor_of = |h: &str| twin_on(h).map(|t| t.floor);
         // This host: tracepoint mode, bind()'s arguments read at its exit.
-        let here = hooks(&[
-            "tp_btf:inet_sock_set_state",
-            "tracepoint:syscalls:sys_exit_connect",
-            "tracepoint:syscalls:sys_exit_bind",
-        ]);
+        assert_eq!(floor_of("tp_btf:inet_sock_set_state"), Some(STATE));
+        assert_eq!(floor_of("tracepoint:syscalls:sys_exit_connect"), Some(EXIT));
         assert_eq!(
-            plan(&here),
-            [
-                ("tp_btf:inet_sock_set_state", Some(STATE)),
-                ("tracepoint:syscalls:sys_exit_connect", Some(EXIT)),
-                ("tracepoint:syscalls:sys_exit_bind", Some("floor_bind_out")),
-            ]
+            floor_of("tracepoint:syscalls:sys_exit_bind"),
+            Some("floor_bind_out")
         );
         // An older kernel: bind()'s entry too; a raw tracepoint for the state change.
-        let older = hooks(&[
-            "raw_tracepoint:inet_sock_set_state",
-            "tracepoint:syscalls:sys_enter_bind",
-        ]);
+        assert_eq!(floor_of("raw_tracepoint:inet_sock_set_state"), Some(STATE));
         assert_eq!(
-            plan(&older),
-            [
-                ("raw_tracepoint:inet_sock_set_state", Some(STATE)),
-                ("tracepoint:syscalls:sys_enter_bind", Some("floor_bind_in")),
-            ]
+            floor_of("tracepoint:syscalls:sys_enter_bind"),
+            Some("floor_bind_in")
         );
         // fentry mode: no twin for fexit.
-        let fentry = hooks(&["fexit:inet_hash_connect", "tp_btf:inet_sock_set_state"]);
+        let fentry = hooks(&[
+            "fexit:inet_hash_connect",
+            "tp_btf:inet_sock_set_state",
+            "fexit:__sys_connect",
+        ]);
         assert_eq!(
-            plan(&fentry),
-            [
-                ("fexit:inet_hash_connect", None),
-                ("tp_btf:inet_sock_set_state", Some(STATE)),
-            ]
+            not_mirrored(&fentry),
+            hooks(&["fexit:inet_hash_connect", "fexit:__sys_connect"])
         );
+        assert!(not_mirrored(&hooks(&["tracepoint:syscalls:sys_exit_bind"])).is_empty());
     }
 }
