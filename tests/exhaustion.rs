@@ -364,6 +364,81 @@ fn a_handshake_finished_in_softirq_is_charged_to_the_connecting_process() {
     );
 }
 
+/// Blocking connects that wait in SYN_SENT — their SYNs dropped by a full accept queue, as an
+/// unanswered destination drops them — hold their ports for about two minutes, and in
+/// tracepoint mode (for IPv6 in every mode) no record carries those ports until connect()
+/// returns. The agent finds such connects in the kernel's connect notes and has their namespace
+/// dumped at once: every port is charged to its process within seconds, not at the next resync
+/// (an hour away here).
+#[test]
+fn blocking_connects_waiting_in_syn_sent_are_charged_within_seconds() {
+    waiting_connects_charged(
+        "blocking_connects_waiting_in_syn_sent_are_charged_within_seconds",
+        V4,
+    );
+}
+
+#[test]
+fn ipv6_blocking_connects_waiting_in_syn_sent_are_charged_within_seconds() {
+    waiting_connects_charged(
+        "ipv6_blocking_connects_waiting_in_syn_sent_are_charged_within_seconds",
+        V6,
+    );
+}
+
+fn waiting_connects_charged(test: &str, dest: &str) {
+    let _g = serial();
+    if !require_root(test) {
+        return;
+    }
+    let mut ns = Netns::new();
+    // Backlog 1: two connections fill the accept queue, and the server never accepts them.
+    ns.keep(
+        "server",
+        &["serve", "--listen", dest, "--no-accept", "--backlog", "1"],
+        "ready",
+    );
+    let mut agent = Agent::start_with(ns.id, &["--resync", "3600"]);
+    let (filler, _) = ns.keep(
+        "filler",
+        &["hold", "--connect", dest, "--count", "2"],
+        "held 2",
+    );
+    // Each blocks in its one connect(), in SYN_SENT, for the rest of the test; killed when it
+    // ends (dropped before the namespace).
+    let waiters: Vec<_> = (0..14)
+        .map(|i| {
+            ns.spawn(
+                &format!("waiter{i}"),
+                &["hold", "--connect", dest, "--count", "1"],
+            )
+        })
+        .collect();
+    // Within the agent's wait (30 s): long before the resync.
+    let started = std::time::Instant::now();
+    let summary = agent.wait_for("a summary with all 16 ports in use", |v| {
+        v["type"] == "summary"
+            && v["destinations"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["dport"] == 9000 && d["in_use"] == 16))
+    });
+    let waited = started.elapsed();
+    println!("charged after {waited:?}");
+    let d = summary["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(d["by_state"]["SYN_SENT"], 14, "{d:#}\n{}", agent.context());
+    let victim = ns.victim_fails("victim", dest);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    let ctx = format!("{report:#}\n{}", agent.context());
+    assert_eq!(holder_ports(&report, filler), Some(2), "{ctx}");
+    for w in &waiters {
+        assert_eq!(holder_ports(&report, w.pid()), Some(1), "{ctx}");
+    }
+}
+
 #[test]
 fn v4_mapped_ipv6_connections_count_against_the_ipv4_range() {
     let _g = serial();

@@ -88,7 +88,8 @@ pub struct TraceArgs {
     /// Destinations per summary.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
-    /// Seconds between corrections of the table against the kernel's sock_diag.
+    /// Seconds between corrections of the table against the kernel's sock_diag (a namespace
+    /// with a blocking connect left waiting in SYN_SENT is dumped within seconds too).
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
     pub resync: Duration,
     /// Size of each ring buffer in KiB (power of two, 4 to 1048576); the kernel side writes to

@@ -14,6 +14,7 @@ pub mod advice;
 pub mod btf;
 pub mod cli;
 pub mod clock;
+pub mod connect_notes;
 pub mod decoder;
 pub mod demo;
 pub mod doctor;

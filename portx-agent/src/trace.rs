@@ -12,7 +12,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use portx_common::{
-    names, FailureCount, FailureKey, EADDRINUSE, EADDRNOTAVAIL, FAILURE_RECORD_GAP_NS,
+    names, Connecting, FailureCount, FailureKey, EADDRINUSE, EADDRNOTAVAIL, FAILURE_RECORD_GAP_NS,
     FAILURE_WAKE_GAP_NS,
 };
 use tokio::{
@@ -22,13 +22,14 @@ use tokio::{
 
 use crate::{
     btf, clock,
+    connect_notes::StuckConnects,
     decoder::{self, Event, SyscallFailure, Tally, Task},
     failure_counts::FailureCounts,
     failure_lines::{self, FailureLines},
     filter::Filter,
     forecast::Rates,
     identity::Identities,
-    loader::{self, HookChoice, LoadOptions, StateHookChoice},
+    loader::{self, HookChoice, HookMode, LoadOptions, StateHookChoice},
     metrics_server,
     output::Output,
     privilege, prog_stats,
@@ -109,6 +110,11 @@ pub struct Links {
 
 /// How often rates are sampled and a [`View`] is published.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
+
+/// A namespace is dumped for connects waiting in SYN_SENT (see `connect_notes`) no sooner than
+/// this after the last dump of any kind began: during an outage that keeps blocking connects
+/// waiting, each dump's /proc scan is paid at most this often, not once a second.
+const STUCK_DUMP_GAP: Duration = Duration::from_secs(2);
 /// Each [`VIEW_EVERY`], the identities of the top holders of the busiest destinations are read
 /// (cached) while those processes are alive.
 const PREFETCH_DESTS: usize = 10;
@@ -739,6 +745,28 @@ fn prune_reports<K>(reports: &mut Map<K, LastReport>, now_ns: u64, every: Durati
     });
 }
 
+/// One reading of the kernel's connect notes (see `connect_notes`): the namespaces with a
+/// connect newly found waiting in SYN_SENT with no record of its port. A reading that fails is
+/// skipped: the next one, a second later, finds the same notes (and the periodic resync the
+/// ports meanwhile).
+fn read_connect_notes(
+    map: &BpfHashMap<MapData, u64, Connecting>,
+    stuck: &mut StuckConnects,
+    every_family: bool,
+) -> std::collections::BTreeSet<u32> {
+    let mut notes = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(note) => notes.push(note),
+            Err(e) => {
+                tracing::warn!("reading the kernel's connect notes: {e}");
+                return Default::default();
+            }
+        }
+    }
+    stuck.read(notes, every_family)
+}
+
 fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
     match map.get(&0, 0) {
         Ok(values) => values.iter().sum(),
@@ -818,6 +846,16 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             .take_map(names::FAILURE_COUNTS)
             .ok_or_else(|| anyhow!("map {} missing", names::FAILURE_COUNTS))?,
     )?;
+    let connect_notes: BpfHashMap<MapData, u64, Connecting> = BpfHashMap::try_from(
+        loaded
+            .ebpf
+            .take_map(names::CONNECTING)
+            .ok_or_else(|| anyhow!("map {} missing", names::CONNECTING))?,
+    )?;
+    // In tracepoint mode no connect's port has a record before the thread's next record of the
+    // socket or connect()'s exit; in the others IPv6's alone waits for the exit.
+    let every_family = loaded.mode == HookMode::Tracepoint;
+    let mut stuck = StuckConnects::new();
     let mut reader = Reader::new(rings).context("registering the ring buffers with tokio")?;
     let mut logger = match loaded.logger.take() {
         Some(l) => Some(crate::reader::register(l).context("registering the kernel log buffer")?),
@@ -904,6 +942,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         .duration
         .map(|d| tokio::time::Instant::now() + d);
     let mut resync_job: Option<tokio::task::JoinHandle<seed::Pass>> = None;
+    // When the last sock_diag pass began (the start-up seed counts as one).
+    let mut last_pass = tokio::time::Instant::now();
     // A failure wakes the agent at most once per FAILURE_WAKE_GAP_NS per CPU (portx-ebpf
     // emit.rs); after reading one, read again that long later for those that did not wake it.
     let follow_up_gap = Duration::from_nanos(FAILURE_WAKE_GAP_NS);
@@ -992,8 +1032,24 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 if let Some(v) = session.tick_view(view.receiver_count() > 0) {
                     view.send_replace(Arc::new(v));
                 }
+                let waiting = read_connect_notes(&connect_notes, &mut stuck, every_family);
+                if !waiting.is_empty()
+                    && resync_job.is_none()
+                    && last_pass.elapsed() >= STUCK_DUMP_GAP
+                {
+                    let only: Vec<u32> = waiting.into_iter().collect();
+                    tracing::debug!(
+                        "connects waiting in SYN_SENT with no record of their port in netns {only:?}: sock_diag now"
+                    );
+                    stuck.dumped();
+                    last_pass = tokio::time::Instant::now();
+                    resync_job = Some(tokio::task::spawn_blocking(move || {
+                        seed::pass(&only, clock::monotonic_ns(), true)
+                    }));
+                }
             }
             _ = resync.tick(), if resync_job.is_none() => {
+                last_pass = tokio::time::Instant::now();
                 let only = session.opts.netns.clone();
                 resync_job = Some(tokio::task::spawn_blocking(move || {
                     seed::pass(&only, clock::monotonic_ns(), true)

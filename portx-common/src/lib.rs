@@ -57,6 +57,7 @@ pub mod names {
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const FAILURE_RECORD_GAP_NS: &str = "FAILURE_RECORD_GAP_NS";
     pub const FAILURE_COUNTS: &str = "FAILURE_COUNTS";
+    pub const CONNECTING: &str = "CONNECTING";
 }
 
 /// Record kinds (`EventHeader::kind`).
@@ -258,6 +259,44 @@ pub struct FailureCount {
     pub born_ns: u64,
 }
 
+/// A `CONNECTING` entry, by thread (`pid_tgid`): the socket the thread's connect() put into
+/// SYN_SENT and where it goes, written by the state program in the thread's own context. The
+/// agent reads the map too: a note that stays [`connect_phase::SEEKING`] is a connect still
+/// waiting in SYN_SENT whose port no record may have brought yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connecting {
+    /// Kernel address of the socket (as [`StateEvent::skaddr`]).
+    pub sk: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub family: u16,
+    /// Host order.
+    pub dport: u16,
+    /// One of [`connect_phase`].
+    pub phase: u32,
+    pub _pad: u32,
+}
+
+/// Where a noted connect is ([`Connecting::phase`]).
+pub mod connect_phase {
+    /// Taken by connect()'s exit: nothing left to do with it.
+    pub const TAKEN: u32 = 0;
+    /// In SYN_SENT, the port being sought or found; where the first record waits for the port,
+    /// no record has opened the connect yet.
+    pub const SEEKING: u32 = 1;
+    /// The port search failed (SYN_SENT->CLOSE with no port) and that state change was not
+    /// written: connect()'s failure record names the socket and says it all. Should no
+    /// connect() return for it (TCP Fast Open's sendto, io_uring), the thread's next connect or
+    /// connect() exit writes it — where a record opened the connect (not where the first
+    /// record waits for the port: then nothing opened it).
+    pub const SEARCH_FAILED: u32 = 2;
+    /// The connect's first record was written by a state change in the connecting thread
+    /// before connect() returned ([`super::state_flags::OPENS`]).
+    pub const OPENED: u32 = 3;
+}
+
 /// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
 /// `OFFSETS` global before load (Rust eBPF has no CO-RE relocations). All `struct sock` offsets
 /// are from the start of `struct sock` (`__sk_common` is its first member).
@@ -373,6 +412,7 @@ const _: () = assert!(size_of::<SyscallEvent>() == 96);
 const _: () = assert!(size_of::<FailureKey>() == 32);
 const _: () = assert!(size_of::<FailureCount>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 72);
+const _: () = assert!(size_of::<Connecting>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -381,4 +421,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::FailureKey {}
     unsafe impl aya::Pod for super::FailureCount {}
+    unsafe impl aya::Pod for super::Connecting {}
 }

@@ -19,9 +19,11 @@ use aya_ebpf::{
     programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
+pub use portx_common::connect_phase as phase;
 use portx_common::{
-    fail_flags, hook_mode, kind, state_flags, syscall_tp, tcp_state, FailureKey, PortEvent,
-    SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM, ERESTARTSYS,
+    fail_flags, hook_mode, kind, state_flags, syscall_tp, tcp_state, Connecting, FailureKey,
+    PortEvent, SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM,
+    ERESTARTSYS,
 };
 
 use crate::{
@@ -32,52 +34,16 @@ use crate::{
     state::Endpoints,
 };
 
-/// The socket a thread's connect() put into SYN_SENT, and where it goes; written by `state`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Connecting {
-    pub sk: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub netns: u32,
-    pub family: u16,
-    /// Host order.
-    pub dport: u16,
-    /// One of [`phase`].
-    pub phase: u32,
-    pub _pad: u32,
-}
-
-impl Connecting {
-    /// Where the noted socket is, as a state record carries it.
-    #[inline(always)]
-    fn endpoints(&self) -> Endpoints {
-        Endpoints {
-            family: self.family,
-            saddr: self.saddr,
-            daddr: self.daddr,
-            dport: self.dport.to_be(),
-            netns: self.netns,
-        }
+/// Where the noted socket is, as a state record carries it.
+#[inline(always)]
+fn endpoints_of(call: &Connecting) -> Endpoints {
+    Endpoints {
+        family: call.family,
+        saddr: call.saddr,
+        daddr: call.daddr,
+        dport: call.dport.to_be(),
+        netns: call.netns,
     }
-}
-
-/// Where a noted connect is.
-pub mod phase {
-    /// Taken by connect()'s exit: nothing left to do with it.
-    pub const TAKEN: u32 = 0;
-    /// In SYN_SENT, the port being sought or found; where the first record waits for the port
-    /// ([`super::deferred`]), no record has opened the connect yet.
-    pub const SEEKING: u32 = 1;
-    /// The port search failed (SYN_SENT->CLOSE with no port) and that state change was not
-    /// written: connect()'s failure record names the socket and says it all. Should no
-    /// connect() return for it (TCP Fast Open's sendto, io_uring), the thread's next connect or
-    /// connect() exit writes it — where a record opened the connect (not where the first
-    /// record waits for the port, [`super::deferred`]: then nothing opened it).
-    pub const SEARCH_FAILED: u32 = 2;
-    /// The connect's first record was written by a state change in the connecting thread
-    /// before connect() returned (`state_flags::OPENS`).
-    pub const OPENED: u32 = 3;
 }
 
 /// True where a connect's first record waits until its port is known, so that one record opens
@@ -98,6 +64,8 @@ pub fn deferred(family: u16) -> bool {
 /// fill up with them. Entries are updated in place (a lookup and stores, no allocation or lock):
 /// only the thread itself writes its entry. (An LRU may hand an element to another key while a
 /// program holds it; that needs more threads in connect() at once than the map has entries.)
+/// The agent reads it once a second (portx-agent `connect_notes.rs`): a note left
+/// [`phase::SEEKING`] for the same socket in two readings is a connect waiting in SYN_SENT.
 #[map(name = "CONNECTING")]
 pub static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(16384, 0);
 
@@ -166,7 +134,7 @@ pub fn emit_held_close(call: &Connecting) {
         // No record opened this connect: its first record waits for a port.
         return;
     }
-    let at = call.endpoints();
+    let at = endpoints_of(call);
     let hdr = header_without_task(kind::STATE, 0);
     let event = at.state_event(hdr, call.sk, tcp_state::SYN_SENT, tcp_state::CLOSE, 0);
     emit(event, Wake::Batch);
@@ -346,7 +314,7 @@ fn opened_late(call: &Connecting, state: u32) {
     if sport == 0 {
         return;
     }
-    let at = call.endpoints();
+    let at = endpoints_of(call);
     let hdr = header(kind::STATE, state_flags::AT_EXIT);
     let event = at.state_event(hdr, call.sk, tcp_state::CLOSE, state, sport);
     emit(event, Wake::Batch);

@@ -17,12 +17,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portx_common::{
-    hook_mode, kind, state_flags, tcp_state, EventHeader, SockCommonHead, StateEvent, AF_INET,
-    AF_INET6, IPPROTO_TCP,
+    hook_mode, kind, state_flags, tcp_state, Connecting, EventHeader, SockCommonHead, StateEvent,
+    AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
-    connect::{self, phase, Connecting, FromSynSent},
+    connect::{self, phase, FromSynSent},
     emit::{emit, header, header_without_task, Wake},
     globals::{agent_tgid, hook_mode, offsets},
     kernel::{btf_load, btf_load_in6, netns_by_cookie, netns_of, sock_field, sock_netns},

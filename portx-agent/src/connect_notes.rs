@@ -1,0 +1,160 @@
+//! The kernel's connect notes (`CONNECTING`, portx-ebpf `connect.rs`), read once a second for
+//! connects that wait in SYN_SENT with a port no record has brought.
+//!
+//! Where a connect's first record waits for its port (tracepoint mode), or its port comes only
+//! when connect() returns (IPv6 in the other modes: `inet6_hash_connect` is not hooked), a
+//! *blocking* connect() that sleeps in SYN_SENT writes nothing with its port until it returns:
+//! to an unanswered destination (a blackhole, a full accept queue) that is about two minutes
+//! (`tcp_syn_retries`), with the port held all along. Its note stays [`connect_phase::SEEKING`]
+//! meanwhile. A note found waiting, for the same socket, in two readings in a row is such a
+//! connect: the agent dumps its namespace through sock_diag (the resync's pass) at once, which
+//! charges the port to the process whose fd holds the socket, instead of at the next resync.
+//! A connect that returns or moves on between two readings (every connect a loopback or LAN
+//! peer answers) is never seen waiting twice, so a storm asks for nothing.
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use portx_common::{connect_phase, Connecting, AF_INET6};
+
+/// A note: the thread (`pid_tgid`, the map's key) and its socket.
+type NoteId = (u64, u64);
+
+#[derive(Default)]
+pub struct StuckConnects {
+    /// Notes waiting at the last reading.
+    waiting: HashSet<NoteId>,
+    /// Notes waiting in two readings or more and not yet dumped for, with their namespace.
+    stuck: HashMap<NoteId, u32>,
+    /// Notes already dumped for, while they keep waiting.
+    dumped: HashSet<NoteId>,
+}
+
+impl StuckConnects {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One reading of the map (`(pid_tgid, note)`). `every_family`: every waiting note lacks its
+    /// port (tracepoint mode); else only IPv6 ones do. Returns the namespaces that have a connect
+    /// found waiting since the previous reading and not dumped for yet.
+    pub fn read(
+        &mut self,
+        notes: impl IntoIterator<Item = (u64, Connecting)>,
+        every_family: bool,
+    ) -> BTreeSet<u32> {
+        let mut now = HashSet::new();
+        let mut stuck = HashMap::new();
+        for (thread, note) in notes {
+            if note.phase != connect_phase::SEEKING || !(every_family || note.family == AF_INET6) {
+                continue;
+            }
+            let id = (thread, note.sk);
+            now.insert(id);
+            if self.waiting.contains(&id) && !self.dumped.contains(&id) {
+                stuck.insert(id, note.netns);
+            }
+        }
+        self.dumped.retain(|id| now.contains(id));
+        self.waiting = now;
+        self.stuck = stuck;
+        self.stuck.values().copied().collect()
+    }
+
+    /// The namespaces the last [`read`](Self::read) returned were dumped (by a pass that began
+    /// after that reading): their connects are not asked for again while they keep waiting.
+    pub fn dumped(&mut self) {
+        self.dumped.extend(self.stuck.drain().map(|(id, _)| id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portx_common::AF_INET;
+
+    fn note(sk: u64, netns: u32, family: u16, phase: u32) -> Connecting {
+        Connecting {
+            sk,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            netns,
+            family,
+            dport: 9000,
+            phase,
+            _pad: 0,
+        }
+    }
+
+    fn waiting(sk: u64, netns: u32) -> Connecting {
+        note(sk, netns, AF_INET, connect_phase::SEEKING)
+    }
+
+    #[test]
+    fn a_connect_waiting_in_two_readings_asks_for_its_namespace_once() {
+        let mut s = StuckConnects::new();
+        assert!(
+            s.read([(1, waiting(0xa, 7))], true).is_empty(),
+            "one reading"
+        );
+        assert_eq!(s.read([(1, waiting(0xa, 7))], true), BTreeSet::from([7]));
+        s.dumped();
+        assert!(s.read([(1, waiting(0xa, 7))], true).is_empty(), "dumped");
+        // Another thread's connect in the same namespace, and one in another.
+        let notes = [
+            (1, waiting(0xa, 7)),
+            (2, waiting(0xb, 7)),
+            (3, waiting(0xc, 8)),
+        ];
+        assert!(s.read(notes, true).is_empty());
+        assert_eq!(s.read(notes, true), BTreeSet::from([7, 8]));
+    }
+
+    #[test]
+    fn connects_that_move_on_between_readings_ask_for_nothing() {
+        let mut s = StuckConnects::new();
+        // A thread connecting over and over (a storm): each reading sees another socket.
+        for sk in 0..5 {
+            assert!(s.read([(1, waiting(sk, 7))], true).is_empty());
+        }
+        // Taken by connect()'s exit, or opened by the thread's own record.
+        s.read([(1, waiting(9, 7))], true);
+        assert!(s
+            .read([(1, note(9, 7, AF_INET, connect_phase::TAKEN))], true)
+            .is_empty());
+        s.read([(1, waiting(10, 7))], true);
+        assert!(s
+            .read([(1, note(10, 7, AF_INET, connect_phase::OPENED))], true)
+            .is_empty());
+    }
+
+    #[test]
+    fn not_dumped_yet_asks_again() {
+        let mut s = StuckConnects::new();
+        s.read([(1, waiting(0xa, 7))], true);
+        assert_eq!(s.read([(1, waiting(0xa, 7))], true), BTreeSet::from([7]));
+        // No pass could run (one was under way): still asked for.
+        assert_eq!(s.read([(1, waiting(0xa, 7))], true), BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn a_socket_waiting_again_after_it_moved_on_is_a_new_connect() {
+        let mut s = StuckConnects::new();
+        s.read([(1, waiting(0xa, 7))], true);
+        s.read([(1, waiting(0xa, 7))], true);
+        s.dumped();
+        // connect() returned; the same socket (or memory) connects again and waits.
+        s.read([(1, note(0xa, 7, AF_INET, connect_phase::TAKEN))], true);
+        s.read([(1, waiting(0xa, 7))], true);
+        assert_eq!(s.read([(1, waiting(0xa, 7))], true), BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn where_ipv4_ports_have_records_only_ipv6_notes_count() {
+        let mut s = StuckConnects::new();
+        let notes = [
+            (1, waiting(0xa, 7)),
+            (2, note(0xb, 8, AF_INET6, connect_phase::SEEKING)),
+        ];
+        s.read(notes, false);
+        assert_eq!(s.read(notes, false), BTreeSet::from([8]));
+    }
+}
