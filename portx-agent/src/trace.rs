@@ -342,17 +342,14 @@ impl<W: io::Write> Session<W> {
         let Some(map) = &mut self.failure_map else {
             return;
         };
-        let mut entries = Vec::new();
-        for item in map.iter() {
-            match item {
-                Ok(entry) => entries.push(entry),
-                Err(e) => {
-                    // Read again in a second; nothing is lost meanwhile (the kernel only adds).
-                    tracing::warn!("reading the kernel's failure counts: {e}");
-                    return;
-                }
+        let entries = match map.iter().collect::<Result<Vec<_>, _>>() {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Read again in a second; nothing is lost meanwhile (the kernel only adds).
+                tracing::warn!("reading the kernel's failure counts: {e}");
+                return;
             }
-        }
+        };
         let reading = self.failure_counts.read(entries, |tgid| {
             matches!(
                 std::fs::metadata(format!("/proc/{tgid}")),
@@ -754,17 +751,13 @@ fn read_connect_notes(
     stuck: &mut StuckConnects,
     every_family: bool,
 ) -> std::collections::BTreeSet<u32> {
-    let mut notes = Vec::new();
-    for item in map.iter() {
-        match item {
-            Ok(note) => notes.push(note),
-            Err(e) => {
-                tracing::warn!("reading the kernel's connect notes: {e}");
-                return Default::default();
-            }
+    match map.iter().collect::<Result<Vec<_>, _>>() {
+        Ok(notes) => stuck.read(notes, every_family),
+        Err(e) => {
+            tracing::warn!("reading the kernel's connect notes: {e}");
+            Default::default()
         }
     }
-    stuck.read(notes, every_family)
 }
 
 fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
