@@ -257,6 +257,46 @@ fn existing_connections_are_seeded_at_start() {
     assert_eq!(report["holders"][0]["ports"], 16);
 }
 
+/// A sock_diag pass looks in /proc (a readlink for every descriptor of every process on the host)
+/// only for live sockets that no record brought: once the records of every socket are read, the
+/// periodic passes look up nothing, and the sockets keep the owner their records named.
+#[test]
+fn resyncs_look_in_proc_only_for_sockets_no_record_brought() {
+    let _g = serial();
+    if !require_root("resyncs_look_in_proc_only_for_sockets_no_record_brought") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_with(ns.id, &["-v", "--resync", "1"]);
+    agent.wait_for("started", |v| v["type"] == "started");
+    let (hog, _) = ns.hog("hog", V4);
+    agent.wait_for("a summary with the hog's 16 ports", |v| {
+        v["type"] == "summary"
+            && v["destinations"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["dport"] == 9000 && d["in_use"] == 16))
+    });
+    let mark = agent.stderr().len();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let said = agent.stderr().get(mark..).unwrap_or_default().to_string();
+    let passes = said
+        .matches("sock_diag pass: no live socket the table lacks")
+        .count();
+    assert!(
+        passes >= 2,
+        "{passes} passes in 3.5 s with --resync 1:\n{said}"
+    );
+    assert!(
+        !said.contains("looking for their processes in /proc"),
+        "a pass looked in /proc with every socket in the table:\n{said}"
+    );
+    let victim = ns.victim_fails("victim", V4);
+    let report = exhaustion_for(&mut agent, victim, 9000);
+    assert_eq!(report["holders"][0]["pid"], hog, "{report:#}");
+    assert_eq!(report["holders"][0]["ports"], 16, "{report:#}");
+}
+
 #[test]
 fn syn_sent_ports_are_charged_at_allocation() {
     syn_sent_ports_charged("syn_sent_ports_are_charged_at_allocation", "127.0.0.1:9002");

@@ -59,6 +59,17 @@ impl StuckConnects {
         self.stuck.values().copied().collect()
     }
 
+    /// The processes (tgid) of the connects behind the namespaces the last [`read`](Self::read)
+    /// returned: their fds hold the sockets a dump is asked for.
+    pub fn processes(&self) -> Vec<u32> {
+        let tgids: BTreeSet<u32> = self
+            .stuck
+            .keys()
+            .map(|(thread, _)| (thread >> 32) as u32)
+            .collect();
+        tgids.into_iter().collect()
+    }
+
     /// The namespaces the last [`read`](Self::read) returned were dumped (by a pass that began
     /// after that reading): their connects are not asked for again while they keep waiting.
     pub fn dumped(&mut self) {
@@ -96,7 +107,9 @@ mod tests {
             "one reading"
         );
         assert_eq!(s.read([(1, waiting(0xa, 7))], true), BTreeSet::from([7]));
+        assert_eq!(s.processes(), vec![0], "tgid 0 in the key's high half");
         s.dumped();
+        assert!(s.processes().is_empty());
         assert!(s.read([(1, waiting(0xa, 7))], true).is_empty(), "dumped");
         // Another thread's connect in the same namespace, and one in another.
         let notes = [
@@ -106,6 +119,16 @@ mod tests {
         ];
         assert!(s.read(notes, true).is_empty());
         assert_eq!(s.read(notes, true), BTreeSet::from([7, 8]));
+        // Threads 2 and 3 of process 42, and process 43.
+        let threads = [(42 << 32) | 2, (42 << 32) | 3, (43 << 32) | 43];
+        let notes = [
+            (threads[0], waiting(0xd, 7)),
+            (threads[1], waiting(0xe, 7)),
+            (threads[2], waiting(0xf, 8)),
+        ];
+        s.read(notes, true);
+        s.read(notes, true);
+        assert_eq!(s.processes(), vec![42, 43]);
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn human(r: &NetnsReport, w: &mut impl std::io::Write) -> std::io::Result<()> {
 /// Prints the reports: readable, or one JSON object per namespace.
 pub fn run(json: bool, top: usize, netns: &[u32]) -> anyhow::Result<()> {
     let now = clock::monotonic_ns();
-    let pass = seed::pass(netns, now, true);
+    let pass = seed::pass_with_owners(netns, now);
     for (id, why) in &pass.skipped {
         tracing::warn!("network namespace {id} left out: {why}");
     }
@@ -187,7 +187,6 @@ mod tests {
     use super::*;
     use crate::sockdiag::DiagSocket;
     use portx_common::tcp_state as st;
-    use std::collections::HashMap;
 
     #[test]
     fn a_report_per_namespace_with_advice_only_where_evidence_is() {
@@ -212,7 +211,7 @@ mod tests {
                 settings: None,
             }],
             started_ns: 1,
-            owners: HashMap::new(),
+            owners: None,
             skipped: vec![],
         };
         let r = reports(&pass, 5, 1);

@@ -1,6 +1,10 @@
 //! Who owns a socket: /proc/<pid>/fd links `socket:[inode]`, and process identity (comm, start
 //! time to tell a reused pid from the original). Used at start-up and on resync, never per event.
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::Path,
+};
 
 use thiserror::Error;
 
@@ -51,23 +55,66 @@ pub fn start_time(pid: u32) -> Option<u64> {
     parse_stat_start_time(&read_lossy(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// Socket inode -> owning process, over every process. Processes and fds that vanish during
-/// the scan are skipped; the first owner found wins (a socket shared after fork() is charged to
-/// one process).
-pub fn socket_owners() -> Result<HashMap<u64, ProcInfo>, ProcError> {
-    let mut owners = HashMap::new();
-    let mut unreadable = 0usize;
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+/// The process behind each socket inode of `wanted`, from the `socket:[inode]` links in
+/// /proc/<pid>/fd: the processes of `first` before the others, and the walk stops once every
+/// wanted inode is found (it reads a link for every descriptor it passes). Processes and fds
+/// that vanish during the walk are skipped; the first owner found wins (a socket shared after
+/// fork() is charged to one process).
+pub fn socket_owners(
+    wanted: &HashSet<u64>,
+    first: &[u32],
+) -> Result<HashMap<u64, ProcInfo>, ProcError> {
+    let mut walk = OwnerWalk {
+        wanted,
+        owners: HashMap::with_capacity(wanted.len()),
+        unreadable: 0,
+    };
+    for &pid in first {
+        walk.process(pid);
+    }
+    if !walk.done() {
+        for entry in fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if first.contains(&pid) {
+                continue;
+            }
+            walk.process(pid);
+            if walk.done() {
+                break;
+            }
+        }
+    }
+    if walk.unreadable > 0 {
+        tracing::debug!(
+            "{} processes' fds were unreadable or vanished",
+            walk.unreadable
+        );
+    }
+    Ok(walk.owners)
+}
+
+struct OwnerWalk<'a> {
+    wanted: &'a HashSet<u64>,
+    owners: HashMap<u64, ProcInfo>,
+    unreadable: usize,
+}
+
+impl OwnerWalk<'_> {
+    fn done(&self) -> bool {
+        self.owners.len() == self.wanted.len()
+    }
+
+    /// The wanted sockets among `pid`'s descriptors.
+    fn process(&mut self, pid: u32) {
         let Ok(fds) = fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) else {
-            unreadable += 1;
-            continue;
+            self.unreadable += 1;
+            return;
         };
         let mut comm_cache: Option<String> = None;
         for fd in fds.flatten() {
@@ -77,11 +124,11 @@ pub fn socket_owners() -> Result<HashMap<u64, ProcInfo>, ProcError> {
             let Some(inode) = link.to_str().and_then(parse_socket_link) else {
                 continue;
             };
-            if owners.contains_key(&inode) {
+            if !self.wanted.contains(&inode) || self.owners.contains_key(&inode) {
                 continue;
             }
             let name = comm_cache.get_or_insert_with(|| comm(pid).unwrap_or_default());
-            owners.insert(
+            self.owners.insert(
                 inode,
                 ProcInfo {
                     pid,
@@ -90,10 +137,6 @@ pub fn socket_owners() -> Result<HashMap<u64, ProcInfo>, ProcError> {
             );
         }
     }
-    if unreadable > 0 {
-        tracing::debug!("{unreadable} processes' fds were unreadable or vanished");
-    }
-    Ok(owners)
 }
 
 #[cfg(test)]
@@ -118,11 +161,37 @@ mod tests {
         let inode = fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
             .unwrap()
             .ino();
-        let owners = socket_owners().unwrap();
-        let me = owners.get(&inode).expect("our socket is found");
-        assert_eq!(me.pid, std::process::id());
-        assert!(start_time(me.pid).is_some());
-        assert_eq!(comm(me.pid).as_deref(), Some(me.comm.as_str()));
+        let me = std::process::id();
+        let unknown = u64::MAX; // no socket has it: the walk goes through every process
+        let wanted = HashSet::from([inode, unknown]);
+        let owners = socket_owners(&wanted, &[]).unwrap();
+        let found = owners.get(&inode).expect("our socket is found");
+        assert_eq!(found.pid, me);
+        assert_eq!(owners.len(), 1, "only wanted inodes: {owners:?}");
+        assert!(start_time(me).is_some());
+        assert_eq!(comm(me).as_deref(), Some(found.comm.as_str()));
+    }
+
+    #[test]
+    fn the_processes_looked_at_first_win_a_shared_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_raw_fd();
+        let inode = fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        // A child that inherits the socket: both processes hold it.
+        // SAFETY: fcntl on our own open fd.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let wanted = HashSet::from([inode]);
+        let me = std::process::id();
+        let by_child = socket_owners(&wanted, &[child.id()]).map(|o| o.get(&inode).map(|p| p.pid));
+        let by_me = socket_owners(&wanted, &[me]).map(|o| o.get(&inode).map(|p| p.pid));
+        child.kill().ok();
+        child.wait().ok();
+        assert_eq!(by_child.unwrap(), Some(child.id()));
+        assert_eq!(by_me.unwrap(), Some(me));
     }
 
     #[test]

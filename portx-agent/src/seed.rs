@@ -5,8 +5,10 @@
 //!
 //! Each network namespace with a process (or a /run/netns bind mount) is dumped through sock_diag
 //! from a thread that entered it; live sockets are attributed to processes through the socket
-//! inodes in /proc/<pid>/fd. Timewait sockets have no inode: their owner is unknown unless the
-//! tracker already charged them to the process that closed them.
+//! inodes in /proc/<pid>/fd: a readlink for every descriptor of every process, so made only for
+//! live sockets the tracker does not hold ([`lacking_owners`]). Timewait sockets have no inode:
+//! their owner is unknown unless the tracker already charged them to the process that closed
+//! them.
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
@@ -39,8 +41,8 @@ pub struct Pass {
     /// CLOCK_MONOTONIC (ns) before the first dump: tracker entries updated after it are newer
     /// than the snapshot and left alone.
     pub started_ns: u64,
-    /// socket inode -> process, only filled when a live socket needs an owner.
-    pub owners: HashMap<u64, ProcInfo>,
+    /// socket inode -> process, from [`with_owners`]; None until it ran.
+    pub owners: Option<HashMap<u64, ProcInfo>>,
     /// Namespaces that could not be entered or dumped, and why.
     pub skipped: Vec<(NetnsId, String)>,
 }
@@ -74,8 +76,9 @@ pub fn client_side(all: Vec<DiagSocket>) -> Vec<DiagSocket> {
         .collect()
 }
 
-/// Dumps every netns (or only `only`, when not empty). Blocking: run it off the event loop.
-pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
+/// Dumps every netns (or only `only`, when not empty). Blocking: run it off the event loop. The
+/// sockets' processes are looked for apart: see [`lacking_owners`] and [`with_owners`].
+pub fn pass(only: &[NetnsId], now_ns: u64) -> Pass {
     let mut snapshots = Vec::new();
     let mut skipped = Vec::new();
     let own = netns::self_id().ok();
@@ -120,20 +123,55 @@ pub fn pass(only: &[NetnsId], now_ns: u64, want_owners: bool) -> Pass {
             }
         }
     }
-    let owners = if want_owners {
-        procfs::socket_owners().unwrap_or_else(|e| {
-            tracing::warn!("attributing sockets to processes: {e}");
-            HashMap::new()
-        })
-    } else {
-        HashMap::new()
-    };
     Pass {
         snapshots,
         started_ns: now_ns,
-        owners,
+        owners: None,
         skipped,
     }
+}
+
+/// The inodes of the sockets that applying `pass` to `tracker` would add and whose process can
+/// be found: live ones (timewait and orphaned sockets have no inode) the tracker does not hold.
+/// In a steady state the tracker holds every live socket from its records, a periodic pass adds
+/// none, and the /proc walk behind [`with_owners`] (a readlink for every descriptor on the host:
+/// a quarter of a CPU second with 76,000 of them here) is not made at all.
+pub fn lacking_owners(tracker: &Tracker, pass: &Pass) -> HashSet<u64> {
+    pass.snapshots
+        .iter()
+        .flat_map(|snap| {
+            snap.sockets
+                .iter()
+                .filter(|s| s.inode != 0 && tracker.would_seed(&dest_of(snap.netns, s), s.sport))
+        })
+        .map(|s| s.inode)
+        .collect()
+}
+
+/// `pass` with the process behind each socket inode of `wanted`, looked for in the processes of
+/// `first` before the others (see [`procfs::socket_owners`]).
+pub fn with_owners(mut pass: Pass, wanted: &HashSet<u64>, first: &[u32]) -> Pass {
+    let began = std::time::Instant::now();
+    let owners = procfs::socket_owners(wanted, first).unwrap_or_else(|e| {
+        tracing::warn!("attributing sockets to processes: {e}");
+        HashMap::new()
+    });
+    tracing::debug!(
+        "found the processes of {} of {} sockets in /proc in {:?} ({} processes looked at first)",
+        owners.len(),
+        wanted.len(),
+        began.elapsed(),
+        first.len()
+    );
+    pass.owners = Some(owners);
+    pass
+}
+
+/// A pass with the process of every live socket it found (`snapshot`, `doctor`).
+pub fn pass_with_owners(only: &[NetnsId], now_ns: u64) -> Pass {
+    let pass = pass(only, now_ns);
+    let wanted = lacking_owners(&Tracker::new(), &pass);
+    with_owners(pass, &wanted, &[])
 }
 
 fn dest_of(netns: NetnsId, s: &DiagSocket) -> DestKey {
@@ -150,8 +188,8 @@ fn dest_of(netns: NetnsId, s: &DiagSocket) -> DestKey {
     }
 }
 
-fn owner_of(s: &DiagSocket, owners: &HashMap<u64, ProcInfo>) -> Owner {
-    match owners.get(&s.inode) {
+fn owner_of(s: &DiagSocket, owners: Option<&HashMap<u64, ProcInfo>>) -> Owner {
+    match owners.and_then(|o| o.get(&s.inode)) {
         Some(p) if s.inode != 0 => Owner {
             pid: p.pid,
             comm: Comm::new(&p.comm),
@@ -175,7 +213,7 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
                 dest,
                 s.sport,
                 s.state,
-                owner_of(s, &pass.owners),
+                owner_of(s, pass.owners.as_ref()),
                 pass.started_ns,
                 tw_left,
             ) {
@@ -253,7 +291,7 @@ mod tests {
                 ],
             }],
             started_ns: 10,
-            owners,
+            owners: Some(owners),
             skipped: vec![],
         };
         assert_eq!(
@@ -277,7 +315,7 @@ mod tests {
                 sockets: vec![sock(st::TIME_WAIT, 40002, 9000, 0)],
             }],
             started_ns: 20,
-            owners: HashMap::new(),
+            owners: None,
             skipped: vec![],
         };
         assert_eq!(
@@ -292,6 +330,56 @@ mod tests {
     }
 
     #[test]
+    fn owners_are_looked_for_only_for_live_sockets_a_pass_would_add() {
+        let mut t = Tracker::with_limit(2);
+        let live = sock(st::ESTABLISHED, 40000, 9000, 3);
+        let pass_of = |sockets: Vec<DiagSocket>| Pass {
+            snapshots: vec![Snapshot {
+                settings: None,
+                netns: 1,
+                sockets,
+            }],
+            started_ns: 10,
+            owners: None,
+            skipped: vec![],
+        };
+        let none = HashSet::new();
+        // Timewait and orphaned sockets have no inode: no process to find.
+        let no_inode = pass_of(vec![
+            sock(st::TIME_WAIT, 40002, 9000, 0),
+            sock(st::FIN_WAIT1, 40004, 9000, 0),
+        ]);
+        assert_eq!(lacking_owners(&t, &no_inode), none);
+        let with_live = pass_of(vec![live.clone(), sock(st::TIME_WAIT, 40002, 9000, 0)]);
+        assert_eq!(lacking_owners(&t, &with_live), HashSet::from([3]));
+        // The same tuple in another namespace is another socket.
+        let mut elsewhere = pass_of(vec![sock(st::ESTABLISHED, 40000, 9000, 5)]);
+        elsewhere.snapshots[0].netns = 2;
+        t.seed(
+            dest_of(1, &live),
+            40000,
+            st::ESTABLISHED as u8,
+            Owner::UNKNOWN,
+            5,
+            0,
+        );
+        assert_eq!(lacking_owners(&t, &with_live), none, "the tracker holds it");
+        assert_eq!(lacking_owners(&t, &elsewhere), HashSet::from([5]));
+        // At the socket limit a pass adds nothing, so it needs no owners either.
+        let other = sock(st::SYN_SENT, 40006, 9000, 4);
+        t.seed(
+            dest_of(1, &other),
+            40006,
+            st::SYN_SENT as u8,
+            Owner::UNKNOWN,
+            5,
+            0,
+        );
+        assert_eq!(t.tracked(), 2);
+        assert_eq!(lacking_owners(&t, &elsewhere), none);
+    }
+
+    #[test]
     fn entries_newer_than_the_snapshot_are_kept() {
         let mut t = Tracker::new();
         let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
@@ -303,7 +391,7 @@ mod tests {
                 sockets: vec![],
             }],
             started_ns: 40,
-            owners: HashMap::new(),
+            owners: None,
             skipped: vec![],
         };
         assert_eq!(apply(&mut t, &pass).removed, 0);
@@ -317,7 +405,7 @@ mod tests {
             eprintln!("skipped: no /proc/thread-self/ns/net");
             return;
         };
-        let p = pass(&[own], 1, false);
+        let p = pass(&[own], 1);
         let Some(snap) = p.snapshots.iter().find(|s| s.netns == own) else {
             eprintln!("skipped: sock_diag refused here: {:?}", p.skipped);
             return;

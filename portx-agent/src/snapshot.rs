@@ -29,7 +29,7 @@ pub struct SnapshotOptions {
 /// Takes the snapshot and writes one record.
 pub fn run(opts: &SnapshotOptions) -> anyhow::Result<()> {
     let now = clock::monotonic_ns();
-    let pass = seed::pass(&opts.netns, now, true);
+    let pass = seed::pass_with_owners(&opts.netns, now);
     for (id, why) in &pass.skipped {
         tracing::warn!("network namespace {id} left out: {why}");
     }
@@ -123,7 +123,7 @@ mod tests {
                 ],
             }],
             started_ns: 1,
-            owners,
+            owners: Some(owners),
             skipped: vec![(9, "entering: EPERM".into())],
         };
         let opts = SnapshotOptions {

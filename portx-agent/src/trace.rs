@@ -892,10 +892,16 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut seeded = 0;
     if session.opts.seed {
         let only = session.opts.netns.clone();
-        let pass =
-            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns(), true))
+        let mut pass =
+            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns()))
                 .await
                 .context("seeding thread")?;
+        let wanted = seed::lacking_owners(&session.tracker, &pass);
+        if !wanted.is_empty() {
+            pass = tokio::task::spawn_blocking(move || seed::with_owners(pass, &wanted, &[]))
+                .await
+                .context("seeding thread")?;
+        }
         seeded = seed::apply(&mut session.tracker, &pass).added;
         session.take_port_settings(&pass);
         tracing::info!(
@@ -937,6 +943,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut resync_job: Option<tokio::task::JoinHandle<seed::Pass>> = None;
     // When the last sock_diag pass began (the start-up seed counts as one).
     let mut last_pass = tokio::time::Instant::now();
+    // Processes whose sockets the running pass is for (connects found waiting).
+    let mut look_first: Vec<u32> = Vec::new();
     // A failure wakes the agent at most once per FAILURE_WAKE_GAP_NS per CPU (portx-ebpf
     // emit.rs); after reading one, read again that long later for those that did not wake it.
     let follow_up_gap = Duration::from_nanos(FAILURE_WAKE_GAP_NS);
@@ -1034,30 +1042,55 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     tracing::debug!(
                         "connects waiting in SYN_SENT with no record of their port in netns {only:?}: sock_diag now"
                     );
+                    // Their processes hold the sockets the pass is for: looked at first.
+                    look_first = stuck.processes();
                     stuck.dumped();
                     last_pass = tokio::time::Instant::now();
                     resync_job = Some(tokio::task::spawn_blocking(move || {
-                        seed::pass(&only, clock::monotonic_ns(), true)
+                        seed::pass(&only, clock::monotonic_ns())
                     }));
                 }
             }
             _ = resync.tick(), if resync_job.is_none() => {
                 last_pass = tokio::time::Instant::now();
+                look_first.clear();
                 let only = session.opts.netns.clone();
                 resync_job = Some(tokio::task::spawn_blocking(move || {
-                    seed::pass(&only, clock::monotonic_ns(), true)
+                    seed::pass(&only, clock::monotonic_ns())
                 }));
             }
             r = async { resync_job.as_mut().expect("guarded by if").await }, if resync_job.is_some() => {
                 resync_job = None;
                 let pass = r.context("resync thread")?;
-                let applied = seed::apply(&mut session.tracker, &pass);
-                session.take_port_settings(&pass);
-                if applied.added + applied.removed + applied.corrected > 0 {
-                    tracing::info!(
-                        "sock_diag resync: {} sockets added, {} removed, {} corrected",
-                        applied.added, applied.removed, applied.corrected
+                // Records of sockets the dump saw may still wait in the rings (wake-ups are
+                // batched): read first, so that only sockets no record brought (lost records,
+                // connects waiting with no record of their port) send the agent through /proc.
+                reader.drain_pending(|buf| session.handle(buf));
+                let wanted = match pass.owners {
+                    None => seed::lacking_owners(&session.tracker, &pass),
+                    Some(_) => Default::default(),
+                };
+                if !wanted.is_empty() {
+                    tracing::debug!(
+                        "sock_diag pass: {} live sockets the table lacks; looking for their processes in /proc",
+                        wanted.len()
                     );
+                    let first = std::mem::take(&mut look_first);
+                    resync_job = Some(tokio::task::spawn_blocking(move || {
+                        seed::with_owners(pass, &wanted, &first)
+                    }));
+                } else {
+                    if pass.owners.is_none() {
+                        tracing::debug!("sock_diag pass: no live socket the table lacks; no /proc scan");
+                    }
+                    let applied = seed::apply(&mut session.tracker, &pass);
+                    session.take_port_settings(&pass);
+                    if applied.added + applied.removed + applied.corrected > 0 {
+                        tracing::info!(
+                            "sock_diag resync: {} sockets added, {} removed, {} corrected",
+                            applied.added, applied.removed, applied.corrected
+                        );
+                    }
                 }
             }
             _ = sigint.recv() => break,

@@ -530,7 +530,8 @@ impl Tracker {
         }
     }
 
-    /// Adds a socket found by sock_diag, unless the table already has that tuple.
+    /// Adds a socket found by sock_diag, unless the table already has that tuple or is full
+    /// ([`Tracker::would_seed`]).
     /// `time_wait_left_ns` is the kernel's remaining TIME_WAIT time (state TIME_WAIT only).
     pub fn seed(
         &mut self,
@@ -541,15 +542,7 @@ impl Tracker {
         now_ns: u64,
         time_wait_left_ns: u64,
     ) -> bool {
-        if self
-            .key_of(&dest, sport)
-            .is_some_and(|key| self.conns.contains_key(&key))
-        {
-            return false;
-        }
-        if self.limit != 0 && self.conns.len() >= self.limit {
-            // At the limit the table is knowingly partial: a resync does not evict what events
-            // placed (it would swap entries back and forth every pass).
+        if !self.would_seed(&dest, sport) {
             return false;
         }
         self.place(
@@ -561,6 +554,16 @@ impl Tracker {
             kernel_stamp(state, now_ns, time_wait_left_ns),
         )
         .is_some()
+    }
+
+    /// True if [`Tracker::seed`] would add the tuple: it is not tracked and the table is below
+    /// its limit. (At the limit the table is knowingly partial: a resync does not evict what
+    /// events placed; it would swap entries back and forth every pass.)
+    pub fn would_seed(&self, dest: &DestKey, sport: u16) -> bool {
+        let tracked = self
+            .key_of(dest, sport)
+            .is_some_and(|key| self.conns.contains_key(&key));
+        !tracked && (self.limit == 0 || self.conns.len() < self.limit)
     }
 
     /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
