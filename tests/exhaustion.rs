@@ -908,23 +908,39 @@ fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
     assert_eq!(lines[0]["failures"], 1, "the first is shown at once");
 }
 
-/// A burst of failures faster than their key gets records (about one each 100 ms): where no
-/// record opened the connects (all but kprobe mode) the kernel only counts them, writes a record
-/// or two, and the agent still counts every one — the rest read from the kernel's counts — in
-/// its summary and in the lines. With `--every-failure` each has its own record and line.
-fn failure_burst(test: &str, every_failure: bool) {
-    let _g = serial();
+/// What a churner's connects came to, all failing against a range a hog holds: the agent's
+/// final summary, the churner's `connect_failed` lines and the failures they add up to, and the
+/// records the agent read meanwhile.
+struct Failures {
+    hooks: String,
+    last: Value,
+    lines: usize,
+    counted: u64,
+    records: u64,
+}
+
+impl Failures {
+    fn ctx(&self) -> String {
+        format!("hooks {}; final summary {:#}", self.hooks, self.last)
+    }
+}
+
+/// Runs the churner `churn` (workload churn arguments after `--connect`) against 127.0.0.1:9000
+/// once a hog holds its namespace's 16 ports, with an agent started with `agent_args`; every
+/// one of its `failed` connects must fail, and the agent must count them all, lose nothing and
+/// put them all in the churner's lines. None without root.
+fn failures_against_a_held_range(
+    test: &str,
+    agent_args: &[&str],
+    churn: &[&str],
+    failed: u64,
+) -> Option<Failures> {
     if !require_root(test) {
-        return;
+        return None;
     }
     let mut ns = Netns::new();
     ns.serve(&[V4]);
-    let extra: &[&str] = if every_failure {
-        &["--every-failure"]
-    } else {
-        &[]
-    };
-    let mut agent = Agent::start_with(ns.id, extra);
+    let mut agent = Agent::start_with(ns.id, agent_args);
     ns.hog("hog", V4);
     let before = agent.wait_for("a summary with the range held", |v| {
         v["type"] == "summary"
@@ -932,26 +948,56 @@ fn failure_burst(test: &str, every_failure: bool) {
                 .as_array()
                 .is_some_and(|d| d.iter().any(|d| d["dport"] == 9000 && d["in_use"] == 16))
     });
-    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "300"]);
-    churner.expect("churned ok=0 failed=300");
+    let args: Vec<&str> = ["churn", "--connect", V4]
+        .iter()
+        .chain(churn)
+        .copied()
+        .collect();
+    let mut churner = ns.spawn("churner", &args);
+    churner.expect(&format!("churned ok=0 failed={failed}"));
     churner.wait();
     let pid = churner.pid();
-    agent.wait_for("a summary counting the burst", |v| {
-        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(300)
+    agent.wait_for("a summary counting the churner's failures", |v| {
+        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(failed)
     });
     let hooks = agent.hooks.clone();
     let all = stop_and_collect(agent);
-    let last = final_summary(&all);
-    let ctx = format!("hooks {hooks}; final summary {last:#}");
-    assert_eq!(last["connect_failures"], 300, "{ctx}");
-    assert_eq!(last["lost"], 0, "{ctx}");
+    let last = final_summary(&all).clone();
     let (lines, counted) = failure_lines_of(&all, pid);
-    assert_eq!(counted, 300, "{ctx}; lines: {lines:#?}");
     let records = last["events"].as_u64().unwrap_or(0) - before["events"].as_u64().unwrap_or(0);
+    let f = Failures {
+        hooks,
+        last,
+        lines: lines.len(),
+        counted,
+        records,
+    };
+    let ctx = f.ctx();
+    assert_eq!(f.last["connect_failures"], failed, "{ctx}");
+    assert_eq!(f.last["lost"], 0, "{ctx}");
+    assert_eq!(f.counted, failed, "{ctx}; lines: {lines:#?}");
+    Some(f)
+}
+
+/// A burst of failures faster than their key gets records (about one each 100 ms): where no
+/// record opened the connects (all but kprobe mode) the kernel only counts them, writes a record
+/// or two, and the agent still counts every one — the rest read from the kernel's counts — in
+/// its summary and in the lines. With `--every-failure` each has its own record and line.
+fn failure_burst(test: &str, every_failure: bool) {
+    let _g = serial();
+    let extra: &[&str] = if every_failure {
+        &["--every-failure"]
+    } else {
+        &[]
+    };
+    let Some(f) = failures_against_a_held_range(test, extra, &["--count", "300"], 300) else {
+        return;
+    };
+    let (ctx, records) = (f.ctx(), f.records);
     if every_failure {
-        assert_eq!(lines.len(), 300, "a line each: {ctx}");
+        assert_eq!(f.lines, 300, "a line each: {ctx}");
         assert!(records >= 300, "a record each: {records} records; {ctx}");
-    } else if hooks != "kprobe" {
+    } else if f.hooks != "kprobe" {
         assert!(
             records < 30,
             "counted in the kernel, not a record each: {records} records; {ctx}"
@@ -972,6 +1018,30 @@ fn with_every_failure_each_failure_has_its_record_and_line() {
     failure_burst(
         "with_every_failure_each_failure_has_its_record_and_line",
         true,
+    );
+}
+
+/// Failures of one key further apart than the kernel's gap between a key's records (100 ms)
+/// each get a record of their own: counting in the kernel holds back only the failures that come
+/// faster (the kernel reads the clock for that once a jiffy, not once a failure, and a failure
+/// in the jiffy of its key's last reading is held). Six failures 150 ms apart: six records,
+/// where a key whose clock reading never came again would have written one.
+#[test]
+fn failures_further_apart_than_the_record_gap_each_get_a_record() {
+    let _g = serial();
+    let Some(f) = failures_against_a_held_range(
+        "failures_further_apart_than_the_record_gap_each_get_a_record",
+        &[],
+        &["--count", "6", "--pause-ms", "150"],
+        6,
+    ) else {
+        return;
+    };
+    assert!(
+        f.records >= 6,
+        "a record for each failure 150 ms after the last: {} records; {}",
+        f.records,
+        f.ctx()
     );
 }
 

@@ -170,6 +170,7 @@ mod tests {
             count,
             last_record_ns: 0,
             born_ns,
+            clock_read_jiffy: 0,
         }
     }
 

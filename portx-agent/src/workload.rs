@@ -82,6 +82,9 @@ pub enum WorkloadCmd {
         /// closes in the ring read first.
         #[arg(long)]
         cross_cpu: bool,
+        /// Milliseconds to sleep after each connect (not with --cross-cpu).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// One connect(). Prints `connect ok sport=P` (exit 0) or `connect failed errno=E` (exit 3).
     Connect {
@@ -250,17 +253,24 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             ports,
             rst,
             cross_cpu: false,
-        } => churn(connect, count, ports, rst),
+            pause_ms,
+        } => churn(connect, count, ports, rst, Duration::from_millis(pause_ms)),
         WorkloadCmd::Churn {
             connect,
             count,
             ports: 1,
             rst,
             cross_cpu: true,
+            pause_ms: 0,
         } => churn_cross_cpu(connect, count, rst),
         WorkloadCmd::Churn {
-            cross_cpu: true, ..
+            cross_cpu: true,
+            pause_ms: 0,
+            ..
         } => bail!("--cross-cpu takes one destination port"),
+        WorkloadCmd::Churn {
+            cross_cpu: true, ..
+        } => bail!("--cross-cpu takes no --pause-ms"),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
@@ -502,7 +512,13 @@ fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Resu
     Ok(())
 }
 
-fn churn(addr: SocketAddr, count: u32, ports: u16, rst: bool) -> anyhow::Result<()> {
+fn churn(
+    addr: SocketAddr,
+    count: u32,
+    ports: u16,
+    rst: bool,
+    pause: Duration,
+) -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0u32, 0u32);
     for i in 0..ports {
         let port = addr
@@ -520,6 +536,9 @@ fn churn(addr: SocketAddr, count: u32, ports: u16, rst: bool) -> anyhow::Result<
                     drop(s);
                 }
                 Err(_) => failed += 1,
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
             }
         }
     }

@@ -257,6 +257,10 @@ pub struct FailureCount {
     /// When the entry was made: tells an entry from one made again for the same key after the
     /// agent deleted it.
     pub born_ns: u64,
+    /// The jiffy (`bpf_jiffies64`) before which no failure of the key reads the clock: the one
+    /// after the last failure that did. A key failing nonstop reads it once a jiffy, not once a
+    /// failure (kernel side only).
+    pub clock_read_jiffy: u64,
 }
 
 /// A `CONNECTING` entry, by thread (`pid_tgid`): the socket the thread's connect() put into
@@ -410,7 +414,7 @@ const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 96);
 const _: () = assert!(size_of::<FailureKey>() == 32);
-const _: () = assert!(size_of::<FailureCount>() == 24);
+const _: () = assert!(size_of::<FailureCount>() == 32);
 const _: () = assert!(size_of::<KernelOffsets>() == 72);
 const _: () = assert!(size_of::<Connecting>() == 56);
 
