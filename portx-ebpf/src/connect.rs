@@ -17,13 +17,11 @@ use aya_ebpf::{
     macros::{fexit, map, tracepoint},
     maps::LruHashMap,
     programs::{FExitContext, TracePointContext},
-    EbpfContext,
 };
 pub use portx_common::connect_phase as phase;
 use portx_common::{
-    fail_flags, hook_mode, kind, state_flags, syscall_tp, tcp_state, Connecting, FailureKey,
-    PortEvent, SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM,
-    ERESTARTSYS,
+    fail_flags, hook_mode, kind, state_flags, tcp_state, Connecting, FailureKey, PortEvent,
+    SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM, ERESTARTSYS,
 };
 
 use crate::{
