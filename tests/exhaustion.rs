@@ -1,6 +1,6 @@
 //! Port exhaustion caught end to end: real agent, real processes, real sockets, each test in its
 //! own network namespace with a 16-port range and `tcp_tw_reuse=0`.
-use portx_e2e::{require_root, serial, Agent, Netns, RANGE};
+use portx_e2e::{require_root, serial, Agent, Netns};
 use serde_json::Value;
 
 const V4: &str = "127.0.0.1:9000";
@@ -322,12 +322,7 @@ fn syn_sent_ports_charged(test: &str, dest: &str) {
     // ESTABLISHED, and only its last ACK is dropped once the accept queue fills. Loopback
     // handshakes usually finish inside connect(), but when softirqs are deferred (a one-CPU
     // guest under TCG) the hog's 16 SYNs are taken in one batch, and all 16 ended ESTABLISHED.
-    let mut ns = Netns::with(&[
-        &format!("net.ipv4.ip_local_port_range={RANGE}"),
-        "net.ipv4.tcp_tw_reuse=0",
-        "net.ipv4.tcp_rfc1337=1",
-        "net.ipv4.tcp_syncookies=0",
-    ]);
+    let mut ns = Netns::new_with(&["net.ipv4.tcp_syncookies=0"]);
     // A server that never accepts: after backlog+1 connections the kernel drops SYNs, so the
     // hog's connects stay in SYN_SENT. Their ports are known only from the allocation itself
     // (inet_hash_connect, or the socket read when connect() returns EINPROGRESS), never from a

@@ -173,11 +173,19 @@ impl Default for Netns {
 
 impl Netns {
     pub fn new() -> Netns {
-        Self::with(&[
-            &format!("net.ipv4.ip_local_port_range={RANGE}"),
+        Self::new_with(&[])
+    }
+
+    /// As [`Netns::new`], with `extra` sysctls set after its own.
+    pub fn new_with(extra: &[&str]) -> Netns {
+        let range = format!("net.ipv4.ip_local_port_range={RANGE}");
+        let mut sysctls = vec![
+            range.as_str(),
             "net.ipv4.tcp_tw_reuse=0",
             "net.ipv4.tcp_rfc1337=1",
-        ])
+        ];
+        sysctls.extend_from_slice(extra);
+        Self::with(&sysctls)
     }
 
     pub fn with(sysctls: &[&str]) -> Netns {
