@@ -213,6 +213,7 @@ mod tests {
             started_ns: 1,
             owners: None,
             skipped: vec![],
+            only: vec![],
         };
         let r = reports(&pass, 5, 1);
         assert_eq!(r.len(), 1);

@@ -45,6 +45,17 @@ pub struct Pass {
     pub owners: Option<HashMap<u64, ProcInfo>>,
     /// Namespaces that could not be entered or dumped, and why.
     pub skipped: Vec<(NetnsId, String)>,
+    /// The namespaces the pass was for (the dump for connects left waiting: theirs); empty
+    /// for every one.
+    pub only: Vec<NetnsId>,
+}
+
+impl Pass {
+    /// True if the pass was for namespace `netns`: it dumped it, skipped it, or did not find
+    /// it (gone).
+    pub fn covers(&self, netns: NetnsId) -> bool {
+        self.only.is_empty() || self.only.contains(&netns)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +139,7 @@ pub fn pass(only: &[NetnsId], now_ns: u64) -> Pass {
         started_ns: now_ns,
         owners: None,
         skipped,
+        only: only.to_vec(),
     }
 }
 
@@ -239,6 +251,7 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decoder::{Comm, Opening, StateChange, Task};
 
     fn sock(state: u32, sport: u16, dport: u16, inode: u64) -> DiagSocket {
         DiagSocket {
@@ -293,6 +306,7 @@ mod tests {
             started_ns: 10,
             owners: Some(owners),
             skipped: vec![],
+            only: vec![],
         };
         assert_eq!(
             apply(&mut t, &first),
@@ -317,6 +331,7 @@ mod tests {
             started_ns: 20,
             owners: None,
             skipped: vec![],
+            only: vec![],
         };
         assert_eq!(
             apply(&mut t, &second),
@@ -342,6 +357,7 @@ mod tests {
             started_ns: 10,
             owners: None,
             skipped: vec![],
+            only: vec![],
         };
         let none = HashSet::new();
         // Timewait and orphaned sockets have no inode: no process to find.
@@ -393,9 +409,93 @@ mod tests {
             started_ns: 40,
             owners: None,
             skipped: vec![],
+            only: vec![],
         };
         assert_eq!(apply(&mut t, &pass).removed, 0);
         assert_eq!(t.tracked(), 1);
+    }
+
+    /// The record of a socket's change to CLOSE from `old`, in namespace 1 towards port 9000.
+    fn closed(sport: u16, old: u32) -> StateChange {
+        StateChange {
+            ts_ns: 15,
+            task: Task {
+                pid: 0,
+                tid: 0,
+                comm: Comm::new(""),
+            },
+            opening: Opening::No,
+            skaddr: 0xffff_0000 + u64::from(sport),
+            netns: 1,
+            old,
+            new: st::CLOSE,
+            saddr: "127.0.0.1".parse().unwrap(),
+            sport,
+            daddr: "127.0.0.1".parse().unwrap(),
+            dport: 9000,
+        }
+    }
+
+    #[test]
+    fn sockets_whose_end_was_read_during_the_pass_are_not_added_back() {
+        let mut t = Tracker::new();
+        let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        t.seed(dest, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 5, 0);
+        t.seed(dest, 40001, st::FIN_WAIT2 as u8, Owner::UNKNOWN, 5, 0);
+        t.pass_begins();
+        // The dump (begun at 10) saw all four; then these records were read: an RST, a close
+        // into TIME_WAIT, and the end of a socket whose opening record was lost.
+        t.on_state(&closed(40000, st::ESTABLISHED));
+        t.on_state(&closed(40001, st::FIN_WAIT2));
+        t.on_state(&closed(40002, st::ESTABLISHED));
+        let pass = Pass {
+            snapshots: vec![Snapshot {
+                settings: None,
+                netns: 1,
+                sockets: vec![
+                    sock(st::ESTABLISHED, 40000, 9000, 3),
+                    sock(st::FIN_WAIT2, 40001, 9000, 4),
+                    sock(st::ESTABLISHED, 40002, 9000, 5),
+                    // Live, and no record brought it: the one socket the pass is for.
+                    sock(st::ESTABLISHED, 40003, 9000, 6),
+                ],
+            }],
+            started_ns: 10,
+            owners: None,
+            skipped: vec![],
+            only: vec![],
+        };
+        assert_eq!(lacking_owners(&t, &pass), HashSet::from([6]));
+        assert_eq!(
+            apply(&mut t, &pass),
+            Applied {
+                added: 1,
+                removed: 0,
+                corrected: 0
+            }
+        );
+        t.pass_ends();
+        let d = t.dest(&dest).unwrap();
+        assert_eq!(d.in_use, 2, "40001 in TIME_WAIT and 40003");
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 1);
+        // Once the pass is applied nothing is held back: the same snapshot again (as if a
+        // later pass still saw them) adds both.
+        assert_eq!(apply(&mut t, &pass).added, 2);
+    }
+
+    #[test]
+    fn a_pass_for_some_namespaces_covers_only_them() {
+        let mut p = Pass {
+            snapshots: vec![],
+            started_ns: 1,
+            owners: None,
+            skipped: vec![],
+            only: vec![],
+        };
+        assert!(p.covers(7), "a pass for every namespace");
+        p.only = vec![3, 5];
+        assert!(p.covers(5));
+        assert!(!p.covers(7));
     }
 
     #[test]

@@ -125,6 +125,7 @@ mod tests {
             started_ns: 1,
             owners: Some(owners),
             skipped: vec![(9, "entering: EPERM".into())],
+            only: vec![],
         };
         let opts = SnapshotOptions {
             top: 10,

@@ -533,8 +533,10 @@ impl<W: io::Write> Session<W> {
         settings
     }
 
-    /// The port settings a sock_diag pass read in each namespace it dumped; namespaces it did
-    /// not see (gone) are forgotten.
+    /// The port settings a sock_diag pass read in each namespace it dumped; namespaces it was
+    /// for and did not see (gone) are forgotten. Those it was not for (the dump for connects
+    /// left waiting is for their namespaces only) keep theirs: forgotten, each was read again
+    /// on the event loop, with a /proc scan to find it.
     fn take_port_settings(&mut self, pass: &seed::Pass) {
         for snap in &pass.snapshots {
             self.ranges.set(snap.netns, snap.settings.clone());
@@ -545,8 +547,9 @@ impl<W: io::Write> Session<W> {
             .map(|s| s.netns)
             .chain(pass.skipped.iter().map(|(id, _)| *id))
             .collect();
-        self.ranges.retain(|id| seen.contains(&id));
-        self.tracker.retain_port_settings(|id| seen.contains(&id));
+        let kept = |id: u32| seen.contains(&id) || !pass.covers(id);
+        self.ranges.retain(kept);
+        self.tracker.retain_port_settings(kept);
         self.sync_port_settings();
     }
 
@@ -1046,6 +1049,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     look_first = stuck.processes();
                     stuck.dumped();
                     last_pass = tokio::time::Instant::now();
+                    session.tracker.pass_begins();
                     resync_job = Some(tokio::task::spawn_blocking(move || {
                         seed::pass(&only, clock::monotonic_ns())
                     }));
@@ -1055,6 +1059,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 last_pass = tokio::time::Instant::now();
                 look_first.clear();
                 let only = session.opts.netns.clone();
+                session.tracker.pass_begins();
                 resync_job = Some(tokio::task::spawn_blocking(move || {
                     seed::pass(&only, clock::monotonic_ns())
                 }));
@@ -1084,6 +1089,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                         tracing::debug!("sock_diag pass: no live socket the table lacks; no /proc scan");
                     }
                     let applied = seed::apply(&mut session.tracker, &pass);
+                    session.tracker.pass_ends();
                     session.take_port_settings(&pass);
                     if applied.added + applied.removed + applied.corrected > 0 {
                         tracing::info!(

@@ -43,6 +43,11 @@ pub const STATES: usize = 13;
 /// Cap of [`Tracker`]'s owners-without-tuple map; past it the map is cleared (counted).
 pub const MAX_ORPHAN_OWNERS: usize = 4096;
 
+/// Most tuples [`Tracker::pass_begins`] remembers closed while a sock_diag pass is under way
+/// (~50 bytes each, some 13 MiB at most: a pass takes milliseconds, or a /proc walk's few hundred
+/// of them, against a storm's ~100k closes a second). Past it the pass adds no socket.
+pub const MAX_CLOSED_IN_PASS: usize = 1 << 18;
+
 /// A destination: the scope within which source ports must be unique.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DestKey {
@@ -305,7 +310,18 @@ pub struct Tracker {
     limit: usize,
     /// When [`Tracker::sweep_idle`] last ran (monotonic ns).
     last_sweep_ns: u64,
+    /// While a sock_diag pass is under way: the tuples a record closed meanwhile (see
+    /// [`Tracker::pass_begins`]).
+    closed_in_pass: Option<ClosedInPass>,
     pub counters: TrackerCounters,
+}
+
+/// Tuples closed by a record since a sock_diag pass began, up to [`MAX_CLOSED_IN_PASS`].
+#[derive(Default)]
+struct ClosedInPass {
+    tuples: Map<(DestKey, u16), ()>,
+    /// More closed than could be remembered: the pass cannot tell which of its sockets are gone.
+    overflowed: bool,
 }
 
 impl Tracker {
@@ -333,6 +349,9 @@ impl Tracker {
             daddr: e.daddr,
             dport: e.dport,
         };
+        if e.new == st::CLOSE && self.closed_in_pass.is_some() {
+            self.closed_during_pass(dest, e);
+        }
         match e.opening {
             Opening::No => {}
             Opening::InThread => {
@@ -556,14 +575,53 @@ impl Tracker {
         .is_some()
     }
 
-    /// True if [`Tracker::seed`] would add the tuple: it is not tracked and the table is below
-    /// its limit. (At the limit the table is knowingly partial: a resync does not evict what
-    /// events placed; it would swap entries back and forth every pass.)
+    /// True if [`Tracker::seed`] would add the tuple: it is not tracked, the table is below
+    /// its limit, and no record closed it since the pass under way began (see
+    /// [`Tracker::pass_begins`]). (At the limit the table is knowingly partial: a resync does
+    /// not evict what events placed; it would swap entries back and forth every pass.)
     pub fn would_seed(&self, dest: &DestKey, sport: u16) -> bool {
         let tracked = self
             .key_of(dest, sport)
             .is_some_and(|key| self.conns.contains_key(&key));
-        !tracked && (self.limit == 0 || self.conns.len() < self.limit)
+        let closed = self
+            .closed_in_pass
+            .as_ref()
+            .is_some_and(|c| c.overflowed || c.tuples.contains_key(&(*dest, sport)));
+        !tracked && !closed && (self.limit == 0 || self.conns.len() < self.limit)
+    }
+
+    /// A sock_diag pass begins: from now until [`Tracker::pass_ends`], the tuples records close
+    /// are remembered, and the pass does not add them back. Its dump may have seen a socket
+    /// before the record of its end was read (an RST, a passive close), and that socket holds
+    /// no port any more. (A new socket on a remembered tuple whose record was lost waits for
+    /// the next pass.)
+    pub fn pass_begins(&mut self) {
+        self.closed_in_pass = Some(ClosedInPass::default());
+    }
+
+    /// The pass begun by [`Tracker::pass_begins`] is applied (or abandoned).
+    pub fn pass_ends(&mut self) {
+        if self.closed_in_pass.take().is_some_and(|c| c.overflowed) {
+            tracing::debug!(
+                "over {MAX_CLOSED_IN_PASS} sockets closed during a sock_diag pass: it added none"
+            );
+        }
+    }
+
+    /// Notes the tuple of `e`, a change to CLOSE, if the socket holds no port after it (not one
+    /// entering TIME_WAIT: the table keeps those, and so does the kernel).
+    fn closed_during_pass(&mut self, dest: DestKey, e: &StateChange) {
+        if e.sport == 0 || e.old == st::FIN_WAIT2 || e.old == st::CLOSING {
+            return;
+        }
+        let Some(closed) = self.closed_in_pass.as_mut() else {
+            return;
+        };
+        if closed.tuples.len() >= MAX_CLOSED_IN_PASS {
+            closed.overflowed = true;
+        } else {
+            closed.tuples.insert((dest, e.sport), ());
+        }
     }
 
     /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
@@ -1145,6 +1203,31 @@ mod tests {
             daddr: "10.0.0.2".parse().unwrap(),
             dport: 80,
         }
+    }
+
+    #[test]
+    fn a_pass_with_more_ends_than_it_can_remember_adds_nothing() {
+        let mut t = Tracker::new();
+        let fresh = DestKey { dport: 1, ..dest() };
+        t.pass_begins();
+        let mut closed = 0;
+        'all: for dport in 2..u16::MAX {
+            for sport in 1..u16::MAX {
+                if closed > MAX_CLOSED_IN_PASS {
+                    break 'all;
+                }
+                let e = ev(1, st::ESTABLISHED, st::CLOSE, sport, task(0, ""), 1);
+                t.on_state(&StateChange { dport, ..e });
+                closed += 1;
+            }
+        }
+        assert!(
+            !t.would_seed(&fresh, 40000),
+            "which ended is no longer known"
+        );
+        t.pass_ends();
+        assert!(t.would_seed(&fresh, 40000));
+        assert!(t.would_seed(&DestKey { dport: 2, ..dest() }, 1));
     }
 
     /// connect() from `owner`, handshake completed in softirq while `irq` was current.
