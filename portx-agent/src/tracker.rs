@@ -44,8 +44,9 @@ pub const STATES: usize = 13;
 pub const MAX_ORPHAN_OWNERS: usize = 4096;
 
 /// Most tuples [`Tracker::pass_begins`] remembers closed while a sock_diag pass is under way
-/// (~50 bytes each, some 13 MiB at most: a pass takes milliseconds, or a /proc walk's few hundred
-/// of them, against a storm's ~100k closes a second). Past it the pass adds no socket.
+/// (some 60 bytes each with the map's own, 16 MiB at most: a pass takes milliseconds, or a /proc
+/// walk's few hundred of them, against a storm's ~100k closes a second). Past it the pass adds
+/// no socket.
 pub const MAX_CLOSED_IN_PASS: usize = 1 << 18;
 
 /// A destination: the scope within which source ports must be unique.
