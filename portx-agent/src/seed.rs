@@ -268,6 +268,21 @@ mod tests {
         }
     }
 
+    /// A pass begun at `started_ns` that dumped namespace 1 only, no owners looked for.
+    fn pass_in_netns_1(sockets: Vec<DiagSocket>, started_ns: u64) -> Pass {
+        Pass {
+            snapshots: vec![Snapshot {
+                settings: None,
+                netns: 1,
+                sockets,
+            }],
+            started_ns,
+            owners: None,
+            skipped: vec![],
+            only: vec![],
+        }
+    }
+
     #[test]
     fn accepted_and_listening_sockets_are_not_clients() {
         let all = vec![
@@ -295,18 +310,14 @@ mod tests {
             },
         );
         let first = Pass {
-            snapshots: vec![Snapshot {
-                settings: None,
-                netns: 1,
-                sockets: vec![
+            owners: Some(owners),
+            ..pass_in_netns_1(
+                vec![
                     sock(st::ESTABLISHED, 40000, 9000, 3),
                     sock(st::TIME_WAIT, 40002, 9000, 0),
                 ],
-            }],
-            started_ns: 10,
-            owners: Some(owners),
-            skipped: vec![],
-            only: vec![],
+                10,
+            )
         };
         assert_eq!(
             apply(&mut t, &first),
@@ -322,17 +333,7 @@ mod tests {
         assert_eq!((h[0].0, h[0].1.ports), (0, 1), "TIME_WAIT has no owner");
         assert!(h.iter().any(|(pid, _)| *pid == 77));
         // Next pass: the ESTABLISHED socket is gone.
-        let second = Pass {
-            snapshots: vec![Snapshot {
-                settings: None,
-                netns: 1,
-                sockets: vec![sock(st::TIME_WAIT, 40002, 9000, 0)],
-            }],
-            started_ns: 20,
-            owners: None,
-            skipped: vec![],
-            only: vec![],
-        };
+        let second = pass_in_netns_1(vec![sock(st::TIME_WAIT, 40002, 9000, 0)], 20);
         assert_eq!(
             apply(&mut t, &second),
             Applied {
@@ -348,17 +349,7 @@ mod tests {
     fn owners_are_looked_for_only_for_live_sockets_a_pass_would_add() {
         let mut t = Tracker::with_limit(2);
         let live = sock(st::ESTABLISHED, 40000, 9000, 3);
-        let pass_of = |sockets: Vec<DiagSocket>| Pass {
-            snapshots: vec![Snapshot {
-                settings: None,
-                netns: 1,
-                sockets,
-            }],
-            started_ns: 10,
-            owners: None,
-            skipped: vec![],
-            only: vec![],
-        };
+        let pass_of = |sockets| pass_in_netns_1(sockets, 10);
         let none = HashSet::new();
         // Timewait and orphaned sockets have no inode: no process to find.
         let no_inode = pass_of(vec![
@@ -400,17 +391,7 @@ mod tests {
         let mut t = Tracker::new();
         let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
         t.seed(dest, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 50, 0);
-        let pass = Pass {
-            snapshots: vec![Snapshot {
-                settings: None,
-                netns: 1,
-                sockets: vec![],
-            }],
-            started_ns: 40,
-            owners: None,
-            skipped: vec![],
-            only: vec![],
-        };
+        let pass = pass_in_netns_1(vec![], 40);
         assert_eq!(apply(&mut t, &pass).removed, 0);
         assert_eq!(t.tracked(), 1);
     }
@@ -448,23 +429,16 @@ mod tests {
         t.on_state(&closed(40000, st::ESTABLISHED));
         t.on_state(&closed(40001, st::FIN_WAIT2));
         t.on_state(&closed(40002, st::ESTABLISHED));
-        let pass = Pass {
-            snapshots: vec![Snapshot {
-                settings: None,
-                netns: 1,
-                sockets: vec![
-                    sock(st::ESTABLISHED, 40000, 9000, 3),
-                    sock(st::FIN_WAIT2, 40001, 9000, 4),
-                    sock(st::ESTABLISHED, 40002, 9000, 5),
-                    // Live, and no record brought it: the one socket the pass is for.
-                    sock(st::ESTABLISHED, 40003, 9000, 6),
-                ],
-            }],
-            started_ns: 10,
-            owners: None,
-            skipped: vec![],
-            only: vec![],
-        };
+        let pass = pass_in_netns_1(
+            vec![
+                sock(st::ESTABLISHED, 40000, 9000, 3),
+                sock(st::FIN_WAIT2, 40001, 9000, 4),
+                sock(st::ESTABLISHED, 40002, 9000, 5),
+                // Live, and no record brought it: the one socket the pass is for.
+                sock(st::ESTABLISHED, 40003, 9000, 6),
+            ],
+            10,
+        );
         assert_eq!(lacking_owners(&t, &pass), HashSet::from([6]));
         assert_eq!(
             apply(&mut t, &pass),
@@ -485,13 +459,7 @@ mod tests {
 
     #[test]
     fn a_pass_for_some_namespaces_covers_only_them() {
-        let mut p = Pass {
-            snapshots: vec![],
-            started_ns: 1,
-            owners: None,
-            skipped: vec![],
-            only: vec![],
-        };
+        let mut p = pass_in_netns_1(vec![], 1);
         assert!(p.covers(7), "a pass for every namespace");
         p.only = vec![3, 5];
         assert!(p.covers(5));
