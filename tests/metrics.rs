@@ -125,6 +125,60 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
     assert!(status.success(), "agent exit: {status:?}");
 }
 
+/// UDP shares `ip_local_port_range` with TCP but not its ports: a UDP socket's port-0 bind()
+/// failing with EADDRINUSE says the namespace's UDP ports are gone, not its TCP ones. Its line
+/// says `udp`; it counts among the other failures, not as bind EADDRINUSE, and gets no
+/// exhaustion report.
+#[test]
+fn a_udp_bind_failure_is_not_tcp_exhaustion() {
+    let _g = serial();
+    if !require_root("a_udp_bind_failure_is_not_tcp_exhaustion") {
+        return;
+    }
+    let mut ns = Netns::new();
+    let addr = free_addr();
+    let mut agent = Agent::start_with(ns.id, &["--metrics", &addr]);
+    ns.keep(
+        "binder",
+        &["bind-hold", "--udp", "--count", "16"],
+        "bound 16",
+    );
+    let victim = ns.spawn("victim", &["bind-hold", "--udp", "--count", "1"]);
+    victim.expect("bind failed errno=98");
+    let failed = agent.wait_for("bind_failed", |v| {
+        v["type"] == "bind_failed" && v["pid"] == victim.pid()
+    });
+    assert_eq!(failed["error"], "EADDRINUSE", "{failed:#}");
+    assert_eq!(failed["protocol"], "udp", "{failed:#}");
+    // The View is published once a second: poll until it has caught up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, "portx_other_socket_failures_total") >= Some(1.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never counted the failure:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ctx = format!("{text}\n{}", agent.context());
+    assert_eq!(
+        sample(&text, "portx_other_socket_failures_total"),
+        Some(1.0),
+        "{ctx}"
+    );
+    assert_eq!(
+        sample(&text, "portx_bind_eaddrinuse_total"),
+        Some(0.0),
+        "{ctx}"
+    );
+    assert!(
+        !agent.seen().iter().any(|v| v["type"] == "exhaustion"),
+        "{ctx}"
+    );
+}
 /// stdout is a pipe nobody reads (a stalled log shipper, a paused `less`): once it is full the
 /// agent still answers `/metrics` and SIGTERM — records wait in (or are dropped from, counted)
 /// the queue of the thread that writes them.

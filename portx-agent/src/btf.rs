@@ -341,6 +341,7 @@ impl Btf {
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     let sk = |path: &str| btf.member_offset("sock", path);
     let (regs_arg0, regs_arg1) = syscall_arg_regs(btf)?;
+    let fds = descriptor_table(btf)?;
     Ok(KernelOffsets {
         sock_family: sk("__sk_common.skc_family")?,
         sock_protocol: sk("sk_protocol")?,
@@ -360,7 +361,39 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         net_cookie: net_cookie(btf)?,
         regs_arg0,
         regs_arg1,
+        task_files: fds[0],
+        files_fdt: fds[1],
+        fdtable_max_fds: fds[2],
+        fdtable_fd: fds[3],
+        file_private_data: fds[4],
+        socket_sk: fds[5],
     })
+}
+
+/// The way from a task's fd to its socket: (struct, member) in the order of
+/// `KernelOffsets::task_files` and the five after it.
+const DESCRIPTOR_STEPS: [(&str, &str); 6] = [
+    ("task_struct", "files"),
+    ("files_struct", "fdt"),
+    ("fdtable", "max_fds"),
+    ("fdtable", "fd"),
+    ("file", "private_data"),
+    ("socket", "sk"),
+];
+
+/// The offsets of [`DESCRIPTOR_STEPS`],
+/// all zero where BTF lacks a step: then a failed call is not followed to its socket, and
+/// the agent says so at start.
+fn descriptor_table(btf: &Btf) -> Result<[u32; 6], BtfError> {
+    let mut found = [0; 6];
+    for (slot, (strukt, member)) in found.iter_mut().zip(DESCRIPTOR_STEPS) {
+        match btf.member_offset(strukt, member) {
+            Ok(offset) => *slot = offset,
+            Err(BtfError::NoMember { .. } | BtfError::NoStruct(_)) => return Ok([0; 6]),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
 }
 
 /// `struct pt_regs`: where a syscall's first two arguments are at its exit, on this agent's
@@ -603,6 +636,37 @@ mod tests {
         Btf::from_bytes(&b.build()).unwrap()
     }
 
+    /// The structs on the way from a task's fd to its socket, each with its step at byte
+    /// 8 * (its place + 1); `missing` leaves that struct's member out.
+    fn descriptor_structs(missing: Option<&str>) -> Btf {
+        let mut b = Builder::new();
+        let u64_ = b.int("long unsigned int", 8);
+        for strukt in ["task_struct", "files_struct", "fdtable", "file", "socket"] {
+            let members: Vec<(&str, u32, u32)> = (1u32..)
+                .zip(DESCRIPTOR_STEPS)
+                .filter(|&(_, (s, m))| s == strukt && missing != Some(m))
+                .map(|(place, (_, m))| (m, u64_, place * 64))
+                .collect();
+            b.composite(KIND_STRUCT, strukt, 64, false, &members);
+        }
+        Btf::from_bytes(&b.build()).unwrap()
+    }
+
+    #[test]
+    fn the_way_from_an_fd_to_its_socket_is_found_whole_or_not_at_all() {
+        assert_eq!(
+            descriptor_table(&descriptor_structs(None)),
+            Ok([8, 16, 24, 32, 40, 48])
+        );
+        for missing in ["files", "max_fds", "sk"] {
+            assert_eq!(
+                descriptor_table(&descriptor_structs(Some(missing))),
+                Ok([0; 6]),
+                "without {missing}"
+            );
+        }
+    }
+
     #[test]
     fn the_namespace_cookie_is_used_only_where_it_has_8_bytes() {
         assert_eq!(net_cookie(&net_with_cookie(Some("u64"))), Ok(64));
@@ -718,6 +782,8 @@ mod tests {
         // The state program's one-copy read of sock_common's head applies on x86-64.
         #[cfg(target_arch = "x86_64")]
         assert!(o.head_matches(), "{o:?}");
+        // Every kernel portx supports has the descriptor table; task_struct.files is far in.
+        assert!(o.task_files > 0 && o.file_private_data > 0, "{o:?}");
         // x86-64's pt_regs is ABI: di and si are at 112 and 104.
         #[cfg(target_arch = "x86_64")]
         assert_eq!((o.regs_arg0, o.regs_arg1), (112, 104), "{o:?}");

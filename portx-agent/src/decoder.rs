@@ -9,8 +9,8 @@ use std::{
 };
 
 use portx_common::{
-    fail_flags, kind, state_flags, EventHeader, FailureKey, PortEvent, StateEvent, SyscallEvent,
-    AF_INET, AF_INET6, TASK_COMM_LEN,
+    bind_flags, fail_flags, kind, state_flags, EventHeader, FailureKey, PortEvent, StateEvent,
+    SyscallEvent, AF_INET, AF_INET6, IPPROTO_MPTCP, IPPROTO_TCP, TASK_COMM_LEN,
 };
 
 /// A task's `comm`, NUL-padded as the kernel keeps it. `Copy`, so it travels without allocating.
@@ -106,6 +106,18 @@ pub struct SyscallFailure {
     pub port: u16,
     /// How many failures the record stands for.
     pub tally: Tally,
+    /// The socket's `sk_protocol`: TCP for connect(); for bind() None where the kernel could
+    /// not follow the call's fd to its socket.
+    pub protocol: Option<u16>,
+}
+
+impl SyscallFailure {
+    /// True unless the failed call's socket is known to take its ports from another space than
+    /// TCP's (a UDP or SCTP socket): a TCP socket, or Multipath TCP's (its subflows are TCP
+    /// sockets), or one the kernel could not read.
+    pub fn takes_tcp_ports(&self) -> bool {
+        matches!(self.protocol, None | Some(IPPROTO_TCP | IPPROTO_MPTCP))
+    }
 }
 
 /// How many failures a failure record stands for (see [`portx_common::fail_flags`]).
@@ -231,6 +243,13 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
             }
         } else {
             Tally::Alone
+        },
+        protocol: match e.hdr.kind {
+            kind::CONNECT_FAIL => Some(IPPROTO_TCP),
+            _ if e.hdr.flags & bind_flags::SOCKET_READ != 0 => {
+                Some((e.hdr.flags >> bind_flags::PROTOCOL_SHIFT) as u16)
+            }
+            _ => None,
         },
     })
 }
@@ -437,6 +456,37 @@ mod tests {
             panic!("not a connect failure")
         };
         assert_eq!(f.tally, Tally::Alone);
+    }
+
+    #[test]
+    fn a_bind_failure_carries_its_sockets_protocol_only_where_the_kernel_read_it() {
+        let mut e = connect_failure("0.0.0.0".parse().unwrap(), 0);
+        e.hdr.kind = kind::BIND_FAIL;
+        e.ret = -98;
+        let protocol = |flags: u32| {
+            let mut e = e;
+            e.hdr.flags = flags;
+            match decode(&as_bytes(&e)) {
+                Ok(Event::BindFailed(f)) => f.protocol,
+                other => panic!("not a bind failure: {other:?}"),
+            }
+        };
+        assert_eq!(protocol(0), None);
+        assert_eq!(protocol(bind_flags::SOCKET_READ | 17 << 16), Some(17));
+        assert_eq!(protocol(bind_flags::SOCKET_READ | 262 << 16), Some(262));
+        // A protocol without the flag is not believed.
+        assert_eq!(protocol(6 << 16), None);
+        // A connect failure is TCP's whatever its flags.
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&connect_failure(
+            "10.0.0.1".parse().unwrap(),
+            443,
+        ))) else {
+            panic!("not a connect failure")
+        };
+        assert_eq!(f.protocol, Some(IPPROTO_TCP));
+        let takes = |protocol| SyscallFailure { protocol, ..f }.takes_tcp_ports();
+        assert!(takes(None) && takes(Some(IPPROTO_TCP)) && takes(Some(IPPROTO_MPTCP)));
+        assert!(!takes(Some(17)) && !takes(Some(132)));
     }
 
     #[test]

@@ -22,6 +22,7 @@ struct Key {
     addr: IpAddr,
     port: u16,
     errno: i32,
+    protocol: Option<u16>,
 }
 
 impl Key {
@@ -33,6 +34,7 @@ impl Key {
             addr: f.addr,
             port: f.port,
             errno: f.errno,
+            protocol: f.protocol,
         }
     }
 }
@@ -191,6 +193,7 @@ mod tests {
             addr: IpAddr::from([10, 0, 0, 1]),
             port,
             tally: Default::default(),
+            protocol: Some(portx_common::IPPROTO_TCP),
         }
     }
 

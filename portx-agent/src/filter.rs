@@ -74,6 +74,7 @@ mod tests {
             addr: "10.0.0.2".parse().unwrap(),
             port,
             tally: Default::default(),
+            protocol: Some(portx_common::IPPROTO_TCP),
         }
     }
 

@@ -202,10 +202,18 @@ const SYSCALL_EXITS: [SyscallExit; 2] = [
     SyscallExit {
         fexit: "sys_connect_fexit",
         function: "__sys_connect",
-        tracepoints: &[Tracepoints {
-            programs: &[("sys_exit_connect", "syscalls", "sys_exit_connect")],
-            needs_arg_regs: false,
-        }],
+        // A failed call's exit follows its fd to its socket (is it the one the thread's note
+        // names?); where it cannot read the fd, the socket's state alone must tell.
+        tracepoints: &[
+            Tracepoints {
+                programs: &[("sys_exit_connect", "syscalls", "sys_exit_connect")],
+                needs_arg_regs: true,
+            },
+            Tracepoints {
+                programs: &[("sys_exit_connect_no_fd", "syscalls", "sys_exit_connect")],
+                needs_arg_regs: false,
+            },
+        ],
     },
     SyscallExit {
         fexit: "sys_bind_fexit",
@@ -237,6 +245,13 @@ const MAX_DEFAULT_RING_BYTES: u32 = 4 << 20;
 
 /// Loads and attaches the first hook mode of `opts.hooks` that works on this kernel.
 pub fn load(opts: &LoadOptions) -> anyhow::Result<Loaded> {
+    if opts.offsets.task_files == 0 {
+        tracing::warn!(
+            "this kernel's BTF lacks a step from a task's fds to their sockets: a failed connect() \
+             is told from another socket's by that socket's state alone, and a failed bind() is \
+             counted in the caller's namespace with no protocol"
+        );
+    }
     let mut failures = Vec::new();
     for &mode in opts.hooks.candidates() {
         match load_mode(mode, opts) {

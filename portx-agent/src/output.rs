@@ -69,6 +69,9 @@ impl<W: Write> Output<W> {
             endpoint(addr, port),
             f.netns
         )?;
+        if let Some(p) = f.protocol.filter(|p| *p != "tcp") {
+            write!(self.out, "  {p} socket")?;
+        }
         if f.failures > 1 {
             write!(self.out, "  ({} failures since its last line)", f.failures)?;
         }
@@ -273,6 +276,7 @@ mod tests {
             errno: 99,
             error: "EADDRNOTAVAIL",
             family: "ipv4",
+            protocol: Some("tcp"),
             daddr: Some("10.1.2.3".into()),
             dport: Some(443),
             saddr: None,
@@ -329,6 +333,21 @@ mod tests {
         assert!(
             text.ends_with("netns 1  (4000 failures since its last line)\n"),
             "{text}"
+        );
+        let udp_bind = Failure {
+            error: "EADDRINUSE",
+            errno: 98,
+            protocol: Some("udp"),
+            daddr: None,
+            dport: None,
+            saddr: Some("0.0.0.0".into()),
+            sport: Some(0),
+            ..failure()
+        };
+        let text = render(false, &[Record::BindFailed(udp_bind)]);
+        assert_eq!(
+            text,
+            "01:01:01 bind() FAILED EADDRINUSE (98)  victim[7] on 0.0.0.0:0  netns 1  udp socket\n"
         );
     }
 

@@ -59,6 +59,10 @@ pub struct Failure {
     /// Symbolic errno, e.g. EADDRNOTAVAIL.
     pub error: &'static str,
     pub family: &'static str,
+    /// The socket's protocol: `tcp` for connect(); for bind() absent where the kernel could not
+    /// read the socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daddr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,6 +316,7 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
         errno: f.errno,
         error: errno_name(f.errno),
         family: family_name(&f.addr),
+        protocol: f.protocol.map(protocol_name),
         daddr: if connect { addr.clone() } else { None },
         dport: if connect { port } else { None },
         saddr: if connect { None } else { addr },
@@ -320,6 +325,21 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
         ts,
         failures: 1,
         who: Who::default(),
+    }
+}
+
+/// An IP protocol number as the failure lines name it.
+pub fn protocol_name(protocol: u16) -> &'static str {
+    match protocol {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        58 => "icmpv6",
+        132 => "sctp",
+        136 => "udplite",
+        255 => "raw",
+        262 => "mptcp",
+        _ => "other",
     }
 }
 
@@ -492,6 +512,7 @@ mod tests {
             addr: "::1".parse().unwrap(),
             port: 443,
             tally: Default::default(),
+            protocol: Some(portx_common::IPPROTO_TCP),
         };
         let v = serde_json::to_value(Record::ConnectFailed(failure(&f, true, 5))).unwrap();
         assert_eq!(v["type"], "connect_failed");
@@ -505,6 +526,19 @@ mod tests {
         assert_eq!(b["type"], "bind_failed");
         assert_eq!(b["sport"], 443);
         assert!(b.get("daddr").is_none());
+        assert_eq!(v["protocol"], "tcp");
+        let udp = SyscallFailure {
+            protocol: Some(portx_common::IPPROTO_UDP),
+            ..f
+        };
+        let b = serde_json::to_value(Record::BindFailed(failure(&udp, false, 5))).unwrap();
+        assert_eq!(b["protocol"], "udp");
+        let unread = SyscallFailure {
+            protocol: None,
+            ..f
+        };
+        let b = serde_json::to_value(Record::BindFailed(failure(&unread, false, 5))).unwrap();
+        assert!(b.get("protocol").is_none());
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl<W: io::Write> Session<W> {
         let exhausted = if connect {
             f.errno == EADDRNOTAVAIL
         } else {
-            f.errno == EADDRINUSE
+            f.errno == EADDRINUSE && f.takes_tcp_ports()
         };
         if !exhausted {
             self.counters.other_failures += failures;
@@ -380,6 +380,7 @@ impl<W: io::Write> Session<W> {
                 addr,
                 port: u.key.dport,
                 tally: Tally::Alone,
+                protocol: Some(portx_common::IPPROTO_TCP),
             };
             if !self.wanted(f.netns) {
                 continue;
@@ -477,7 +478,9 @@ impl<W: io::Write> Session<W> {
         if let Some(line) = self.failure_lines.on_failure(f, false, 1) {
             self.failure_line(&line);
         }
-        if f.errno != EADDRINUSE || f.port != 0 {
+        if f.errno != EADDRINUSE || f.port != 0 || !f.takes_tcp_ports() {
+            // Only a TCP socket's port-0 bind() says the namespace's TCP ports are gone (a UDP
+            // socket's says its UDP ports are, which the table does not hold).
             return;
         }
         // Evidence of bind-before-connect for this netns' reports, a few processes each.

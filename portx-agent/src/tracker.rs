@@ -1559,6 +1559,7 @@ mod tests {
             addr: "10.0.0.2".parse().unwrap(),
             port: 80,
             tally: Default::default(),
+            protocol: Some(portx_common::IPPROTO_TCP),
         };
         t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
         t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
@@ -1772,6 +1773,7 @@ mod tests {
             addr: "10.0.0.2".parse().unwrap(),
             port: 80,
             tally: Default::default(),
+            protocol: Some(portx_common::IPPROTO_TCP),
         });
         let d = t.dest(&dest()).unwrap();
         assert_eq!(d.in_use, 1);

@@ -120,8 +120,8 @@ pub enum WorkloadCmd {
     /// connect() calls that seek no port, made by a thread whose last TCP connect did not go
     /// through connect(): a connection opened by TCP Fast Open's sendto(MSG_FASTOPEN), then
     /// connect() to a unix socket path that does not exist and to an IPv4 address without a
-    /// route. Prints `fastopen ok sport=P`, `unix failed errno=E`, `noroute failed errno=E`, and
-    /// keeps the connection.
+    /// route. Prints `fastopen ok sport=P` (or `fastopen failed errno=E`: refused, say),
+    /// `unix failed errno=E`, `noroute failed errno=E`, and keeps the connection.
     NoPort {
         #[arg(long)]
         fastopen: std::net::SocketAddrV4,
@@ -150,6 +150,9 @@ pub enum WorkloadCmd {
         count: u32,
         #[arg(long, default_value = "127.0.0.1")]
         addr: std::net::Ipv4Addr,
+        /// UDP sockets instead of TCP.
+        #[arg(long)]
+        udp: bool,
     },
     /// Open COUNT IPv4 connections, socket i bound to port FROM+i first (a client that picks
     /// its own source ports, e.g. outside `ip_local_port_range`), and keep them. Prints `held N
@@ -181,6 +184,10 @@ pub enum WorkloadCmd {
         connect: std::net::SocketAddrV4,
         #[arg(long, value_name = "MS", default_value_t = 300)]
         after_ms: u64,
+        /// The handler has SA_RESTART: the kernel restarts the call, which waits on. Prints
+        /// `connect ok sport=P` or `connect failed errno=E` (and exits 3) when it ends.
+        #[arg(long)]
+        restart: bool,
     },
 }
 
@@ -272,7 +279,7 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             cross_cpu: true, ..
         } => bail!("--cross-cpu takes no --pause-ms"),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
-        WorkloadCmd::BindHold { count, addr } => bind_hold(count, addr),
+        WorkloadCmd::BindHold { count, addr, udp } => bind_hold(count, addr, udp),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
         WorkloadCmd::HoldBound {
             connect,
@@ -280,7 +287,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             from_port,
         } => hold_bound(connect, count, from_port),
         WorkloadCmd::Redial { refused, connect } => redial(refused, connect),
-        WorkloadCmd::Interrupted { connect, after_ms } => interrupted(connect, after_ms),
+        WorkloadCmd::Interrupted {
+            connect,
+            after_ms,
+            restart,
+        } => interrupted(connect, after_ms, restart),
         WorkloadCmd::NoPort {
             fastopen,
             unix,
@@ -759,12 +770,15 @@ fn redial(refused: std::net::SocketAddrV4, addr: std::net::SocketAddrV4) -> anyh
 
 extern "C" fn on_alarm(_: libc::c_int) {}
 
-fn interrupted(addr: std::net::SocketAddrV4, after_ms: u64) -> anyhow::Result<()> {
-    // SAFETY: a zeroed sigaction with a handler that does nothing, and no SA_RESTART: the
+fn interrupted(addr: std::net::SocketAddrV4, after_ms: u64, restart: bool) -> anyhow::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that does nothing; without SA_RESTART the
     // interrupted connect() returns EINTR instead of being restarted.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as usize;
+        if restart {
+            sa.sa_flags = libc::SA_RESTART;
+        }
         libc::sigemptyset(&mut sa.sa_mask);
         if libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error()).context("sigaction(SIGALRM)");
@@ -854,9 +868,21 @@ fn no_port(
     unix: &std::path::Path,
     noroute: SocketAddr,
 ) -> anyhow::Result<()> {
-    let kept = fastopen(fast)?;
-    let sport = kept.local_addr().map(|a| a.port()).unwrap_or(0);
-    say(&format!("fastopen ok sport={sport}"));
+    // Kept open while the process sleeps.
+    let _kept = match fastopen(fast) {
+        Ok(kept) => {
+            let sport = kept.local_addr().map(|a| a.port()).unwrap_or(0);
+            say(&format!("fastopen ok sport={sport}"));
+            Some(kept)
+        }
+        Err(e) => {
+            let errno = e
+                .downcast_ref::<std::io::Error>()
+                .map_or(0, |e| e.raw_os_error().unwrap_or(0));
+            say(&format!("fastopen failed errno={errno}"));
+            None
+        }
+    };
     match std::os::unix::net::UnixStream::connect(unix) {
         Ok(_) => bail!("{} accepted a connection", unix.display()),
         Err(e) => say(&format!("unix failed errno={}", errno(&e))),
@@ -897,12 +923,17 @@ fn fastopen_fails(
     sleep_forever()
 }
 
-fn bind_hold(count: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+fn bind_hold(count: u32, addr: std::net::Ipv4Addr, udp: bool) -> anyhow::Result<()> {
+    let kind = if udp {
+        libc::SOCK_DGRAM
+    } else {
+        libc::SOCK_STREAM
+    };
     let mut fds = Vec::new();
     for _ in 0..count {
         // SAFETY: plain socket/bind calls with a sockaddr_in we own; fds are kept open.
         let rc = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            let fd = libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0);
             if fd < 0 {
                 -1
             } else {

@@ -108,6 +108,15 @@ pub mod fail_flags {
     pub const COUNTED: u32 = 1;
 }
 
+/// Flags of a [`kind::BIND_FAIL`] record (`EventHeader::flags`).
+pub mod bind_flags {
+    /// The call's fd was followed to its socket: the record's `netns` is the socket's (else the
+    /// calling task's), and the bits from [`PROTOCOL_SHIFT`] up hold its `sk_protocol` (else
+    /// they are 0: unknown).
+    pub const SOCKET_READ: u32 = 1;
+    pub const PROTOCOL_SHIFT: u32 = 16;
+}
+
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
@@ -127,6 +136,9 @@ pub mod tcp_state {
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+/// Multipath TCP's socket (`sk_protocol`); its subflows are TCP sockets and take TCP's ports.
+pub const IPPROTO_MPTCP: u16 = 262;
 /// `connect()` on a non-blocking socket: the handshake is under way, not a failure.
 pub const EINPROGRESS: i32 = 115;
 pub const EADDRNOTAVAIL: i32 = 99;
@@ -219,7 +231,8 @@ pub struct SyscallEvent {
     pub family: u16,
     /// Destination port (connect) or requested local port (bind; 0 = "any"), host order.
     pub port: u16,
-    /// bind(): the fd argument; connect(): -1 (its arguments are not read).
+    /// The fd argument; -1 for a connect() whose fd portx did not read (tracepoint mode
+    /// without `KernelOffsets::regs_arg0` or `task_files`).
     pub fd: i32,
     /// Destination (connect) or local (bind) address.
     pub addr: [u8; 16],
@@ -351,6 +364,20 @@ pub struct KernelOffsets {
     pub regs_arg0: u32,
     /// `struct pt_regs`: a syscall's second argument at its exit (x86-64 `si`, arm64 `regs[1]`).
     pub regs_arg1: u32,
+    /// `struct task_struct` -> `files` (`struct files_struct *`); 0 where BTF lacks one of the
+    /// descriptor-table members below. With them a failed connect() or bind() follows its fd to
+    /// its socket (only then: a few reads a failure, none a success).
+    pub task_files: u32,
+    /// `struct files_struct` -> `fdt` (`struct fdtable *`).
+    pub files_fdt: u32,
+    /// `struct fdtable` -> `max_fds` (unsigned int).
+    pub fdtable_max_fds: u32,
+    /// `struct fdtable` -> `fd` (`struct file **`).
+    pub fdtable_fd: u32,
+    /// `struct file` -> `private_data`: a socket's file holds its `struct socket *` there.
+    pub file_private_data: u32,
+    /// `struct socket` -> `sk` (`struct sock *`).
+    pub socket_sk: u32,
 }
 
 impl KernelOffsets {
@@ -415,7 +442,7 @@ const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 96);
 const _: () = assert!(size_of::<FailureKey>() == 32);
 const _: () = assert!(size_of::<FailureCount>() == 32);
-const _: () = assert!(size_of::<KernelOffsets>() == 72);
+const _: () = assert!(size_of::<KernelOffsets>() == 96);
 const _: () = assert!(size_of::<Connecting>() == 56);
 
 #[cfg(feature = "user")]

@@ -8,16 +8,19 @@
 //! a syscall here, half of what portx's hooks added to a `getppid()` with both bind()
 //! tracepoints (docs/performance-log.md, session 21).
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs,
-    },
+    helpers::bpf_get_current_pid_tgid,
     macros::{fexit, map, tracepoint},
     maps::HashMap,
     programs::{FExitContext, TracePointContext},
 };
 
+use portx_common::{bind_flags, AF_INET, AF_INET6};
+
 use crate::{
-    kernel::{current_netns, syscall_ret},
+    globals::offsets,
+    kernel::{
+        current_fd_sock, current_netns, sock_field, sock_netns, syscall_arg_at_exit, syscall_ret,
+    },
     netns_filter, offset,
     sockaddr::{self, InFlight},
 };
@@ -42,15 +45,11 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     if ret >= 0 {
         return 0;
     }
-    // SAFETY: helpers without preconditions; the task is the current one, its pt_regs a BTF
-    // pointer read with probe reads at offsets from BTF.
-    let (fd, uaddr) = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
-        let arg = |at: u32| bpf_probe_read_kernel((regs + u64::from(at)) as *const u64);
-        match (arg(offset!(regs_arg0)), arg(offset!(regs_arg1))) {
-            (Ok(fd), Ok(uaddr)) => (fd, uaddr),
-            _ => return 1,
-        }
+    let (Some(fd), Some(uaddr)) = (
+        syscall_arg_at_exit(offset!(regs_arg0)),
+        syscall_arg_at_exit(offset!(regs_arg1)),
+    ) else {
+        return 1;
     };
     failed_call(ret, fd as i32, uaddr)
 }
@@ -97,15 +96,30 @@ fn failed_call(ret: i32, fd: i32, uaddr: u64) -> u32 {
     }
 }
 
-/// bind() returned `ret` for `call`: a failure record if it failed, in a traced namespace.
+/// bind() returned `ret` for `call`: a failure record if it failed, in a traced namespace — the
+/// namespace of the socket and its protocol where its fd leads to it (a process may bind a
+/// socket made in another namespace; a UDP socket's ports are not TCP's), else the calling
+/// task's namespace and no protocol.
 #[inline(always)]
 fn failed(ret: i32, call: &InFlight) -> Result<(), i64> {
     if ret >= 0 {
         return Ok(());
     }
-    let netns = current_netns();
+    let o = offsets();
+    let socket = current_fd_sock(call.fd).and_then(|sk| {
+        let family: u16 = sock_field(sk, o.sock_family)?;
+        let protocol: u16 = sock_field(sk, o.sock_protocol)?;
+        (family == AF_INET || family == AF_INET6).then_some((sk, protocol))
+    });
+    let (netns, flags) = match socket {
+        Some((sk, protocol)) => (
+            sock_netns(sk),
+            bind_flags::SOCKET_READ | u32::from(protocol) << bind_flags::PROTOCOL_SHIFT,
+        ),
+        None => (current_netns(), 0),
+    };
     if !netns_filter::wanted(netns) {
         return Ok(());
     }
-    sockaddr::emit_bind_failure(netns, ret, call)
+    sockaddr::emit_bind_failure(netns, ret, call, flags)
 }

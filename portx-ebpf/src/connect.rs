@@ -22,13 +22,15 @@ pub use portx_common::connect_phase as phase;
 use portx_common::{
     fail_flags, hook_mode, kind, state_flags, tcp_state, Connecting, FailureKey, PortEvent,
     SyscallEvent, AF_INET, AF_INET6, EADDRNOTAVAIL, EINPROGRESS, EINTR, ENOMEM, ERESTARTSYS,
+    IPPROTO_MPTCP,
 };
 
 use crate::{
     emit::{emit, header, header_without_task, Wake},
     failure_counts::{self, Counted},
     globals::{hook_mode, offsets},
-    kernel::{sock_field, sock_port, syscall_ret},
+    kernel::{current_fd_sock, sock_field, sock_port, syscall_arg_at_exit, syscall_ret},
+    offset,
     state::Endpoints,
 };
 
@@ -153,9 +155,22 @@ fn search_error(ret: i32) -> bool {
     ret == -EADDRNOTAVAIL || ret == -ENOMEM
 }
 
+/// `syscalls:sys_exit_connect`, reading the call's fd from the task's registers when the call
+/// failed (see [`exit_connect`]): where the agent found them in BTF and the kernel has
+/// `bpf_task_pt_regs` (5.15).
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    match exit_connect(syscall_ret(&ctx)) {
+    let fd = || syscall_arg_at_exit(offset!(regs_arg0)).map(|fd| fd as i32);
+    match exit_connect(syscall_ret(&ctx), fd) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// `syscalls:sys_exit_connect` where the call's fd cannot be read at exit.
+#[tracepoint]
+pub fn sys_exit_connect_no_fd(ctx: TracePointContext) -> u32 {
+    match exit_connect(syscall_ret(&ctx), || None) {
         Ok(()) => 0,
         Err(_) => 1,
     }
@@ -167,15 +182,30 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 #[fexit(function = "__sys_connect")]
 pub fn sys_connect_fexit(ctx: FExitContext) -> u32 {
     let ret: u64 = ctx.arg(3);
-    match exit_connect(ret as i32) {
+    let fd = || Some(ctx.arg::<u64>(0) as i32);
+    match exit_connect(ret as i32, fd) {
         Ok(()) => 0,
         Err(_) => 1,
     }
 }
 
-/// connect() returned `ret` in the current thread.
+/// Whether the socket behind the current task's `fd` is `sk`, the one the thread's note names:
+/// None where that cannot be told (the fd not known or not followed to a socket, or an MPTCP
+/// socket, whose fd leads to the MPTCP socket while the state changes are its TCP subflow's).
 #[inline(always)]
-fn exit_connect(ret: i32) -> Result<(), i64> {
+fn fd_is(fd: Option<i32>, sk: u64) -> Option<bool> {
+    let of_fd = current_fd_sock(fd?)?;
+    if of_fd == sk {
+        return Some(true);
+    }
+    let protocol: u16 = sock_field(of_fd, offsets().sock_protocol)?;
+    (protocol != IPPROTO_MPTCP).then_some(false)
+}
+
+/// connect() returned `ret` in the current thread; `fd()` is the call's fd, if it can be read
+/// (only a failed call reads it).
+#[inline(always)]
+fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
         // No TCP socket of this thread ever went into SYN_SENT (or only the agent's, or in a
         // namespace not traced).
@@ -187,7 +217,15 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
         // Taken by an earlier exit: this call put no TCP socket into SYN_SENT.
         return Ok(());
     }
-    unsafe { (*entry).phase = phase::TAKEN };
+    // An interrupted call is restarted (SA_RESTART) and waits on for the same socket, whose
+    // failure its exit then reports: the note stays, marked opened (any record that opens the
+    // connect is written by this exit). Else the note is taken.
+    let next = if interrupted(ret) {
+        phase::OPENED
+    } else {
+        phase::TAKEN
+    };
+    unsafe { (*entry).phase = next };
     if call.phase == phase::SEARCH_FAILED && !search_error(ret) {
         // Left by a connect made outside connect() whose port search failed: its state change,
         // and nothing for this call (which sought no port).
@@ -213,7 +251,8 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
     }
     if ret == -EINPROGRESS || interrupted(ret) {
         // A connect still in progress has its port by now (an interrupted one too: not a
-        // failure; if the handshake failed meanwhile, the socket's state change says so). In
+        // failure yet; restarted, its exit reports one, and if it is not restarted the socket's
+        // state change tells the handshake's end). In
         // tracepoint mode its first record carried it; in the others IPv4's came from fexit or
         // the kretprobe, and IPv6 sockets, which seek their port in inet6_hash_connect (not
         // seen there), need it read here. A blocking connect's port arrives with
@@ -240,13 +279,27 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
         }
         return Ok(());
     }
-    // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed.
+    // Not this call's socket: the note was left by a connect made outside connect() (TCP Fast
+    // Open's sendto, io_uring) or by an interrupted call not restarted, and this call failed
+    // before putting a socket into SYN_SENT (a UDP or AF_UNIX socket, no route): not a connect
+    // failure portx reports, and never against another socket's destination.
+    let fd = fd();
+    if fd_is(fd, call.sk) == Some(false) {
+        if call.phase == phase::SEARCH_FAILED {
+            emit_held_close(&call);
+        }
+        return Ok(());
+    }
+    // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed. Any
+    // other failure after SYN_SENT closes the socket before connect() returns (tcp_v4_connect's
+    // failure path, or a handshake that failed while the call waited): a socket not in CLOSE is
+    // not this call's (where its fd could not tell).
     if call.phase != phase::SEARCH_FAILED {
         let state = match state {
             Some(s) => s,
             None => read_state()?,
         };
-        if state != tcp_state::SYN_SENT && state != tcp_state::CLOSE {
+        if state != tcp_state::CLOSE {
             return Ok(());
         }
     }
@@ -279,7 +332,7 @@ fn exit_connect(ret: i32) -> Result<(), i64> {
             ret,
             family: call.family,
             port: call.dport,
-            fd: -1,
+            fd: fd.unwrap_or(-1),
             addr: call.daddr,
             count,
             born_ns,

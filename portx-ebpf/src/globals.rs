@@ -53,6 +53,12 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     net_cookie: 0,
     regs_arg0: 0,
     regs_arg1: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
 };
 
 #[inline(always)]

@@ -1,6 +1,8 @@
 //! Reads of kernel structs at offsets the agent found in BTF.
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs,
+    },
     macros::map,
     maps::PerCpuArray,
     programs::TracePointContext,
@@ -101,6 +103,45 @@ pub fn current_netns() -> u32 {
     }
 }
 
+/// The socket (`struct sock *`) behind the current task's descriptor `fd`, None where it cannot
+/// be read (no `task_files` offset, `fd` out of the table, a closed fd, a file with no socket).
+/// Six reads: only for a syscall that failed, to learn which socket it was about. A file that is
+/// not a socket yields what its `private_data` points to: callers compare it with a socket they
+/// know, or check its family.
+#[inline(always)]
+pub fn current_fd_sock(fd: i32) -> Option<u64> {
+    let o = offsets();
+    if fd < 0 || o.task_files == 0 {
+        return None;
+    }
+    // Offsets of 0 are valid here (`fdtable.max_fds` is its first member).
+    let read = |base: u64, off: u32| -> Option<u64> {
+        if base == 0 {
+            return None;
+        }
+        // SAFETY: a probe read, which fails cleanly on a bad address.
+        unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const u64) }.ok()
+    };
+    let task = unsafe { bpf_get_current_task() };
+    let files = read(task, o.task_files)?;
+    let fdt = read(files, o.files_fdt)?;
+    if fdt == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let max: u32 =
+        unsafe { bpf_probe_read_kernel((fdt + u64::from(o.fdtable_max_fds)) as *const u32) }
+            .ok()?;
+    if fd as u32 >= max {
+        return None;
+    }
+    let fds = read(fdt, o.fdtable_fd)?;
+    let file = read(fds, fd as u32 * 8)?;
+    let socket = read(file, o.file_private_data)?;
+    let sk = read(socket, o.socket_sk)?;
+    (sk != 0).then_some(sk)
+}
+
 /// `sk->__sk_common.skc_num`: the local port, host order, 0 while unassigned.
 #[inline(always)]
 pub fn sock_port(sk: u64) -> u16 {
@@ -145,6 +186,19 @@ pub unsafe fn btf_load_in6(base: u64, off: u32) -> [u8; 16] {
     out[..8].copy_from_slice(&lo.to_ne_bytes());
     out[8..].copy_from_slice(&hi.to_ne_bytes());
     out
+}
+
+/// A syscall argument at the syscall's exit, `at` bytes into the registers the task entered it
+/// with (`bpf_task_pt_regs`, Linux 5.15; `KernelOffsets::regs_arg0`/`regs_arg1`, from BTF).
+/// Only in programs the agent loads where both exist.
+#[inline(always)]
+pub fn syscall_arg_at_exit(at: u32) -> Option<u64> {
+    // SAFETY: helpers without preconditions; the task is the current one, its pt_regs a BTF
+    // pointer read with a probe read.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        bpf_probe_read_kernel((regs + u64::from(at)) as *const u64).ok()
+    }
 }
 
 /// A `syscalls:sys_exit_*` tracepoint's return value: a direct load of the context (checked by

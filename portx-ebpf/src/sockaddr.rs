@@ -87,13 +87,14 @@ fn read_sockaddr(call: &InFlight) -> Result<(u16, [u8; 16]), i64> {
     Ok((port, addr))
 }
 
-/// Emits a failed bind() with the address it was called with.
+/// Emits a failed bind() with the address it was called with; `flags`:
+/// [`portx_common::bind_flags`].
 #[inline(always)]
-pub fn emit_bind_failure(netns: u32, ret: i32, call: &InFlight) -> Result<(), i64> {
+pub fn emit_bind_failure(netns: u32, ret: i32, call: &InFlight, flags: u32) -> Result<(), i64> {
     let (port, addr) = read_sockaddr(call)?;
     emit(
         SyscallEvent {
-            hdr: header(kind::BIND_FAIL, 0),
+            hdr: header(kind::BIND_FAIL, flags),
             skaddr: 0,
             netns,
             ret,
