@@ -231,8 +231,8 @@ pub struct SyscallEvent {
     pub family: u16,
     /// Destination port (connect) or requested local port (bind; 0 = "any"), host order.
     pub port: u16,
-    /// The fd argument; -1 for a connect() whose fd portx did not read (tracepoint mode
-    /// without `KernelOffsets::regs_arg0` or `task_files`).
+    /// The fd argument; -1 for a connect() whose fd portx did not read (a failed port search,
+    /// or the tracepoint path before Linux 5.15).
     pub fd: i32,
     /// Destination (connect) or local (bind) address.
     pub addr: [u8; 16],

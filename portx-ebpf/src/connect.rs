@@ -203,7 +203,7 @@ fn fd_is(fd: Option<i32>, sk: u64) -> Option<bool> {
 }
 
 /// connect() returned `ret` in the current thread; `fd()` is the call's fd, if it can be read
-/// (only a failed call reads it).
+/// (only a call that failed other than in its port search reads it).
 #[inline(always)]
 fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
@@ -279,22 +279,24 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         }
         return Ok(());
     }
-    // Not this call's socket: the note was left by a connect made outside connect() (TCP Fast
-    // Open's sendto, io_uring) or by an interrupted call not restarted, and this call failed
-    // before putting a socket into SYN_SENT (a UDP or AF_UNIX socket, no route): not a connect
-    // failure portx reports, and never against another socket's destination.
-    let fd = fd();
-    if fd_is(fd, call.sk) == Some(false) {
-        if call.phase == phase::SEARCH_FAILED {
-            emit_held_close(&call);
-        }
-        return Ok(());
-    }
-    // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed. Any
-    // other failure after SYN_SENT closes the socket before connect() returns (tcp_v4_connect's
-    // failure path, or a handshake that failed while the call waited): a socket not in CLOSE is
-    // not this call's (where its fd could not tell).
+    // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed, and the
+    // range full for its destination. (Its fd is not followed: that would cost each failure of
+    // an EADDRNOTAVAIL storm six reads. Were the mark left by a search that failed outside
+    // connect() and this call failed before its own search, the destination is still one the
+    // thread found full.)
+    let mut fd_read = None;
     if call.phase != phase::SEARCH_FAILED {
+        // Not this call's socket: the note was left by a connect made outside connect() (TCP
+        // Fast Open's sendto, io_uring) or by an interrupted call not restarted, and this call
+        // failed before putting a socket into SYN_SENT (a UDP or AF_UNIX socket, no route): not
+        // a connect failure portx reports, and never against another socket's destination.
+        fd_read = fd();
+        if fd_is(fd_read, call.sk) == Some(false) {
+            return Ok(());
+        }
+        // Any failure after SYN_SENT closes the socket before connect() returns
+        // (tcp_v4_connect's failure path, or a handshake that failed while the call waited): a
+        // socket not in CLOSE is not this call's (where its fd could not tell).
         let state = match state {
             Some(s) => s,
             None => read_state()?,
@@ -332,7 +334,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
             ret,
             family: call.family,
             port: call.dport,
-            fd: fd.unwrap_or(-1),
+            fd: fd_read.unwrap_or(-1),
             addr: call.daddr,
             count,
             born_ns,
