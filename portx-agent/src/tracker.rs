@@ -40,7 +40,8 @@ pub const TIME_WAIT_NS: u64 = 60 * 1_000_000_000;
 /// Number of slots in per-state arrays (TCP states are 1..=12).
 pub const STATES: usize = 13;
 
-/// Cap of [`Tracker`]'s owners-without-tuple map; past it the map is cleared (counted).
+/// Cap of [`Tracker`]'s owners-without-tuple map; past it the map is cleared (a socket whose
+/// owner was there is then placed without one, shown as unknown).
 pub const MAX_ORPHAN_OWNERS: usize = 4096;
 
 /// Most tuples [`Tracker::pass_begins`] remembers closed while a sock_diag pass is under way
@@ -289,7 +290,9 @@ pub struct Tracker {
     pending: Map<u64, Pending>,
     /// Owners learned from a port event (process context) for sockets whose CLOSE->SYN_SENT the
     /// kernel skipped (a program cannot nest in itself on one CPU): the next state change, which
-    /// carries the tuple, places the socket. Bounded by [`MAX_ORPHAN_OWNERS`].
+    /// carries the tuple, places the socket. In kprobe mode a socket bound before its connect
+    /// gets a port record too though its CLOSE->SYN_SENT carried the port: its owner waits here
+    /// until the socket closes. Bounded by [`MAX_ORPHAN_OWNERS`].
     orphan_owners: Map<u64, Owner>,
     /// Destinations kept (in use, or kept a while after, see [`Tracker::sweep_idle`]), by id
     /// (an index into `dest_slots`).
@@ -449,6 +452,9 @@ impl Tracker {
         if conn.sk_low == 0 {
             // Seeded from sock_diag: adopt the socket address now that an event names it.
             conn.sk_low = sk_low(e.skaddr);
+        }
+        if e.new == st::CLOSE && !self.orphan_owners.is_empty() {
+            self.orphan_owners.remove(&e.skaddr);
         }
         let new = if e.new == st::CLOSE {
             match conn.state() as u32 {
@@ -1674,19 +1680,24 @@ mod tests {
         assert_eq!(t.top(5).len(), 1);
     }
 
-    #[test]
-    fn owner_from_the_port_event_places_a_socket_whose_connect_was_not_seen() {
-        let mut t = Tracker::new();
-        // No CLOSE->SYN_SENT (the kernel skipped it); fexit/kretprobe saw the allocation.
-        t.on_port(&PortAssigned {
-            ts_ns: 0,
+    /// A kretprobe's port record at `ts_ns`: socket 9 got port 40005 in pid 50's connect().
+    fn port_of_pid_50(ts_ns: u64) -> PortAssigned {
+        PortAssigned {
+            ts_ns,
             task: task(50, "client"),
             skaddr: 9,
             netns: NS,
             ret: 0,
             sport: 40005,
             source: 2,
-        });
+        }
+    }
+
+    #[test]
+    fn owner_from_the_port_event_places_a_socket_whose_connect_was_not_seen() {
+        let mut t = Tracker::new();
+        // No CLOSE->SYN_SENT (the kernel skipped it); fexit/kretprobe saw the allocation.
+        t.on_port(&port_of_pid_50(0));
         t.on_state(&ev(
             9,
             st::SYN_SENT,
@@ -1699,6 +1710,35 @@ mod tests {
         assert_eq!(d.holders_ranked()[0].0, 50);
         assert_eq!(t.counters.recovered, 1);
         assert_eq!(t.counters.untracked, 0);
+    }
+
+    #[test]
+    fn a_bound_sockets_port_record_is_forgotten_when_the_socket_closes() {
+        let mut t = Tracker::new();
+        // kprobe mode, bind() before connect(): CLOSE->SYN_SENT carries the port, and the
+        // kretprobe's port record follows with no connect pending.
+        t.on_state(&ev(
+            9,
+            st::CLOSE,
+            st::SYN_SENT,
+            40005,
+            task(50, "client"),
+            1,
+        ));
+        t.on_port(&port_of_pid_50(2));
+        assert_eq!(t.orphan_owners.len(), 1);
+        t.on_state(&ev(
+            9,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40005,
+            task(0, "x"),
+            3,
+        ));
+        assert_eq!(t.orphan_owners.len(), 1);
+        t.on_state(&ev(9, st::ESTABLISHED, st::CLOSE, 40005, task(0, "x"), 4));
+        assert!(t.orphan_owners.is_empty());
+        assert_eq!(t.tracked(), 0);
     }
 
     #[test]
