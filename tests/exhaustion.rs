@@ -1151,6 +1151,76 @@ fn summary_in(agent: &mut Agent, secs: u64) -> Value {
     })
 }
 
+/// A process failing towards 5000 destination ports from `from` up, three times each (nothing
+/// listens on 20000-29999: ECONNREFUSED each time), then towards 5000 from `again` up if
+/// given, 15 s later.
+fn refused_churn(ns: &Netns, from: &str, again: Option<&str>) -> portx_e2e::Workload {
+    let mut args = vec![
+        "churn",
+        "--connect",
+        from,
+        "--ports",
+        "5000",
+        "--count",
+        "3",
+    ];
+    if let Some(again) = again {
+        args.extend(["--again", again]);
+    }
+    ns.spawn("refused", &args)
+}
+
+/// Asserts that a round of [`refused_churn`] that wrote `records` was counted in the kernel.
+/// Besides its failure, a refused connect writes nothing in tracepoint mode (a connect that
+/// closes before its first record writes none) and two in fentry mode (fexit's with the port,
+/// SYN_SENT->CLOSE). Then 4096 keys get one failure record for three failures, the other 904
+/// three: 6808 — a few more where a key's three failures are over 100 ms apart (an emulated
+/// guest: 6822 and 6832), far fewer than a record per failure (15000).
+fn assert_counted_in_the_kernel(hooks: &str, round: usize, records: u64, ctx: &str) {
+    let others = match hooks {
+        "tracepoint" => 0,
+        "fentry" => 2 * 15000,
+        _ => return,
+    };
+    let failure_records = records.saturating_sub(others);
+    assert!(
+        (6808..10000).contains(&failure_records),
+        "round {round}: {failure_records} failure records; {ctx}"
+    );
+}
+
+/// One long-lived process fails towards 5000 destination ports three times each, waits 15 s,
+/// then does the same towards 5000 others. Its first keys, idle for 10 s in a map at least half
+/// full, are deleted while it lives, so the second round is counted in the kernel as the first
+/// was (with them left behind the map stays full and each of the second round's 15000
+/// failures is a record).
+#[test]
+fn a_live_process_idle_keys_make_room_in_the_kernels_count_map() {
+    let _g = serial();
+    if !require_root("a_live_process_idle_keys_make_room_in_the_kernels_count_map") {
+        return;
+    }
+    let ns = Netns::new();
+    let mut agent = Agent::start(ns.id);
+    let mut events = vec![summary_in(&mut agent, 0)["events"].as_u64().unwrap_or(0)];
+    let mut refused = refused_churn(&ns, "127.0.0.1:20000", Some("127.0.0.1:25000"));
+    for _ in 0..2 {
+        refused.expect("churned ok=0 failed=15000");
+        events.push(summary_in(&mut agent, 2)["events"].as_u64().unwrap_or(0));
+    }
+    refused.wait();
+    let hooks = agent.hooks.clone();
+    let all = stop_and_collect(agent);
+    let last = final_summary(&all);
+    let runs = [events[1] - events[0], events[2] - events[1]];
+    let ctx = format!("hooks {hooks}; records per round {runs:?}; final summary {last:#}");
+    assert_eq!(last["lost"], 0, "{ctx}");
+    let (_, counted) = failure_lines_of(&all, refused.pid());
+    assert_eq!(counted, 30000, "{ctx}");
+    println!("records per round: {runs:?}");
+    assert_counted_in_the_kernel(&hooks, 2, runs[1], &ctx);
+}
+
 /// More keys than the kernel's count map holds (4096): 5000 destination ports refused three
 /// times each, in a row. Keys past the map's size get a record per failure, and every failure
 /// is counted either way. The entries of a process that exited are deleted once read, so a
@@ -1169,19 +1239,7 @@ fn past_the_kernels_count_map_every_failure_is_counted_and_a_gone_process_frees_
     let mut events = vec![summary_in(&mut agent, 0)["events"].as_u64().unwrap_or(0)];
     let mut pids = Vec::new();
     for _ in 0..2 {
-        // Nothing listens on 20000-24999: ECONNREFUSED each time.
-        let mut refused = ns.spawn(
-            "refused",
-            &[
-                "churn",
-                "--connect",
-                "127.0.0.1:20000",
-                "--ports",
-                "5000",
-                "--count",
-                "3",
-            ],
-        );
+        let mut refused = refused_churn(&ns, "127.0.0.1:20000", None);
         refused.expect("churned ok=0 failed=15000");
         refused.wait();
         pids.push(refused.pid());
@@ -1201,23 +1259,7 @@ fn past_the_kernels_count_map_every_failure_is_counted_and_a_gone_process_frees_
         assert_eq!(counted, 15000, "process {pid}: {ctx}");
     }
     println!("records per run: {runs:?}");
-    // Besides its failure, a refused connect writes nothing in tracepoint mode (a connect that
-    // closes before its first record writes none) and two in fentry mode (fexit's with the
-    // port, SYN_SENT->CLOSE). Then 4096 keys get one failure record for three failures, the
-    // other 904 three: 6808 — a few more where a key's three failures are over 100 ms apart
-    // (an emulated guest: 6822 and 6832), far fewer than a record per failure (15000).
-    let others = match hooks.as_str() {
-        "tracepoint" => Some(0),
-        "fentry" => Some(2 * 15000),
-        _ => None,
-    };
-    if let Some(others) = others {
-        for (i, run) in runs.iter().enumerate() {
-            let failure_records = run.saturating_sub(others);
-            assert!(
-                (6808..10000).contains(&failure_records),
-                "run {i}: {failure_records} failure records; {ctx}"
-            );
-        }
+    for (i, run) in runs.iter().enumerate() {
+        assert_counted_in_the_kernel(&hooks, i + 1, *run, &ctx);
     }
 }

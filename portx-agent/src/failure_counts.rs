@@ -5,11 +5,17 @@
 //! Per key the agent keeps the count it has accounted. A record, or a reading of the map, with a
 //! higher count accounts the difference; the kernel only ever adds, so whichever of the two sees
 //! a failure first accounts it and the other finds nothing left. An entry made again after the
-//! agent deleted it is told apart by its `born_ns`. The agent deletes only the entries of
-//! processes that are gone, after reading them: nothing can add to those any more.
-use portx_common::{FailureCount, FailureKey};
+//! agent deleted it is told apart by its `born_ns`. The agent deletes the entries of processes
+//! that are gone, after reading them: nothing can add to those any more. Once the map is half
+//! full it also deletes live processes' keys that had no record for [`IDLE_KEY_NS`] (see
+//! [`FailureCounts::read`]), so that one long-lived process failing towards many destinations
+//! does not fill it for good.
+use portx_common::{FailureCount, FailureKey, MAX_FAILURE_KEYS};
 
 use crate::{decoder::Task, tracker::Map};
+
+/// A live process' key with no record for this long is deleted once the map is half full.
+pub const IDLE_KEY_NS: u64 = 10_000_000_000;
 
 struct Accounted {
     born_ns: u64,
@@ -77,15 +83,26 @@ impl FailureCounts {
         new
     }
 
-    /// One reading of the map, made after the rings were drained: the failures of each entry
-    /// that neither its records nor earlier readings accounted. `gone(tgid)` is true for a
-    /// process that no longer exists; its entries are listed for deletion (asked only for
-    /// entries that did not change since the last reading: a process still failing is alive).
+    /// One reading of the map, made after the rings were drained at `now_ns`
+    /// (`CLOCK_MONOTONIC`, as the kernel's times): the failures of each entry that neither its
+    /// records nor earlier readings accounted. Entries that did not change since the last
+    /// reading are listed for deletion if `gone(tgid)` (the process no longer exists; asked
+    /// only for those: a process still failing is alive), or, with the map at least half full,
+    /// if their key had no record for [`IDLE_KEY_NS`].
+    ///
+    /// Deleting a live key races with its next failure only in the moment between this
+    /// reading and the deletion: that failure, the first after a long quiet, gets a record
+    /// (carrying the count, so it is accounted); only a second one within the same jiffy on
+    /// another CPU would be held in the deleted entry and go uncounted.
     pub fn read(
         &mut self,
-        entries: impl IntoIterator<Item = (FailureKey, FailureCount)>,
+        entries: Vec<(FailureKey, FailureCount)>,
         gone: impl Fn(u32) -> bool,
+        now_ns: u64,
     ) -> Reading {
+        let crowded = entries.len() >= MAX_FAILURE_KEYS as usize / 2;
+        let idle =
+            |e: &FailureCount| crowded && now_ns.saturating_sub(e.last_record_ns) >= IDLE_KEY_NS;
         let mut reading = Reading::default();
         // Deleted after the last reading and not made again since: forgotten.
         self.keys.retain(|_, a| !a.deleted);
@@ -115,7 +132,7 @@ impl FailureCounts {
                     failures: new,
                     task: a.task,
                 });
-            } else if gone(key.tgid) {
+            } else if idle(&entry) || gone(key.tgid) {
                 reading.delete.push(key);
             }
         }
@@ -175,6 +192,36 @@ mod tests {
     }
 
     #[test]
+    fn with_the_map_half_full_idle_keys_of_live_processes_are_deleted() {
+        let now = 100 * IDLE_KEY_NS;
+        let quiet = now - IDLE_KEY_NS;
+        let recent = now - IDLE_KEY_NS + 1;
+        let keys = |n: u32, last_record_ns: u64| {
+            (1..=n).map(move |tgid| {
+                let mut e = entry(1, 100);
+                e.last_record_ns = last_record_ns;
+                (key(tgid), e)
+            })
+        };
+        let half = MAX_FAILURE_KEYS / 2;
+        // First reading: every count is new, nothing is deleted.
+        let mut c = FailureCounts::new();
+        let all: Vec<_> = keys(half, quiet).collect();
+        assert_eq!(c.read(all.clone(), |_| false, now).delete.len(), 0);
+        // Unchanged, half full, quiet for IDLE_KEY_NS: all deleted though alive.
+        assert_eq!(c.read(all, |_| false, now).delete.len(), half as usize);
+        // One key fewer (not crowded), or records more recent: kept.
+        let mut c = FailureCounts::new();
+        let fewer: Vec<_> = keys(half - 1, quiet).collect();
+        c.read(fewer.clone(), |_| false, now);
+        assert_eq!(c.read(fewer, |_| false, now), Reading::default());
+        let mut c = FailureCounts::new();
+        let busy: Vec<_> = keys(half, recent).collect();
+        c.read(busy.clone(), |_| false, now);
+        assert_eq!(c.read(busy, |_| false, now), Reading::default());
+    }
+
+    #[test]
     fn records_and_readings_account_each_failure_once_in_any_order() {
         let mut c = FailureCounts::new();
         let k = key(7);
@@ -184,7 +231,7 @@ mod tests {
         assert_eq!(c.on_record(k, 10, 100, task(7, 8)), 9);
         // A reading finds 5 more no record brought; the record carrying 13 comes after it
         // (written before the reading, read after): nothing left for it.
-        let r = c.read([(k, entry(15, 100))], |_| false);
+        let r = c.read(vec![(k, entry(15, 100))], |_| false, 0);
         assert_eq!(
             r.unaccounted,
             vec![Unaccounted {
@@ -196,14 +243,17 @@ mod tests {
         assert_eq!(c.on_record(k, 13, 100, task(7, 7)), 0);
         assert_eq!(c.on_record(k, 16, 100, task(7, 7)), 1);
         // Nothing new: a reading finds nothing.
-        assert_eq!(c.read([(k, entry(16, 100))], |_| false), Reading::default());
+        assert_eq!(
+            c.read(vec![(k, entry(16, 100))], |_| false, 0),
+            Reading::default()
+        );
     }
 
     #[test]
     fn a_key_seen_only_in_the_map_is_accounted_in_full() {
         // Its first record was lost (ring full) or not read yet.
         let mut c = FailureCounts::new();
-        let r = c.read([(key(7), entry(42, 100))], |_| false);
+        let r = c.read(vec![(key(7), entry(42, 100))], |_| false, 0);
         assert_eq!(r.unaccounted[0].failures, 42);
         assert_eq!(r.unaccounted[0].task, None);
         assert_eq!(c.on_record(key(7), 40, 100, task(7, 7)), 0);
@@ -215,15 +265,15 @@ mod tests {
         let k = key(7);
         c.on_record(k, 1, 100, task(7, 7));
         // Still changing: not asked whether it is gone.
-        let r = c.read([(k, entry(3, 100))], |_| panic!("asked"));
+        let r = c.read(vec![(k, entry(3, 100))], |_| panic!("asked"), 0);
         assert_eq!(r.unaccounted[0].failures, 2);
         assert!(r.delete.is_empty());
         // Unchanged and gone: deleted, its failures accounted by now.
-        let r = c.read([(k, entry(3, 100))], |pid| pid == 7);
+        let r = c.read(vec![(k, entry(3, 100))], |pid| pid == 7, 0);
         assert!(r.unaccounted.is_empty());
         assert_eq!(r.delete, vec![k]);
         // Not deleted after all (the map refused): still followed, nothing counted twice.
-        let r = c.read([(k, entry(3, 100))], |pid| pid == 7);
+        let r = c.read(vec![(k, entry(3, 100))], |pid| pid == 7, 0);
         assert!(r.unaccounted.is_empty());
         assert_eq!(r.delete, vec![k]);
         c.deleted(&k);
@@ -231,17 +281,17 @@ mod tests {
         assert_eq!(c.on_record(k, 3, 100, task(7, 7)), 0);
         // The id reused: a new entry for the same key, made later, counts from 1.
         assert_eq!(c.on_record(k, 1, 500, task(7, 7)), 1);
-        let r = c.read([(k, entry(4, 500))], |_| false);
+        let r = c.read(vec![(k, entry(4, 500))], |_| false, 0);
         assert_eq!(r.unaccounted[0].failures, 3);
         // A deleted key the map no longer has is forgotten at the next reading.
         let other = key(8);
         c.on_record(other, 2, 100, task(8, 8));
         assert_eq!(
-            c.read([(other, entry(2, 100))], |_| true).delete,
+            c.read(vec![(other, entry(2, 100))], |_| true, 0).delete,
             vec![other]
         );
         c.deleted(&other);
-        c.read([], |_| true);
+        c.read(vec![], |_| true, 0);
         assert_eq!(c.len(), 1, "key 7 was read again, key 8 forgotten");
     }
 }

@@ -337,7 +337,7 @@ impl<W: io::Write> Session<W> {
 
     /// Reads the kernel's failure counts (after the rings were drained) and accounts what no
     /// record brought: a key's failures after its last record. Deletes the entries of processes
-    /// that are gone, once read.
+    /// that are gone, once read, and idle ones when the map is half full.
     fn read_failure_counts(&mut self) {
         let Some(map) = &mut self.failure_map else {
             return;
@@ -350,19 +350,20 @@ impl<W: io::Write> Session<W> {
                 return;
             }
         };
-        let reading = self.failure_counts.read(entries, |tgid| {
+        let now = clock::monotonic_ns();
+        let gone = |tgid| {
             matches!(
                 std::fs::metadata(format!("/proc/{tgid}")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound
             )
-        });
+        };
+        let reading = self.failure_counts.read(entries, gone, now);
         for key in &reading.delete {
             match map.remove(key) {
                 Ok(()) => self.failure_counts.deleted(key),
-                Err(e) => tracing::debug!("deleting a gone process' failure count: {e}"),
+                Err(e) => tracing::debug!("deleting a failure count: {e}"),
             }
         }
-        let now = clock::monotonic_ns();
         for u in reading.unaccounted {
             let Ok(addr) = decoder::ip_from(u.key.family, &u.key.daddr) else {
                 continue;

@@ -85,6 +85,12 @@ pub enum WorkloadCmd {
         /// Milliseconds to sleep after each connect (not with --cross-cpu).
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
+        /// Then, --again-after-ms later, the same churn again to this destination (and the
+        /// ports after it), from the same process (not with --cross-cpu).
+        #[arg(long, conflicts_with = "cross_cpu")]
+        again: Option<SocketAddr>,
+        #[arg(long, value_name = "MS", default_value_t = 15000)]
+        again_after_ms: u64,
     },
     /// One connect(). Prints `connect ok sport=P` (exit 0) or `connect failed errno=E` (exit 3).
     Connect {
@@ -261,7 +267,19 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             rst,
             cross_cpu: false,
             pause_ms,
-        } => churn(connect, count, ports, rst, Duration::from_millis(pause_ms)),
+            again,
+            again_after_ms,
+        } => {
+            let pause = Duration::from_millis(pause_ms);
+            churn(connect, count, ports, rst, pause)?;
+            match again {
+                Some(again) => {
+                    std::thread::sleep(Duration::from_millis(again_after_ms));
+                    churn(again, count, ports, rst, pause)
+                }
+                None => Ok(()),
+            }
+        }
         WorkloadCmd::Churn {
             connect,
             count,
@@ -269,6 +287,7 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             rst,
             cross_cpu: true,
             pause_ms: 0,
+            ..
         } => churn_cross_cpu(connect, count, rst),
         WorkloadCmd::Churn {
             cross_cpu: true,
