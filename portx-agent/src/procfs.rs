@@ -197,11 +197,14 @@ mod tests {
     #[test]
     fn a_process_named_with_a_non_utf8_byte_keeps_its_comm_and_start_time() {
         use std::os::unix::ffi::OsStrExt as _;
-        // exec takes comm from the file name: a copy of sleep named `sl\xffep`.
+        // exec takes comm from the name it was called by: a link to sleep named `sl\xffep`. (A
+        // link, not a copy: a file just written can be ETXTBSY to exec while another test's
+        // fork between open and exec holds it open for writing.)
         let dir = std::env::temp_dir().join(format!("portx-procfs-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let exe = dir.join(std::ffi::OsStr::from_bytes(b"sl\xffep"));
-        fs::copy("/bin/sleep", &exe).unwrap();
+        let _ = fs::remove_file(&exe);
+        std::os::unix::fs::symlink("/bin/sleep", &exe).unwrap();
         let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
         let pid = child.id();
         let mut comm_now = None;
