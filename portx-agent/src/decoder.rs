@@ -246,10 +246,7 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
         },
         protocol: match e.hdr.kind {
             kind::CONNECT_FAIL => Some(IPPROTO_TCP),
-            _ if e.hdr.flags & bind_flags::SOCKET_READ != 0 => {
-                Some((e.hdr.flags >> bind_flags::PROTOCOL_SHIFT) as u16)
-            }
-            _ => None,
+            _ => bind_flags::protocol(e.hdr.flags),
         },
     })
 }
@@ -473,7 +470,7 @@ mod tests {
         };
         assert_eq!(protocol(0), None);
         assert_eq!(protocol(bind_flags::SOCKET_READ | 17 << 16), Some(17));
-        assert_eq!(protocol(bind_flags::SOCKET_READ | 262 << 16), Some(262));
+        assert_eq!(protocol(bind_flags::socket_read(262)), Some(262));
         // A protocol without the flag is not believed.
         assert_eq!(protocol(6 << 16), None);
         // A connect failure is TCP's whatever its flags.

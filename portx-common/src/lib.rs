@@ -115,6 +115,20 @@ pub mod bind_flags {
     /// they are 0: unknown).
     pub const SOCKET_READ: u32 = 1;
     pub const PROTOCOL_SHIFT: u32 = 16;
+
+    /// The flags of a record whose socket was read and has `sk_protocol` `protocol`.
+    pub const fn socket_read(protocol: u16) -> u32 {
+        SOCKET_READ | (protocol as u32) << PROTOCOL_SHIFT
+    }
+
+    /// The socket's protocol, if the record's `flags` say it was read.
+    pub const fn protocol(flags: u32) -> Option<u16> {
+        if flags & SOCKET_READ == 0 {
+            None
+        } else {
+            Some((flags >> PROTOCOL_SHIFT) as u16)
+        }
+    }
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).

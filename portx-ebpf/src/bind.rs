@@ -112,10 +112,7 @@ fn failed(ret: i32, call: &InFlight) -> Result<(), i64> {
         (family == AF_INET || family == AF_INET6).then_some((sk, protocol))
     });
     let (netns, flags) = match socket {
-        Some((sk, protocol)) => (
-            sock_netns(sk),
-            bind_flags::SOCKET_READ | u32::from(protocol) << bind_flags::PROTOCOL_SHIFT,
-        ),
+        Some((sk, protocol)) => (sock_netns(sk), bind_flags::socket_read(protocol)),
         None => (current_netns(), 0),
     };
     if !netns_filter::wanted(netns) {

@@ -219,8 +219,9 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     }
     // An interrupted call is restarted (SA_RESTART) and waits on for the same socket, whose
     // failure its exit then reports: the note stays, marked opened (any record that opens the
-    // connect is written by this exit). Else the note is taken.
-    let next = if interrupted(ret) {
+    // connect is written by this exit). Else the note is taken, and so is a search-failed one
+    // (not this call's: a call that waits put its own socket into SYN_SENT, replacing it).
+    let next = if interrupted(ret) && call.phase != phase::SEARCH_FAILED {
         phase::OPENED
     } else {
         phase::TAKEN
@@ -281,7 +282,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     }
     // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed, and the
     // range full for its destination. (Its fd is not followed: that would cost each failure of
-    // an EADDRNOTAVAIL storm six reads. Were the mark left by a search that failed outside
+    // an EADDRNOTAVAIL storm seven reads. Were the mark left by a search that failed outside
     // connect() and this call failed before its own search, the destination is still one the
     // thread found full.)
     let mut fd_read = None;

@@ -105,7 +105,7 @@ pub fn current_netns() -> u32 {
 
 /// The socket (`struct sock *`) behind the current task's descriptor `fd`, None where it cannot
 /// be read (no `task_files` offset, `fd` out of the table, a closed fd, a file with no socket).
-/// Six reads: only for a syscall that failed, to learn which socket it was about. A file that is
+/// Seven reads: only for a syscall that failed, to learn which socket it was about. A file that is
 /// not a socket yields what its `private_data` points to: callers compare it with a socket they
 /// know, or check its family.
 #[inline(always)]
