@@ -509,10 +509,16 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Corrections and losses the agent reported: shown in every run, passing or not.
-        for line in self.stderr().lines() {
-            if line.contains("WARN") || line.contains("resync") {
-                println!("portx-e2e: agent said: {line}");
+        if std::thread::panicking() {
+            // A failing test: all the agent said, multi-line errors too (a verifier's log comes
+            // in the lines after the one that names the program).
+            println!("portx-e2e: agent stderr, all of it:\n{}", self.stderr());
+        } else {
+            // Corrections and losses the agent reported: shown in every run.
+            for line in self.stderr().lines() {
+                if line.contains("WARN") || line.contains("resync") {
+                    println!("portx-e2e: agent said: {line}");
+                }
             }
         }
         if let Some(mut child) = self.child.take() {
