@@ -649,6 +649,78 @@ fn a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port() {
     assert_eq!(d["top_holder"]["pid"], redialer.pid(), "{ctx}");
 }
 
+/// A socket bound to a port another connection to the same destination already uses (both with
+/// SO_REUSEADDR) connects: connect() finds the 4-tuple taken and fails with EADDRNOTAVAIL, and
+/// the socket's SYN_SENT->CLOSE still shows the bound port. That state change must not take the
+/// holder, found by sock_diag, off the table (fentry and kprobe modes wrote it, with the bound
+/// port). The failure names the port, and its report does not blame the range.
+#[test]
+fn a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table() {
+    let _g = serial();
+    if !require_root("a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let bound = |count| {
+        vec![
+            "hold-bound",
+            "--connect",
+            V4,
+            "--count",
+            count,
+            "--from-port",
+            "30000",
+            "--reuse-addr",
+        ]
+    };
+    // The holder connects before the agent starts: only sock_diag knows its socket.
+    let (holder, _) = ns.keep("holder", &bound("1"), "held 1 ports=30000");
+    // No resync while the test looks: it would put a wrongly removed entry back.
+    let mut agent = Agent::start_with(ns.id, &["--resync", "3600"]);
+    let started = agent.wait_for("started", |v| v["type"] == "started");
+    assert_eq!(started["seeded"], 1, "{started:#}");
+    let mut collider = ns.spawn("collider", &bound("1"));
+    let line = collider.line();
+    assert!(
+        line.starts_with("connect failed errno=99"),
+        "the second bound connect: `{line}`\n{}",
+        ns.sockets()
+    );
+    assert_eq!(
+        collider.wait().code(),
+        Some(3),
+        "the collider's exit status"
+    );
+    let failed = agent.wait_for("the collider's connect_failed", |v| {
+        v["type"] == "connect_failed" && v["pid"] == collider.pid()
+    });
+    let after = clock_ns();
+    let summary = agent.wait_for("a summary after the failed connect", |v| {
+        v["type"] == "summary" && v["ts"].as_u64() > Some(after)
+    });
+    let ctx = format!("{failed}\n{summary:#}\n{}", agent.context());
+    assert_eq!(summary["tracked"], 1, "the holder's port: {ctx}");
+    let d = &summary["destinations"][0];
+    assert_eq!(
+        (d["dport"].as_u64(), d["in_use"].as_u64()),
+        (Some(9000), Some(1)),
+        "{ctx}"
+    );
+    assert_eq!(d["top_holder"]["pid"], holder, "{ctx}");
+    // The failure names the bound port, and its report says the range did not fail it.
+    assert_eq!(failed["sport"], 30000, "{ctx}");
+    let report = agent.wait_for("the collider's exhaustion report", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == collider.pid()
+    });
+    assert_eq!(report["victim"]["sport"], 30000, "{report:#}");
+    let explain = report["explain"].to_string();
+    assert!(
+        explain.contains("bound to port 30000") && !explain.contains("narrower"),
+        "{report:#}"
+    );
+}
+
 /// Ports a client bound itself, outside `ip_local_port_range`, are in use to the destination but
 /// do not fill the range: 6 bound below 40000-40015 and 4 picked by connect() are 4 of 16.
 #[test]

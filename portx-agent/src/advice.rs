@@ -31,6 +31,8 @@ pub struct Evidence<'a> {
     pub bind_zero_failures: &'a [(u32, String)],
     /// A single destination (per-4-tuple limit) rather than a whole namespace.
     pub per_destination: bool,
+    /// The port the failing connect()'s socket was bound to before the call, if any.
+    pub victim_bound_port: Option<u16>,
 }
 
 fn finding(
@@ -59,6 +61,16 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     let tw = time_wait(e.stats);
     let in_use = e.stats.in_use;
+
+    // A bound socket's connect() searched no port: the range did not fail it, and its findings
+    // (below) would point at the wrong fix.
+    if let Some(port) = e.victim_bound_port {
+        out.push(finding(
+            format!("the failing socket was bound to port {port} before connect(), and that port already has a connection to this destination"),
+            format!("connect() keeps a bound socket's port and searches no other: EADDRNOTAVAIL says the 4-tuple (source address, port {port}, destination) is in use, or in TIME_WAIT that may not be reused"),
+            "let connect() pick the port: do not bind() a client socket, or set IP_BIND_ADDRESS_NO_PORT before bind(address, 0); a fixed source port allows one connection to each destination at a time",
+        ));
+    }
 
     // tcp_tw_reuse is connect()'s (its 4-tuple check); a namespace-wide report is about
     // bind(), which it never helps.
@@ -100,7 +112,7 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
         ));
     }
 
-    if let Some(s) = e.settings {
+    if let Some(s) = e.settings.filter(|_| e.victim_bound_port.is_none()) {
         let usable = s.usable();
         let total = u32::from(s.range.1) - u32::from(s.range.0) + 1;
         // The range itself: reserved ports have a finding of their own.
@@ -181,6 +193,7 @@ mod tests {
             loopback: false,
             bind_zero_failures: binds,
             per_destination: true,
+            victim_bound_port: None,
         }
     }
 
@@ -233,6 +246,19 @@ mod tests {
             !says(&advise(&e), "tcp_tw_reuse=1"),
             "loopback: reuse applies"
         );
+    }
+
+    #[test]
+    fn a_bound_victim_is_told_its_4_tuple_and_nothing_about_the_range() {
+        let s = settings((40000, 40015), 0, vec![(40000, 40003)]);
+        let st = stats(1, 0);
+        let mut e = ev(Some(&s), &st, &[]);
+        assert!(says(&advise(&e), "narrower"));
+        e.victim_bound_port = Some(30000);
+        let f = advise(&e);
+        assert!(f[0].finding.contains("bound to port 30000"), "{f:#?}");
+        assert!(says(&f, "IP_BIND_ADDRESS_NO_PORT"), "{f:#?}");
+        assert!(!says(&f, "narrower") && !says(&f, "reserved"), "{f:#?}");
     }
 
     #[test]

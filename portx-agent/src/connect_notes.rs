@@ -91,6 +91,7 @@ mod tests {
             family,
             dport: 9000,
             phase,
+            bound_port: 0,
             _pad: 0,
         }
     }

@@ -109,6 +109,9 @@ pub struct SyscallFailure {
     /// The socket's `sk_protocol`: TCP for connect(); for bind() None where the kernel could
     /// not follow the call's fd to its socket.
     pub protocol: Option<u16>,
+    /// connect(): the port bind() gave the socket before the call, 0 for none (see
+    /// [`Self::bound`]); bind(): 0.
+    pub bound_port: u16,
 }
 
 impl SyscallFailure {
@@ -117,6 +120,12 @@ impl SyscallFailure {
     /// sockets), or one the kernel could not read.
     pub fn takes_tcp_ports(&self) -> bool {
         matches!(self.protocol, None | Some(IPPROTO_TCP | IPPROTO_MPTCP))
+    }
+
+    /// The port a failed connect()'s socket was bound to: such a connect() searches no port, so
+    /// its EADDRNOTAVAIL says that port's 4-tuple to the destination is in use.
+    pub fn bound(&self) -> Option<u16> {
+        (self.bound_port != 0).then_some(self.bound_port)
     }
 }
 
@@ -220,6 +229,10 @@ fn opening(flags: u32) -> Opening {
 
 fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
     let e: SyscallEvent = read(buf, "syscall record")?;
+    let bound_port = match e.hdr.kind {
+        kind::CONNECT_FAIL => fail_flags::bound_port(e.hdr.flags),
+        _ => 0,
+    };
     Ok(SyscallFailure {
         ts_ns: e.hdr.ts_ns,
         task: task(&e.hdr),
@@ -237,6 +250,8 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
                     family: e.family,
                     dport: e.port,
                     daddr: e.addr,
+                    bound: u16::from(bound_port != 0),
+                    _pad: 0,
                 },
                 count: e.count,
                 born_ns: e.born_ns,
@@ -248,6 +263,7 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
             kind::CONNECT_FAIL => Some(IPPROTO_TCP),
             _ => bind_flags::protocol(e.hdr.flags),
         },
+        bound_port,
     })
 }
 
@@ -445,6 +461,24 @@ mod tests {
         assert_eq!(
             (key.tgid, key.netns, key.ret, key.family, key.dport, key.daddr),
             (7, 1, -99, family, 443, raw)
+        );
+        assert_eq!((key.bound, f.bound()), (0, None));
+        // A bound socket's failures are a key of their own, as the kernel counts them.
+        let mut bound = counted;
+        bound.hdr.flags = fail_flags::with_bound_port(fail_flags::COUNTED, 30000);
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&bound)) else {
+            panic!("not a connect failure")
+        };
+        let Tally::Counted { key: bound_key, .. } = f.tally else {
+            panic!("not counted: {f:?}")
+        };
+        assert_eq!((bound_key.bound, f.bound()), (1, Some(30000)));
+        assert_eq!(
+            FailureKey {
+                bound: 0,
+                ..bound_key
+            },
+            key
         );
         // The flag, not the fields, says it was counted.
         let mut unflagged = counted;

@@ -70,6 +70,7 @@ pub fn reports(pass: &seed::Pass, top: usize, now_ns: u64) -> Vec<NetnsReport> {
                     loopback: key.daddr.is_loopback(),
                     bind_zero_failures: &[],
                     per_destination: true,
+                    victim_bound_port: None,
                 }),
             })
             .collect();

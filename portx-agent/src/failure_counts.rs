@@ -20,8 +20,9 @@ pub const IDLE_KEY_NS: u64 = 10_000_000_000;
 struct Accounted {
     born_ns: u64,
     count: u64,
-    /// The task of the key's latest record: who a reading's failures are shown as.
-    task: Option<Task>,
+    /// The task of the key's latest record and the port its socket was bound to: who a
+    /// reading's failures are shown as.
+    latest: Option<(Task, u16)>,
     /// Deleted from the map after the last reading: forgotten at the next one.
     deleted: bool,
 }
@@ -33,6 +34,8 @@ pub struct Unaccounted {
     pub failures: u64,
     /// The task of the key's latest record, if the agent read one.
     pub task: Option<Task>,
+    /// The port that record's socket was bound to (0: none, or no record read).
+    pub bound_port: u16,
 }
 
 /// What one reading of the map found.
@@ -54,14 +57,21 @@ impl FailureCounts {
         Self::default()
     }
 
-    /// A counted record of `key` by `task`, whose entry (made at `born_ns`) had counted `count`
-    /// failures: how many of them were not accounted yet (0 when a reading of the map found
-    /// them first).
-    pub fn on_record(&mut self, key: FailureKey, count: u64, born_ns: u64, task: Task) -> u64 {
+    /// A counted record of `key` by `task` (its socket bound to `bound_port`, 0 for none),
+    /// whose entry (made at `born_ns`) had counted `count` failures: how many of them were not
+    /// accounted yet (0 when a reading of the map found them first).
+    pub fn on_record(
+        &mut self,
+        key: FailureKey,
+        count: u64,
+        born_ns: u64,
+        task: Task,
+        bound_port: u16,
+    ) -> u64 {
         let fresh = Accounted {
             born_ns,
             count,
-            task: Some(task),
+            latest: Some((task, bound_port)),
             deleted: false,
         };
         let Some(a) = self.keys.get_mut(&key) else {
@@ -77,7 +87,7 @@ impl FailureCounts {
             // An entry the agent deleted after reading it: accounted then.
             return 0;
         }
-        a.task = Some(task);
+        a.latest = Some((task, bound_port));
         let new = count.saturating_sub(a.count);
         a.count = a.count.max(count);
         new
@@ -110,14 +120,14 @@ impl FailureCounts {
             let a = self.keys.entry(key).or_insert(Accounted {
                 born_ns: entry.born_ns,
                 count: 0,
-                task: None,
+                latest: None,
                 deleted: false,
             });
             if entry.born_ns > a.born_ns {
                 *a = Accounted {
                     born_ns: entry.born_ns,
                     count: 0,
-                    task: None,
+                    latest: None,
                     deleted: false,
                 };
             } else if entry.born_ns < a.born_ns {
@@ -130,7 +140,8 @@ impl FailureCounts {
                 reading.unaccounted.push(Unaccounted {
                     key,
                     failures: new,
-                    task: a.task,
+                    task: a.latest.map(|(task, _)| task),
+                    bound_port: a.latest.map_or(0, |(_, port)| port),
                 });
             } else if idle(&entry) || gone(key.tgid) {
                 reading.delete.push(key);
@@ -171,6 +182,8 @@ mod tests {
             family: portx_common::AF_INET,
             dport: 443,
             daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            bound: 0,
+            _pad: 0,
         }
     }
 
@@ -227,8 +240,8 @@ mod tests {
         let k = key(7);
         // The first failure's record, then nine held back, then a record on another CPU
         // carrying the count as it read it after its own add.
-        assert_eq!(c.on_record(k, 1, 100, task(7, 7)), 1);
-        assert_eq!(c.on_record(k, 10, 100, task(7, 8)), 9);
+        assert_eq!(c.on_record(k, 1, 100, task(7, 7), 0), 1);
+        assert_eq!(c.on_record(k, 10, 100, task(7, 8), 0), 9);
         // A reading finds 5 more no record brought; the record carrying 13 comes after it
         // (written before the reading, read after): nothing left for it.
         let r = c.read(vec![(k, entry(15, 100))], |_| false, 0);
@@ -238,14 +251,28 @@ mod tests {
                 key: k,
                 failures: 5,
                 task: Some(task(7, 8)),
+                bound_port: 0,
             }]
         );
-        assert_eq!(c.on_record(k, 13, 100, task(7, 7)), 0);
-        assert_eq!(c.on_record(k, 16, 100, task(7, 7)), 1);
+        assert_eq!(c.on_record(k, 13, 100, task(7, 7), 0), 0);
+        assert_eq!(c.on_record(k, 16, 100, task(7, 7), 0), 1);
         // Nothing new: a reading finds nothing.
         assert_eq!(
             c.read(vec![(k, entry(16, 100))], |_| false, 0),
             Reading::default()
+        );
+    }
+
+    #[test]
+    fn a_bound_keys_reading_shows_its_latest_records_port() {
+        let mut c = FailureCounts::new();
+        let k = FailureKey { bound: 1, ..key(7) };
+        c.on_record(k, 1, 100, task(7, 7), 30000);
+        c.on_record(k, 2, 100, task(7, 7), 30001);
+        let r = c.read(vec![(k, entry(5, 100))], |_| false, 0);
+        assert_eq!(
+            (r.unaccounted[0].failures, r.unaccounted[0].bound_port),
+            (3, 30001)
         );
     }
 
@@ -256,14 +283,14 @@ mod tests {
         let r = c.read(vec![(key(7), entry(42, 100))], |_| false, 0);
         assert_eq!(r.unaccounted[0].failures, 42);
         assert_eq!(r.unaccounted[0].task, None);
-        assert_eq!(c.on_record(key(7), 40, 100, task(7, 7)), 0);
+        assert_eq!(c.on_record(key(7), 40, 100, task(7, 7), 0), 0);
     }
 
     #[test]
     fn a_gone_process_is_deleted_once_read_and_a_new_entry_counts_from_its_start() {
         let mut c = FailureCounts::new();
         let k = key(7);
-        c.on_record(k, 1, 100, task(7, 7));
+        c.on_record(k, 1, 100, task(7, 7), 0);
         // Still changing: not asked whether it is gone.
         let r = c.read(vec![(k, entry(3, 100))], |_| panic!("asked"), 0);
         assert_eq!(r.unaccounted[0].failures, 2);
@@ -278,14 +305,14 @@ mod tests {
         assert_eq!(r.delete, vec![k]);
         c.deleted(&k);
         // A late record of the deleted entry accounts nothing again.
-        assert_eq!(c.on_record(k, 3, 100, task(7, 7)), 0);
+        assert_eq!(c.on_record(k, 3, 100, task(7, 7), 0), 0);
         // The id reused: a new entry for the same key, made later, counts from 1.
-        assert_eq!(c.on_record(k, 1, 500, task(7, 7)), 1);
+        assert_eq!(c.on_record(k, 1, 500, task(7, 7), 0), 1);
         let r = c.read(vec![(k, entry(4, 500))], |_| false, 0);
         assert_eq!(r.unaccounted[0].failures, 3);
         // A deleted key the map no longer has is forgotten at the next reading.
         let other = key(8);
-        c.on_record(other, 2, 100, task(8, 8));
+        c.on_record(other, 2, 100, task(8, 8), 0);
         assert_eq!(
             c.read(vec![(other, entry(2, 100))], |_| true, 0).delete,
             vec![other]

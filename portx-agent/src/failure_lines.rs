@@ -1,7 +1,7 @@
 //! How many `connect_failed`/`bind_failed` lines a failure storm gets: at most one a second per
-//! process, destination (or local address) and errno, each line saying how many failures it
-//! stands for. A retry loop failing 300k times a second would otherwise print 300k lines a second
-//! (and the agent would spend most of a core formatting them). Nothing is dropped: a failure
+//! process, destination (or local address), errno and whether the socket was bound, each line
+//! saying how many failures it stands for. A retry loop failing 300k times a second would
+//! otherwise print 300k lines a second (and the agent would spend most of a core formatting them). Nothing is dropped: a failure
 //! without a line of its own is counted into its key's next line, which comes with the next
 //! failure due or, for a key that went quiet, at the next flush (about a second later, and at
 //! exit); the `failures` of a key's lines add up to its failures. Failures the kernel only
@@ -23,6 +23,8 @@ struct Key {
     port: u16,
     errno: i32,
     protocol: Option<u16>,
+    /// Whether the socket was bound (as the kernel's key: not which port).
+    bound: bool,
 }
 
 impl Key {
@@ -35,6 +37,7 @@ impl Key {
             port: f.port,
             errno: f.errno,
             protocol: f.protocol,
+            bound: f.bound_port != 0,
         }
     }
 }
@@ -194,6 +197,7 @@ mod tests {
             port,
             tally: Default::default(),
             protocol: Some(portx_common::IPPROTO_TCP),
+            bound_port: 0,
         }
     }
 
@@ -259,6 +263,12 @@ mod tests {
         refused.errno = libc::ECONNREFUSED;
         assert!(l.on_failure(&refused, true, 1).is_some());
         assert!(l.on_failure(&failure(100, 443, SEC + 1), true, 1).is_none());
+        // A bound socket's failures apart from the others, but not one key a port.
+        let mut bound = failure(100, 443, SEC);
+        bound.bound_port = 30000;
+        assert!(l.on_failure(&bound, true, 1).is_some());
+        bound.bound_port = 30001;
+        assert!(l.on_failure(&bound, true, 1).is_none());
     }
 
     #[test]

@@ -75,6 +75,7 @@ mod tests {
             port,
             tally: Default::default(),
             protocol: Some(portx_common::IPPROTO_TCP),
+            bound_port: 0,
         }
     }
 

@@ -195,7 +195,7 @@ pub fn render(view: &View, top_k: usize) -> Result<String, std::fmt::Error> {
     counter(
         &mut r,
         "portx_connect_eaddrnotavail",
-        "connect() failures with EADDRNOTAVAIL (no local port left)",
+        "connect() failures with EADDRNOTAVAIL (no local port left, or a bound socket's 4-tuple in use)",
         t.connect_eaddrnotavail,
     );
     counter(

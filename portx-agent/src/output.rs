@@ -69,6 +69,9 @@ impl<W: Write> Output<W> {
             endpoint(addr, port),
             f.netns
         )?;
+        if let (Some(_), Some(p)) = (&f.daddr, f.sport) {
+            write!(self.out, "  socket bound to port {p}")?;
+        }
         if let Some(p) = f.protocol.filter(|p| *p != "tcp") {
             write!(self.out, "  {p} socket")?;
         }
@@ -83,9 +86,14 @@ impl<W: Write> Output<W> {
             (Some(s), Some(d), Some(p)) => format!("{s} -> {}", endpoint(d, p)),
             _ => "whole netns (bind)".to_string(),
         };
+        // A bound victim searched no port: what failed it is one 4-tuple, not the range.
+        let headline = match e.victim.sport {
+            Some(_) => "BOUND PORT IN USE",
+            None => "PORTS EXHAUSTED",
+        };
         writeln!(
             self.out,
-            "{} PORTS EXHAUSTED netns {}  {what}  {} in use  {}",
+            "{} {headline} netns {}  {what}  {} in use  {}",
             clock(e.ts),
             e.netns,
             used(e.in_use, e.range, e.utilization),
@@ -105,7 +113,10 @@ impl<W: Write> Output<W> {
                 e.lost, e.missed
             )?;
         }
-        let victim = format!("{}[{}]", e.victim.comm, e.victim.pid);
+        let mut victim = format!("{}[{}]", e.victim.comm, e.victim.pid);
+        if let Some(p) = e.victim.sport {
+            victim.push_str(&format!(" (its socket bound to port {p})"));
+        }
         writeln!(self.out, "           victim:  {victim}")?;
         if e.holders.is_empty() {
             writeln!(self.out, "           holders: none tracked")?;
@@ -334,6 +345,15 @@ mod tests {
             text.ends_with("netns 1  (4000 failures since its last line)\n"),
             "{text}"
         );
+        let bound = Failure {
+            sport: Some(30000),
+            ..failure()
+        };
+        let text = render(false, &[Record::ConnectFailed(bound)]);
+        assert!(
+            text.ends_with("-> 10.1.2.3:443  netns 1  socket bound to port 30000\n"),
+            "{text}"
+        );
         let udp_bind = Failure {
             error: "EADDRINUSE",
             errno: 98,
@@ -378,6 +398,7 @@ mod tests {
                 pid: 7,
                 tid: 7,
                 comm: "victim".into(),
+                sport: None,
                 who: Default::default(),
             },
             explain: vec![crate::advice::Finding {
@@ -405,10 +426,28 @@ mod tests {
                 && text.contains("fix: widen it"),
             "{text}"
         );
-        let lossy = Exhaustion { lost: 3, ..e };
+        assert!(text.contains(" PORTS EXHAUSTED netns 1 "), "{text}");
+        let lossy = Exhaustion {
+            lost: 3,
+            ..e.clone()
+        };
         let text = render(false, &[Record::Exhaustion(lossy)]);
         assert!(
             text.contains("counts may be low: 3 events lost, 0 program runs missed since start"),
+            "{text}"
+        );
+        // A bound victim's connect() searched no port: one 4-tuple failed it, not the range.
+        let bound = Exhaustion {
+            victim: Victim {
+                sport: Some(30000),
+                ..e.victim.clone()
+            },
+            ..e
+        };
+        let text = render(false, &[Record::Exhaustion(bound)]);
+        assert!(text.contains(" BOUND PORT IN USE netns 1 "), "{text}");
+        assert!(
+            text.contains("victim:  victim[7] (its socket bound to port 30000)"),
             "{text}"
         );
     }

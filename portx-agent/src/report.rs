@@ -49,7 +49,8 @@ pub struct Started {
     pub ts: u64,
 }
 
-/// A failed connect() (`daddr`/`dport`) or bind() (`saddr`/`sport`).
+/// A failed connect() (`daddr`/`dport`, and `sport` where bind() gave the socket its port before
+/// the call) or bind() (`saddr`/`sport`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Failure {
     pub pid: u32,
@@ -141,6 +142,9 @@ pub struct Victim {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
+    /// The port bind() gave the failing socket before connect(); absent for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
     #[serde(flatten)]
     pub who: Who,
 }
@@ -320,7 +324,7 @@ pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
         daddr: if connect { addr.clone() } else { None },
         dport: if connect { port } else { None },
         saddr: if connect { None } else { addr },
-        sport: if connect { None } else { port },
+        sport: if connect { f.bound() } else { port },
         netns: f.netns,
         ts,
         failures: 1,
@@ -345,6 +349,7 @@ pub fn protocol_name(protocol: u16) -> &'static str {
 
 /// Exhaustion report for one destination (`dest` = Some) or a whole netns (`dest` = None).
 /// `bind_zero` are the processes seen failing bind(0) in this netns (bind-before-connect).
+/// `victim_port` is the port the failing connect()'s socket was bound to, if any.
 #[allow(clippy::too_many_arguments)]
 pub fn exhaustion(
     netns: u32,
@@ -352,6 +357,7 @@ pub fn exhaustion(
     stats: &DestStats,
     settings: Option<&PortSettings>,
     victim: &Task,
+    victim_port: Option<u16>,
     failures: u64,
     ts: u64,
     bind_zero: &[(u32, String)],
@@ -363,6 +369,7 @@ pub fn exhaustion(
         loopback: dest.is_some_and(|d| d.daddr.is_loopback()),
         bind_zero_failures: bind_zero,
         per_destination: dest.is_some(),
+        victim_bound_port: victim_port,
     });
     Exhaustion {
         netns,
@@ -379,6 +386,7 @@ pub fn exhaustion(
             pid: victim.pid,
             tid: victim.tid,
             comm: victim.comm.to_string(),
+            sport: victim_port,
             who: Who::default(),
         },
         explain,
@@ -477,6 +485,7 @@ mod tests {
             &stats(),
             Some(&settings()),
             &victim,
+            None,
             3,
             123,
             &[],
@@ -495,6 +504,32 @@ mod tests {
         assert_eq!(v["dport"], 9000);
         assert_eq!(v["failures"], 3);
         assert_eq!(v["ts"], 123);
+        assert!(v["victim"].get("sport").is_none());
+        assert!(says(&v, "narrower"), "{v:#}");
+        // A bound victim's connect() searched no port: the report says so, and nothing about
+        // the range, which did not fail it.
+        let v = serde_json::to_value(exhaustion(
+            5,
+            Some(&key),
+            &stats(),
+            Some(&settings()),
+            &victim,
+            Some(30000),
+            3,
+            123,
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(v["victim"]["sport"], 30000);
+        assert!(says(&v, "bound to port 30000"), "{v:#}");
+        assert!(!says(&v, "narrower"), "{v:#}");
+    }
+
+    /// True if one of the report's findings contains `what`.
+    fn says(report: &serde_json::Value, what: &str) -> bool {
+        report["explain"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f.to_string().contains(what)))
     }
 
     #[test]
@@ -513,6 +548,7 @@ mod tests {
             port: 443,
             tally: Default::default(),
             protocol: Some(portx_common::IPPROTO_TCP),
+            bound_port: 0,
         };
         let v = serde_json::to_value(Record::ConnectFailed(failure(&f, true, 5))).unwrap();
         assert_eq!(v["type"], "connect_failed");
@@ -521,6 +557,18 @@ mod tests {
         assert_eq!(v["family"], "ipv6");
         assert_eq!(v["daddr"], "::1");
         assert_eq!(v["dport"], 443);
+        assert!(v.get("saddr").is_none());
+        assert!(v.get("sport").is_none());
+        // A socket bind() gave a port before connect(): the line names that port.
+        let bound = SyscallFailure {
+            bound_port: 30000,
+            ..f
+        };
+        let v = serde_json::to_value(Record::ConnectFailed(failure(&bound, true, 5))).unwrap();
+        assert_eq!(
+            (v["daddr"].as_str(), v["sport"].as_u64()),
+            (Some("::1"), Some(30000))
+        );
         assert!(v.get("saddr").is_none());
         let b = serde_json::to_value(Record::BindFailed(failure(&f, false, 5))).unwrap();
         assert_eq!(b["type"], "bind_failed");

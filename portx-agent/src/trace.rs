@@ -248,7 +248,9 @@ impl<W: io::Write> Session<W> {
                         key,
                         count,
                         born_ns,
-                    } => self.failure_counts.on_record(key, count, born_ns, f.task),
+                    } => self
+                        .failure_counts
+                        .on_record(key, count, born_ns, f.task, f.bound_port),
                 };
                 if self.wanted(f.netns) {
                     self.count_failure(&f, true, failures);
@@ -382,6 +384,9 @@ impl<W: io::Write> Session<W> {
                 port: u.key.dport,
                 tally: Tally::Alone,
                 protocol: Some(portx_common::IPPROTO_TCP),
+                // A bound key's failures show its latest record's port; with no record read
+                // (its first lost), they are shown, and lined, as unbound ones.
+                bound_port: u.bound_port,
             };
             if !self.wanted(f.netns) {
                 continue;
@@ -449,6 +454,7 @@ impl<W: io::Write> Session<W> {
                 stats,
                 settings.as_ref(),
                 &f.task,
+                f.bound(),
                 failures,
                 ts,
                 self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
@@ -462,6 +468,7 @@ impl<W: io::Write> Session<W> {
                     &Default::default(),
                     settings.as_ref(),
                     &f.task,
+                    f.bound(),
                     failures,
                     ts,
                     self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
@@ -510,6 +517,7 @@ impl<W: io::Write> Session<W> {
             &usage,
             settings.as_ref(),
             &f.task,
+            None,
             failures,
             ts,
             self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),

@@ -1566,6 +1566,7 @@ mod tests {
             port: 80,
             tally: Default::default(),
             protocol: Some(portx_common::IPPROTO_TCP),
+            bound_port: 0,
         };
         t.on_state(&ev(5, st::CLOSE, st::SYN_SENT, 0, v, 0));
         t.on_state(&ev(6, st::CLOSE, st::SYN_SENT, 0, v, 0));
@@ -1814,6 +1815,7 @@ mod tests {
             port: 80,
             tally: Default::default(),
             protocol: Some(portx_common::IPPROTO_TCP),
+            bound_port: 0,
         });
         let d = t.dest(&dest()).unwrap();
         assert_eq!(d.in_use, 1);

@@ -170,6 +170,10 @@ pub enum WorkloadCmd {
         count: u16,
         #[arg(long)]
         from_port: u16,
+        /// SO_REUSEADDR before bind(): two such processes can bind the same port, and the second
+        /// one's connect() to the same destination fails with EADDRNOTAVAIL (4-tuple in use).
+        #[arg(long)]
+        reuse_addr: bool,
     },
     /// One socket: connect() to `--refused` (nothing listens there: ECONNREFUSED), then
     /// connect() the same socket to `--connect`, and keep it. The kernel leaves the first
@@ -304,7 +308,8 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             connect,
             count,
             from_port,
-        } => hold_bound(connect, count, from_port),
+            reuse_addr,
+        } => hold_bound(connect, count, from_port, reuse_addr),
         WorkloadCmd::Redial { refused, connect } => redial(refused, connect),
         WorkloadCmd::Interrupted {
             connect,
@@ -733,13 +738,34 @@ fn connect_fd(fd: i32, addr: std::net::SocketAddrV4) -> Result<(), i32> {
     }
 }
 
-fn hold_bound(addr: std::net::SocketAddrV4, count: u16, from: u16) -> anyhow::Result<()> {
+fn hold_bound(
+    addr: std::net::SocketAddrV4,
+    count: u16,
+    from: u16,
+    reuse_addr: bool,
+) -> anyhow::Result<()> {
     let mut held = Vec::new();
     for i in 0..count {
         let port = from
             .checked_add(i)
             .context("--from-port + --count passes 65535")?;
         let s = tcp_socket()?;
+        if reuse_addr {
+            let on: libc::c_int = 1;
+            // SAFETY: a valid fd and an int option of its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("SO_REUSEADDR");
+            }
+        }
         let local = sockaddr_v4(std::net::SocketAddrV4::new(*addr.ip(), port));
         // SAFETY: a valid fd and a sockaddr_in we own, with its true length.
         let rc = unsafe {

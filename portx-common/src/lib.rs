@@ -106,6 +106,20 @@ pub mod fail_flags {
     /// those of them the agent has not accounted yet. Without this flag (a record per failure
     /// asked for, the map full, a connect a record opened) the record stands for itself alone.
     pub const COUNTED: u32 = 1;
+    /// The bits from here up hold the port bind() gave the socket before connect() (host order;
+    /// 0: none). Such a connect() does not search: an EADDRNOTAVAIL says that port's 4-tuple to
+    /// the destination is in use, not that the range is.
+    pub const BOUND_PORT_SHIFT: u32 = 16;
+
+    /// `flags` with `port` as the socket's bound port.
+    pub const fn with_bound_port(flags: u32, port: u16) -> u32 {
+        flags | (port as u32) << BOUND_PORT_SHIFT
+    }
+
+    /// The socket's bound port (0: none).
+    pub const fn bound_port(flags: u32) -> u16 {
+        (flags >> BOUND_PORT_SHIFT) as u16
+    }
 }
 
 /// Flags of a [`kind::BIND_FAIL`] record (`EventHeader::flags`).
@@ -269,6 +283,12 @@ pub struct FailureKey {
     /// Destination port, host order.
     pub dport: u16,
     pub daddr: [u8; 16],
+    /// 1 if bind() gave the socket a port before connect() (the records carry which one), else
+    /// 0: a bound socket's failures, whose cause is that port's 4-tuple and not the range, are
+    /// counted apart. Not the port itself: a client that binds ports of its own choosing would
+    /// make a key of each.
+    pub bound: u16,
+    pub _pad: u16,
 }
 
 /// A `FAILURE_COUNTS` entry. The kernel only ever adds to `count` (atomically: CPUs failing
@@ -307,7 +327,9 @@ pub struct Connecting {
     pub dport: u16,
     /// One of [`connect_phase`].
     pub phase: u32,
-    pub _pad: u32,
+    /// `skc_num` at CLOSE->SYN_SENT: the port bind() gave the socket (host order), else 0.
+    pub bound_port: u16,
+    pub _pad: u16,
 }
 
 /// Where a noted connect is ([`Connecting::phase`]).
@@ -326,6 +348,12 @@ pub mod connect_phase {
     /// The connect's first record was written by a state change in the connecting thread
     /// before connect() returned ([`super::state_flags::OPENS`]).
     pub const OPENED: u32 = 3;
+    /// fexit on `inet_hash_connect` (fentry mode, a connect no record opened) saw the search
+    /// fail for a socket that still shows a port in `inet_sport` (one bind() gave it, or one an
+    /// earlier connect got and freed), so the SYN_SENT->CLOSE that follows cannot be told a
+    /// failed search's by its port. That state change, next in the same call, finds this mark
+    /// and makes it [`SEARCH_FAILED`].
+    pub const SEARCH_FAILING: u32 = 4;
 }
 
 /// Kernel struct field offsets, read by the agent from `/sys/kernel/btf/vmlinux` and set as the
@@ -454,7 +482,7 @@ const _: () = assert!(size_of::<SockCommonHead>() == 88);
 const _: () = assert!(size_of::<StateEvent>() == 104);
 const _: () = assert!(size_of::<PortEvent>() == 64);
 const _: () = assert!(size_of::<SyscallEvent>() == 96);
-const _: () = assert!(size_of::<FailureKey>() == 32);
+const _: () = assert!(size_of::<FailureKey>() == 36);
 const _: () = assert!(size_of::<FailureCount>() == 32);
 const _: () = assert!(size_of::<KernelOffsets>() == 96);
 const _: () = assert!(size_of::<Connecting>() == 56);

@@ -87,23 +87,46 @@ pub fn note(pid_tgid: u64, call: &Connecting) -> Option<Connecting> {
     }
 }
 
+/// The port search for `sk` failed in the current thread (fexit on `inet_hash_connect`), and the
+/// socket still shows a port in `inet_sport`: marks the thread's note of it
+/// [`phase::SEARCH_FAILING`] for the SYN_SENT->CLOSE that follows (see [`from_syn_sent`]).
+/// Without the mark that state change would be written with a port the socket does not hold,
+/// and close whatever entry the agent has under that 4-tuple (a connection found by sock_diag,
+/// say, that a bound socket collided with). Only where no record opened the connect
+/// ([`deferred`]): one that did (an IPv6 socket connecting to a v4-mapped address) needs its
+/// close.
+#[inline(always)]
+pub fn search_failing(pid_tgid: u64, sk: u64) {
+    let Some(entry) = CONNECTING.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: a value of this map; only this thread writes its own entry.
+    unsafe {
+        if (*entry).sk == sk && (*entry).phase == phase::SEEKING && deferred((*entry).family) {
+            (*entry).phase = phase::SEARCH_FAILING;
+        }
+    }
+}
+
 /// What a state change out of SYN_SENT is to the connect the current thread has noted.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum FromSynSent {
     /// Not the socket the current thread is connecting before its connect() returned (the
     /// usual case: a SYN-ACK or RST handled in softirq, or a connect already returned).
     Elsewhere,
-    /// That socket's port search failed (SYN_SENT->CLOSE with no port): the entry is marked and
-    /// the state change need not be written (see [`phase::SEARCH_FAILED`]).
+    /// That socket's port search failed (SYN_SENT->CLOSE with no port, or marked
+    /// [`phase::SEARCH_FAILING`]): the entry is marked [`phase::SEARCH_FAILED`] and the state
+    /// change need not be written.
     SearchFailed,
-    /// That socket, and no record has opened its connect: this state change's record does
-    /// (`state_flags::OPENS`), and the entry is marked [`phase::OPENED`].
+    /// That socket, and no record has opened its connect (tracepoint mode): this state change's
+    /// record does (`state_flags::OPENS`), and the entry is marked [`phase::OPENED`].
     Opens,
 }
 
 /// Looks the current thread's noted connect up at a state change of `sk` out of SYN_SENT:
 /// `searched` is true for SYN_SENT->CLOSE with no port. Called only where it can matter (a
-/// failed search, or a deferred first record): a lookup per such state change.
+/// SYN_SENT->CLOSE, or in tracepoint mode a deferred first record): a lookup per such state
+/// change.
 #[inline(always)]
 pub fn from_syn_sent(sk: u64, searched: bool) -> FromSynSent {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
@@ -111,14 +134,18 @@ pub fn from_syn_sent(sk: u64, searched: bool) -> FromSynSent {
     };
     // SAFETY: a value of this map; only this thread writes its own entry.
     unsafe {
-        if (*entry).sk != sk || (*entry).phase != phase::SEEKING {
+        if (*entry).sk != sk {
             return FromSynSent::Elsewhere;
         }
-        if searched {
+        let now = (*entry).phase;
+        if now == phase::SEARCH_FAILING || (searched && now == phase::SEEKING) {
             (*entry).phase = phase::SEARCH_FAILED;
             return FromSynSent::SearchFailed;
         }
-        if !deferred((*entry).family) {
+        // Only in tracepoint mode does a state change open a connect: in fentry mode fexit on
+        // inet_hash_connect has opened an IPv4 one, and other connects' first records are
+        // written at CLOSE->SYN_SENT.
+        if now != phase::SEEKING || hook_mode() != hook_mode::TRACEPOINT {
             return FromSynSent::Elsewhere;
         }
         (*entry).phase = phase::OPENED;
@@ -316,6 +343,8 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
             family: call.family,
             dport: call.dport,
             daddr: call.daddr,
+            bound: u16::from(call.bound_port != 0),
+            _pad: 0,
         })
     } else {
         Counted::Alone
@@ -325,6 +354,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         Counted::Alone => (0, 0, 0),
         Counted::Record { count, born_ns } => (fail_flags::COUNTED, count, born_ns),
     };
+    let flags = fail_flags::with_bound_port(flags, call.bound_port);
     // For a failed search, this record also stands for the SYN_SENT->CLOSE not written.
     emit(
         SyscallEvent {

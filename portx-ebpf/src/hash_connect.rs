@@ -31,7 +31,9 @@ fn is_agent(pid_tgid: u64) -> bool {
 fn emit_port(sk: u64, ret: i32, mode: u32) {
     if ret != 0 {
         // A failed search: connect()'s failure record (or, outside connect(), the socket's
-        // SYN_SENT->CLOSE) says so; a record here would tell the agent nothing.
+        // SYN_SENT->CLOSE) says so; a record here would tell the agent nothing. (Its
+        // SYN_SENT->CLOSE is written even where the socket still shows a port: kprobe mode
+        // wrote CLOSE->SYN_SENT at once, and with a bound port that record may have placed it.)
         return;
     }
     let netns = sock_netns(sk);
@@ -59,12 +61,14 @@ pub fn inet_hash_connect_fexit(ctx: FExitContext) -> u32 {
     // fexit's return value follows the arguments (arg 2 here); unlike bpf_get_func_ret this
     // works on every kernel with fexit (5.5+).
     let ret: u64 = ctx.arg(2);
-    if ret as i32 != 0 {
-        // connect()'s failure record says it.
-        return 0;
-    }
     // The socket is BTF-typed here, as in the state program's tp_btf: checked loads.
-    match state::connect_with_port(ctx.arg(1)) {
+    let done = if ret as i32 != 0 {
+        // connect()'s failure record says it; the socket's SYN_SENT->CLOSE, next, is held back.
+        state::search_failed(ctx.arg(1))
+    } else {
+        state::connect_with_port(ctx.arg(1))
+    };
+    match done {
         Ok(()) => 0,
         Err(()) => 1,
     }

@@ -310,8 +310,12 @@ fn state_change<C: EbpfContext>(
     // loopback completes within the call.
     let mut flags = 0;
     if old == tcp_state::SYN_SENT {
-        let searched = new == tcp_state::CLOSE && read.sport(sk)? == 0;
-        if searched || hook_mode() == hook_mode::TRACEPOINT {
+        // Every SYN_SENT->CLOSE: a failed search of a socket that still shows a port was marked
+        // by inet_hash_connect's fexit (`connect::search_failing`).
+        let closes = new == tcp_state::CLOSE;
+        let searched = closes && read.sport(sk)? == 0;
+        let mode = hook_mode();
+        if searched || (closes && mode == hook_mode::FENTRY) || mode == hook_mode::TRACEPOINT {
             match connect::from_syn_sent(sk, searched) {
                 // connect()'s failure record will name the socket; this record would say
                 // nothing more (one record a failed connect, under exactly the storm portx is
@@ -339,6 +343,8 @@ fn state_change<C: EbpfContext>(
             "portx: cannot read the netns of a socket ({}->{})", old, new
         );
     }
+    // At CLOSE->SYN_SENT the port bind() gave the socket, if any (see `SockRead::num`).
+    let bound = if connecting { read.num(sk)? } else { 0 };
     if connecting {
         // The port is sought after this point: in tracepoint mode sys_exit_connect reads it from
         // the socket; in every mode a failed connect()'s record comes from this entry.
@@ -352,6 +358,7 @@ fn state_change<C: EbpfContext>(
                 family: at.family,
                 dport: u16::from_be(at.dport),
                 phase: phase::SEEKING,
+                bound_port: bound,
                 _pad: 0,
             },
         );
@@ -375,11 +382,27 @@ fn state_change<C: EbpfContext>(
         header_without_task(kind::STATE, 0)
     };
     let sport = if connecting {
-        read.num(sk)?.to_be()
+        bound.to_be()
     } else {
         read.sport(sk)?
     };
     emit(at.state_event(hdr, sk, old, new, sport), Wake::Batch);
+    Ok(())
+}
+
+/// fexit on `inet_hash_connect` returned an error, in the connecting thread (fentry mode): the
+/// search for a port failed. Where the socket still shows one in `inet_sport`, the thread's
+/// note is marked so that the SYN_SENT->CLOSE that follows is not written with it (see
+/// [`connect::search_failing`]); with none there, that state change tells by itself.
+#[inline(always)]
+pub fn search_failed(sk: u64) -> Result<(), ()> {
+    let read = BtfRead;
+    let Some(tcp) = read.tcp(sk)? else {
+        return Ok(());
+    };
+    if read.sport(tcp)? != 0 {
+        connect::search_failing(bpf_get_current_pid_tgid(), tcp);
+    }
     Ok(())
 }
 
