@@ -217,17 +217,25 @@ pub fn sys_connect_fexit(ctx: FExitContext) -> u32 {
 }
 
 /// Whether the socket behind the current task's `fd` is `sk`, the one the thread's note names:
-/// None where that cannot be told (the fd not known or not followed to a socket, or an MPTCP
-/// socket, whose fd leads to the MPTCP socket while the state changes are its TCP subflow's).
+/// None where that cannot be told (the fd not known, -1, or not followed to a socket, or an
+/// MPTCP socket, whose fd leads to the MPTCP socket while the state changes are its TCP
+/// subflow's).
 #[inline(always)]
-fn fd_is(fd: Option<i32>, sk: u64) -> Option<bool> {
-    let of_fd = current_fd_sock(fd?)?;
+fn fd_is(fd: i32, sk: u64) -> Option<bool> {
+    let of_fd = current_fd_sock(fd)?;
     if of_fd == sk {
         return Some(true);
     }
     let protocol: u16 = sock_field(of_fd, offsets().sock_protocol)?;
     (protocol != IPPROTO_MPTCP).then_some(false)
 }
+
+/// The socket's state not read yet (a TCP state is below 16). [`exit_connect`] keeps no `Option`
+/// across its helper calls: a None's payload is undefined, and LLVM may spill that undefined
+/// register to the stack, which the verifier refuses (`R4 !read_ok`: the 6.1 and 6.12 verifiers
+/// refused `fexit/__sys_connect` so after a one-condition change, and the agent fell back to the
+/// syscall tracepoint). Which register holds it, and whether it is spilled, moves with any edit.
+const UNREAD: u32 = u32::MAX;
 
 /// connect() returned `ret` in the current thread; `fd()` is the call's fd, if it can be read
 /// (only a call that failed other than in its port search reads it).
@@ -266,11 +274,12 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         let s: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
         Ok(u32::from(s))
     };
-    let mut state = None;
+    // Sentinels, not Options, for what this function reads once and keeps across helper calls
+    // (see [`UNREAD`]).
+    let mut state = UNREAD;
     if call.phase == phase::SEEKING && hook_mode() == hook_mode::TRACEPOINT {
-        let now = read_state()?;
-        state = Some(now);
-        opened_late(&call, now);
+        state = read_state()?;
+        opened_late(&call, state);
     }
     if ret == 0 {
         // The common case, a connect() that succeeded.
@@ -287,10 +296,9 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         if hook_mode() == hook_mode::TRACEPOINT || call.family != AF_INET6 {
             return Ok(());
         }
-        let state = match state {
-            Some(s) => s,
-            None => read_state()?,
-        };
+        if state == UNREAD {
+            state = read_state()?;
+        }
         if state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED {
             emit(
                 PortEvent {
@@ -311,23 +319,22 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     // an EADDRNOTAVAIL storm seven reads. Were the mark left by a search that failed outside
     // connect() and this call failed before its own search, the destination is still one the
     // thread found full.)
-    let mut fd_read = None;
+    let mut fd_read = -1;
     if call.phase != phase::SEARCH_FAILED {
         // Not this call's socket: the note was left by a connect made outside connect() (TCP
         // Fast Open's sendto, io_uring) or by an interrupted call not restarted, and this call
         // failed before putting a socket into SYN_SENT (a UDP or AF_UNIX socket, no route): not
         // a connect failure portx reports, and never against another socket's destination.
-        fd_read = fd();
+        fd_read = fd().unwrap_or(-1);
         if fd_is(fd_read, call.sk) == Some(false) {
             return Ok(());
         }
         // Any failure after SYN_SENT closes the socket before connect() returns
         // (tcp_v4_connect's failure path, or a handshake that failed while the call waited): a
         // socket not in CLOSE is not this call's (where its fd could not tell).
-        let state = match state {
-            Some(s) => s,
-            None => read_state()?,
-        };
+        if state == UNREAD {
+            state = read_state()?;
+        }
         if state != tcp_state::CLOSE {
             return Ok(());
         }
@@ -364,7 +371,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
             ret,
             family: call.family,
             port: call.dport,
-            fd: fd_read.unwrap_or(-1),
+            fd: fd_read,
             addr: call.daddr,
             count,
             born_ns,
