@@ -254,8 +254,10 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     }
     // An interrupted call is restarted (SA_RESTART) and waits on for the same socket, whose
     // failure its exit then reports: the note stays, marked opened (any record that opens the
-    // connect is written by this exit). Else the note is taken.
-    let next = if interrupted(ret) {
+    // connect is written by this exit). Else the note is taken, and so is a search-failed one
+    // (not this call's: a call that waits put its own socket into SYN_SENT, replacing it, or
+    // waits on one an earlier call did, whose note a search outside connect() replaced).
+    let next = if interrupted(ret) && call.phase != phase::SEARCH_FAILED {
         phase::OPENED
     } else {
         phase::TAKEN
