@@ -652,8 +652,9 @@ fn a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port() {
 /// A socket bound to a port another connection to the same destination already uses (both with
 /// SO_REUSEADDR) connects: connect() finds the 4-tuple taken and fails with EADDRNOTAVAIL, and
 /// the socket's SYN_SENT->CLOSE still shows the bound port. That state change must not take the
-/// holder, found by sock_diag, off the table (fentry and kprobe modes wrote it, with the bound
-/// port). The failure names the port, and its report does not blame the range.
+/// holder, found by sock_diag, off the table (fentry mode wrote it, with the bound port; kprobe
+/// mode still does, and the agent sets it aside for the connect it has pending). The failure
+/// names the port, and its report does not blame the range.
 #[test]
 fn a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table() {
     let _g = serial();
