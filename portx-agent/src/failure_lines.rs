@@ -1,12 +1,12 @@
 //! How many `connect_failed`/`bind_failed` lines a failure storm gets: at most one a second per
 //! process, destination (or local address), errno and whether the socket was bound, each line
 //! saying how many failures it stands for. A retry loop failing 300k times a second would
-//! otherwise print 300k lines a second (and the agent would spend most of a core formatting them). Nothing is dropped: a failure
-//! without a line of its own is counted into its key's next line, which comes with the next
-//! failure due or, for a key that went quiet, at the next flush (about a second later, and at
-//! exit); the `failures` of a key's lines add up to its failures. Failures the kernel only
-//! counted (see `failure_counts`) arrive as a record standing for several, or as a number
-//! found in its map, and are counted the same way.
+//! otherwise print 300k lines a second (and the agent would spend most of a core formatting
+//! them). Nothing is dropped: a failure without a line of its own is counted into its key's next
+//! line, which comes with the next failure due or, for a key that went quiet, at the next flush
+//! (about a second later, and at exit); the `failures` of a key's lines add up to its failures.
+//! Failures the kernel only counted (see `failure_counts`) arrive as a record standing for
+//! several, or as a number found in its map, and are counted the same way.
 use std::{net::IpAddr, time::Duration};
 
 use crate::{decoder::SyscallFailure, tracker::Map};

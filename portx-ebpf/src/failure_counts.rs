@@ -2,8 +2,8 @@
 //! a second wrote 300k records, each ~115 ns of connect()'s exit and ~180 ns of the agent's CPU.
 //!
 //! A key's ([`FailureKey`]: process, namespace, destination, errno, whether bound) first failure
-//! gets a record at once, and so does the first after `FAILURE_RECORD_GAP_NS` without one; every failure adds
-//! one to the key's count. A record carries the count, so it stands for the failures before it
+//! gets a record at once, and so does the first after `FAILURE_RECORD_GAP_NS` without one; every
+//! failure adds one to the key's count. A record carries the count, so it stands for the failures before it
 //! that had none; those after a key's last record the agent finds in the map, which it reads
 //! once a second. Nothing is reset, so the agent's reads race with nothing: the kernel only adds.
 //! With the map full a failure of a new key gets its own record, as every failure did before.
