@@ -3,10 +3,11 @@
 //!
 //! A key's ([`FailureKey`]: process, namespace, destination, errno, whether bound) first failure
 //! gets a record at once, and so does the first after `FAILURE_RECORD_GAP_NS` without one; every
-//! failure adds one to the key's count. A record carries the count, so it stands for the failures before it
-//! that had none; those after a key's last record the agent finds in the map, which it reads
-//! once a second. Nothing is reset, so the agent's reads race with nothing: the kernel only adds.
-//! With the map full a failure of a new key gets its own record, as every failure did before.
+//! failure adds one to the key's count. A record carries the count, so it stands for the
+//! failures before it that had none; those after a key's last record the agent finds in the
+//! map, which it reads once a second. Nothing is reset, so the agent's reads race with nothing:
+//! the kernel only adds. With the map full a failure of a new key gets its own record, as every
+//! failure did before.
 //!
 //! Whether a record is due needs the time, and reading the clock was the dearest part of a
 //! counted failure (~56 of ~116 ns here: `bpf_ktime_get_ns` reads the clocksource). So only the
