@@ -649,6 +649,82 @@ fn a_socket_that_connects_again_after_a_refusal_holds_only_its_new_port() {
     assert_eq!(d["top_holder"]["pid"], redialer.pid(), "{ctx}");
 }
 
+/// The same socket's second connect finds the range full, and the freed first port, still in
+/// `inet_sport`, taken by a connection to the same destination that only sock_diag knows. The
+/// failed search's SYN_SENT->CLOSE shows that connection's 4-tuple: it must not take it off the
+/// table. The socket was not bound, so the range is to blame.
+#[test]
+fn a_redial_into_a_full_range_leaves_the_holder_of_its_old_port_on_the_table() {
+    let _g = serial();
+    if !require_root("a_redial_into_a_full_range_leaves_the_holder_of_its_old_port_on_the_table") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut redialer = ns.spawn(
+        "redialer",
+        &[
+            "redial",
+            "--refused",
+            V4_OTHER,
+            "--connect",
+            V4,
+            "--wait-signal",
+        ],
+    );
+    let refused = redialer.expect("refused errno=111 sport=");
+    let stale = &refused["refused errno=111 sport=".len()..];
+    // 16 ports in the range, all free again: the hog gets the stale one too. It connects
+    // before the agent starts, so only sock_diag knows its sockets.
+    let (hog, held) = ns.hog("hog", V4);
+    assert!(
+        held.split(['=', ',']).any(|p| p == stale),
+        "the hog should hold port {stale}: `{held}`"
+    );
+    // No resync while the test looks: it would put a wrongly removed entry back.
+    let mut agent = Agent::start_with(ns.id, &["--resync", "3600"]);
+    let started = agent.wait_for("started", |v| v["type"] == "started");
+    assert_eq!(started["seeded"], 16, "{started:#}");
+    // SAFETY: a signal to the workload we started.
+    unsafe { libc::kill(redialer.pid() as i32, libc::SIGUSR1) };
+    let line = redialer.line();
+    assert!(
+        line.starts_with("connect failed errno=99"),
+        "the second connect: `{line}`\n{}",
+        ns.sockets()
+    );
+    assert_eq!(
+        redialer.wait().code(),
+        Some(3),
+        "the redialer's exit status"
+    );
+    let failed = agent.wait_for("the redialer's connect_failed", |v| {
+        is_failure_of(v, redialer.pid(), 9000)
+    });
+    let after = clock_ns();
+    let summary = agent.wait_for("a summary after the failed connect", |v| {
+        v["type"] == "summary" && v["ts"].as_u64() > Some(after)
+    });
+    let ctx = format!("{refused}\n{failed}\n{summary:#}\n{}", agent.context());
+    assert_eq!(summary["tracked"], 16, "the hog's ports: {ctx}");
+    let d = &summary["destinations"][0];
+    assert_eq!(
+        (d["dport"].as_u64(), d["in_use"].as_u64()),
+        (Some(9000), Some(16)),
+        "{ctx}"
+    );
+    assert_eq!(d["top_holder"]["pid"], hog, "{ctx}");
+    // Not a bound socket's failure: no port named, the range blamed.
+    assert!(failed["sport"].is_null(), "{ctx}");
+    let report = exhaustion_for(&mut agent, redialer.pid(), 9000);
+    assert_eq!(
+        (report["in_use"].as_u64(), holder_ports(&report, hog)),
+        (Some(16), Some(16)),
+        "{report:#}"
+    );
+    assert!(report["victim"]["sport"].is_null(), "{report:#}");
+}
+
 /// A socket bound to a port another connection to the same destination already uses (both with
 /// SO_REUSEADDR) connects: connect() finds the 4-tuple taken and fails with EADDRNOTAVAIL, and
 /// the socket's SYN_SENT->CLOSE still shows the bound port. That state change must not take the
@@ -661,13 +737,27 @@ fn a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table() {
     if !require_root("a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table") {
         return;
     }
+    bound_connect_to_a_4_tuple_in_use(V4, "ipv4");
+}
+
+/// The same over IPv6, where fentry mode writes CLOSE->SYN_SENT at once, as kprobe mode does.
+#[test]
+fn an_ipv6_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table() {
+    let _g = serial();
+    if !require_root("an_ipv6_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table") {
+        return;
+    }
+    bound_connect_to_a_4_tuple_in_use(V6, "ipv6");
+}
+
+fn bound_connect_to_a_4_tuple_in_use(dest: &str, family: &str) {
     let mut ns = Netns::new();
-    ns.serve(&[V4]);
+    ns.serve(&[dest]);
     let bound = |count| {
         vec![
             "hold-bound",
             "--connect",
-            V4,
+            dest,
             "--count",
             count,
             "--from-port",
@@ -701,6 +791,7 @@ fn a_bound_connect_to_a_4_tuple_in_use_leaves_its_holder_on_the_table() {
         v["type"] == "summary" && v["ts"].as_u64() > Some(after)
     });
     let ctx = format!("{failed}\n{summary:#}\n{}", agent.context());
+    assert_eq!(failed["family"], family, "{ctx}");
     assert_eq!(summary["tracked"], 1, "the holder's port: {ctx}");
     let d = &summary["destinations"][0];
     assert_eq!(

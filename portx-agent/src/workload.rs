@@ -160,12 +160,13 @@ pub enum WorkloadCmd {
         #[arg(long)]
         udp: bool,
     },
-    /// Open COUNT IPv4 connections, socket i bound to port FROM+i first (a client that picks
-    /// its own source ports, e.g. outside `ip_local_port_range`), and keep them. Prints `held N
-    /// ports=a,b,..`; exits 3 if a bind or connect fails.
+    /// Open COUNT connections (IPv4 or IPv6, as `--connect` is), socket i bound to port FROM+i
+    /// of the destination's address first (a client that picks its own source ports, e.g.
+    /// outside `ip_local_port_range`), and keep them. Prints `held N ports=a,b,..`; exits 3 if
+    /// a bind or connect fails.
     HoldBound {
         #[arg(long)]
-        connect: std::net::SocketAddrV4,
+        connect: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u16,
         #[arg(long)]
@@ -184,6 +185,10 @@ pub enum WorkloadCmd {
         refused: std::net::SocketAddrV4,
         #[arg(long)]
         connect: std::net::SocketAddrV4,
+        /// Wait for SIGUSR1 between the two connects (e.g. while another process takes the
+        /// freed port).
+        #[arg(long)]
+        wait_signal: bool,
     },
     /// A blocking connect() interrupted by SIGALRM after MS (a handler without SA_RESTART, so
     /// the call returns EINTR and the connect goes on in the kernel), e.g. while the server's
@@ -310,7 +315,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
             from_port,
             reuse_addr,
         } => hold_bound(connect, count, from_port, reuse_addr),
-        WorkloadCmd::Redial { refused, connect } => redial(refused, connect),
+        WorkloadCmd::Redial {
+            refused,
+            connect,
+            wait_signal,
+        } => redial(refused, connect, wait_signal),
         WorkloadCmd::Interrupted {
             connect,
             after_ms,
@@ -413,10 +422,7 @@ fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
 
 fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     let (sa, len) = sockaddr_any(addr);
-    let family = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
+    let family = family(addr);
     let mut ports = Vec::new();
     for _ in 0..count {
         // SAFETY: plain socket calls on fds we own (kept open until we are killed).
@@ -443,7 +449,14 @@ fn hold_nonblocking(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     sleep_forever()
 }
 
-/// `addr` as a sockaddr for connect(), with its length.
+fn family(addr: SocketAddr) -> libc::c_int {
+    match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    }
+}
+
+/// `addr` as a sockaddr for connect() or bind(), with its length.
 fn sockaddr_any(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid (empty) value.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -655,34 +668,51 @@ fn sockaddr_v4(addr: std::net::SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// The socket's local port (0 if getsockname fails), IPv4 or IPv6: both sockaddrs keep the
+/// port at the same offset.
 fn local_port(fd: i32) -> u16 {
-    // SAFETY: a zeroed sockaddr_in with its length, filled by the kernel.
+    // SAFETY: a zeroed sockaddr_storage with its length, filled by the kernel; sockaddr_in's
+    // layout is a prefix of sockaddr_in6's as far as the port.
     unsafe {
-        let mut sa: libc::sockaddr_in = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        if libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
             return 0;
         }
-        u16::from_be(sa.sin_port)
+        u16::from_be((*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port)
     }
 }
 
-fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
-    // Block SIGUSR1 before saying anything, so that the test's signal waits for sigwait.
+/// SIGUSR1 blocked, as a set for [`wait_usr1`]. Call it before saying anything, so that the
+/// test's signal waits for sigwait.
+fn block_usr1() -> libc::sigset_t {
     // SAFETY: plain sigset manipulation on a zeroed set.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+fn wait_usr1(set: &libc::sigset_t) {
+    let mut sig = 0;
+    // SAFETY: `set` holds SIGUSR1, blocked by block_usr1.
+    unsafe { libc::sigwait(set, &mut sig) };
+}
+
+fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
+    let set = block_usr1();
     let s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     let fd = s.as_raw_fd();
     say(&format!("connected sport={}", local_port(fd)));
-    let mut sig = 0;
-    // SAFETY: `set` holds SIGUSR1, blocked above.
-    unsafe { libc::sigwait(&set, &mut sig) };
+    wait_usr1(&set);
     let unspec = libc::sockaddr {
         sa_family: libc::AF_UNSPEC as u16,
         sa_data: [0; 14],
@@ -699,20 +729,20 @@ fn disconnect(addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
         bail!("connect(AF_UNSPEC): {}", std::io::Error::last_os_error());
     }
     say("disconnected");
-    // SAFETY: as above.
-    unsafe { libc::sigwait(&set, &mut sig) };
-    if let Err(e) = connect_fd(fd, addr) {
+    wait_usr1(&set);
+    if let Err(e) = connect_fd(fd, addr.into()) {
         bail!("reconnecting: {}", std::io::Error::from_raw_os_error(e));
     }
     say(&format!("reconnected sport={}", local_port(fd)));
     sleep_forever()
 }
 
-/// A new blocking IPv4 TCP socket.
-fn tcp_socket() -> anyhow::Result<TcpStream> {
+/// A new blocking TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     use std::os::fd::FromRawFd as _;
-    // SAFETY: socket() with constant arguments; the fd is owned by the TcpStream at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    // SAFETY: socket() with a valid family and constant arguments; the fd is owned by the
+    // TcpStream at once.
+    let fd = unsafe { libc::socket(family(addr), libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("socket");
     }
@@ -721,16 +751,10 @@ fn tcp_socket() -> anyhow::Result<TcpStream> {
 }
 
 /// connect() on `fd`: Ok, or the errno it failed with.
-fn connect_fd(fd: i32, addr: std::net::SocketAddrV4) -> Result<(), i32> {
-    let sa = sockaddr_v4(addr);
-    // SAFETY: a valid fd and a sockaddr_in we own, with its true length.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
+fn connect_fd(fd: i32, addr: SocketAddr) -> Result<(), i32> {
+    let (sa, len) = sockaddr_any(addr);
+    // SAFETY: a valid fd and a sockaddr we own, with its true length.
+    let r = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) };
     if r == 0 {
         Ok(())
     } else {
@@ -738,18 +762,13 @@ fn connect_fd(fd: i32, addr: std::net::SocketAddrV4) -> Result<(), i32> {
     }
 }
 
-fn hold_bound(
-    addr: std::net::SocketAddrV4,
-    count: u16,
-    from: u16,
-    reuse_addr: bool,
-) -> anyhow::Result<()> {
+fn hold_bound(addr: SocketAddr, count: u16, from: u16, reuse_addr: bool) -> anyhow::Result<()> {
     let mut held = Vec::new();
     for i in 0..count {
         let port = from
             .checked_add(i)
             .context("--from-port + --count passes 65535")?;
-        let s = tcp_socket()?;
+        let s = tcp_socket(addr)?;
         if reuse_addr {
             let on: libc::c_int = 1;
             // SAFETY: a valid fd and an int option of its size.
@@ -766,13 +785,13 @@ fn hold_bound(
                 return Err(std::io::Error::last_os_error()).context("SO_REUSEADDR");
             }
         }
-        let local = sockaddr_v4(std::net::SocketAddrV4::new(*addr.ip(), port));
-        // SAFETY: a valid fd and a sockaddr_in we own, with its true length.
+        let (local, len) = sockaddr_any(SocketAddr::new(addr.ip(), port));
+        // SAFETY: a valid fd and a sockaddr we own, with its true length.
         let rc = unsafe {
             libc::bind(
                 s.as_raw_fd(),
-                (&local as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                (&local as *const libc::sockaddr_storage).cast(),
+                len,
             )
         };
         if rc != 0 {
@@ -793,10 +812,15 @@ fn hold_bound(
     sleep_forever()
 }
 
-fn redial(refused: std::net::SocketAddrV4, addr: std::net::SocketAddrV4) -> anyhow::Result<()> {
-    let s = tcp_socket()?;
+fn redial(
+    refused: std::net::SocketAddrV4,
+    addr: std::net::SocketAddrV4,
+    wait_signal: bool,
+) -> anyhow::Result<()> {
+    let set = wait_signal.then(block_usr1);
+    let s = tcp_socket(refused.into())?;
     let fd = s.as_raw_fd();
-    match connect_fd(fd, refused) {
+    match connect_fd(fd, refused.into()) {
         Err(e) if e == libc::ECONNREFUSED => {
             say(&format!("refused errno={e} sport={}", local_port(fd)));
         }
@@ -805,7 +829,10 @@ fn redial(refused: std::net::SocketAddrV4, addr: std::net::SocketAddrV4) -> anyh
             std::process::exit(EXIT_SOCKET_ERROR);
         }
     }
-    if let Err(e) = connect_fd(fd, addr) {
+    if let Some(set) = &set {
+        wait_usr1(set);
+    }
+    if let Err(e) = connect_fd(fd, addr.into()) {
         say(&format!("connect failed errno={e}"));
         std::process::exit(EXIT_SOCKET_ERROR);
     }
@@ -839,13 +866,13 @@ fn interrupted(addr: std::net::SocketAddrV4, after_ms: u64, restart: bool) -> an
             tv_usec: ((after_ms % 1000) * 1000) as libc::suseconds_t,
         },
     };
-    let s = tcp_socket()?;
+    let s = tcp_socket(addr.into())?;
     let fd = s.as_raw_fd();
     // SAFETY: a valid itimerval; the old value is not wanted.
     if unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setitimer");
     }
-    match connect_fd(fd, addr) {
+    match connect_fd(fd, addr.into()) {
         Ok(()) => say(&format!("connect ok sport={}", local_port(fd))),
         Err(e) if e == libc::EINTR => {
             say(&format!(
@@ -889,7 +916,7 @@ fn connect_once(addr: SocketAddr, nonblock: bool) -> anyhow::Result<()> {
 /// A blocking TCP connection opened by sendto(MSG_FASTOPEN): the kernel connects inside sendto,
 /// so no connect() returns for it.
 fn fastopen(addr: std::net::SocketAddrV4) -> anyhow::Result<TcpStream> {
-    let stream = tcp_socket()?;
+    let stream = tcp_socket(addr.into())?;
     let sa = sockaddr_v4(addr);
     // SAFETY: a one-byte buffer and a sockaddr_in we own, with their true lengths.
     let sent = unsafe {
