@@ -9,7 +9,8 @@
 //! kernel's statistics, above empty programs measured alike, and the agent's CPU); loss with an
 //! undersized ring buffer, the syscall tax (what portx's hooks cost every other syscall, see
 //! `syscall_tax`), the latency from a failing connect() to its record, and the tracker's scale
-//! on synthetic events. The floor mirrors the hooks portx attaches on this kernel.
+//! on synthetic events. The floor mirrors the hooks portx attaches on this kernel. Last, the
+//! performance issue's targets, each judged from this run's figures (`targets`).
 //! Not a test: it asserts nothing, it measures.
 use std::{
     collections::BTreeMap,
@@ -29,7 +30,7 @@ use crate::{
     bpf, cmd,
     floor::{self, Floor},
     host::{proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc},
-    own_cpu, setup, syscall_tax,
+    own_cpu, setup, syscall_tax, targets,
 };
 
 #[derive(Args)]
@@ -742,8 +743,14 @@ fn report(
     println!("undersized ring buffer (4 KiB, rst storm): {small}");
     println!("latency failing connect() -> record on stdout: {latency}");
     println!("tracker on synthetic events (one core): {tracker}");
+    let targets = targets::judge(&table, small, latency, tracker);
+    println!("targets (the performance issue's), in this run:");
+    for t in &targets {
+        println!("  {:<12} {}: {}", t.verdict(), t.what, t.measured);
+    }
+    let targets: Vec<Value> = targets.iter().map(targets::Target::json).collect();
     let tax: serde_json::Map<String, Value> = tax.iter().cloned().collect();
-    let all = json!({"hooks": hooks, "floor_not_mirrored": not_mirrored, "syscall_tax": tax, "table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker});
+    let all = json!({"hooks": hooks, "floor_not_mirrored": not_mirrored, "syscall_tax": tax, "table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker, "targets": targets});
     let path = dir.join("last.json");
     fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("written to {}", path.display());

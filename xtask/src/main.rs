@@ -9,6 +9,7 @@ mod own_cpu;
 mod setup;
 mod soak;
 mod syscall_tax;
+mod targets;
 mod test;
 mod vm;
 
