@@ -142,6 +142,44 @@ fn a_full_ring_buffer_is_counted_record_for_record() {
     assert!(field(&report, "lost") >= lost, "{report:#}");
 }
 
+/// Records lost to a full ring leave the table short, and the agent knows it: it resyncs with
+/// sock_diag at once instead of at its next `--resync` tick (an hour away here).
+#[test]
+fn lost_records_bring_a_resync_at_once() {
+    let _g = serial();
+    if !require_root("lost_records_bring_a_resync_at_once") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_with(ns.id, &["--ring-buffer-kib", "4", "--resync", "3600"]);
+    agent.wait_for("started", |v| v["type"] == "started");
+    // With nothing reading the rings, a churn fills them, and the hog's records that follow
+    // are lost: only sock_diag can tell the agent about its 16 connections.
+    // SAFETY: signals to the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    churn(&ns, 300);
+    let (hog, _) = ns.hog("hog", V4);
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+    let s = summary(&mut agent, 0, |v| {
+        field(v, "lost") > 0
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["in_use"] == 16 && d["top_holder"]["pid"] == hog)
+            })
+    });
+    println!(
+        "lost {}, tracked {}",
+        field(&s, "lost"),
+        field(&s, "tracked")
+    );
+    assert!(
+        agent.stderr_says("sock_diag resync"),
+        "the table came back without a resync? {}",
+        agent.context()
+    );
+}
+
 #[test]
 fn at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted() {
     let _g = serial();

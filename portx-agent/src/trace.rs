@@ -1000,21 +1000,26 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 // read what is waiting before summarizing.
                 reader.drain_pending(|buf| session.handle(buf));
                 session.read_failure_counts();
+                // Set where the table is known to be off: a resync repairs it now, not at the
+                // next `--resync` tick (a minute or more away, as some run it).
+                let mut off = false;
                 let lost = session.lost_now();
                 if lost > warned_lost {
                     tracing::warn!(
-                        "the kernel dropped {} events (ring buffer full; {lost} since start): port counts may be low until the next resync",
+                        "the kernel dropped {} events (ring buffer full; {lost} since start): port counts may be low until the resync this starts",
                         lost - warned_lost
                     );
                     warned_lost = lost;
+                    off = true;
                 }
                 if reader.late() > warned_late {
                     tracing::warn!(
-                        "{} records arrived after newer ones were handled ({} since start): the kernel's and the agent's CLOCK_MONOTONIC disagree; port counts may be off until the next resync",
+                        "{} records arrived after newer ones were handled ({} since start): the kernel's and the agent's CLOCK_MONOTONIC disagree; port counts may be off until the resync this starts",
                         reader.late() - warned_late,
                         reader.late()
                     );
                     warned_late = reader.late();
+                    off = true;
                 }
                 let by_program = prog_stats::missed_runs(&loaded.ebpf);
                 let missed: u64 = by_program.iter().map(|(_, n)| n).sum();
@@ -1022,11 +1027,17 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     let detail: Vec<String> =
                         by_program.iter().map(|(p, n)| format!("{p} {n}")).collect();
                     tracing::warn!(
-                        "the kernel skipped portx programs {} times (recursion; since start: {}): port counts may be off until the next resync",
+                        "the kernel skipped portx programs {} times (recursion; since start: {}): port counts may be off until the resync this starts",
                         missed - session.counters.missed,
                         detail.join(", ")
                     );
                     session.counters.missed = missed;
+                    off = true;
+                }
+                if off {
+                    // The resync branch runs at once, or right after a pass under way (which
+                    // may have dumped before the loss).
+                    resync.reset_immediately();
                 }
                 let (evicted, over) = (session.tracker.counters.evicted, session.tracker.counters.over_limit);
                 if evicted + over > warned_limit {
