@@ -33,8 +33,9 @@ impl Target {
 }
 
 /// The targets, from the bench's `table` rows (mode, tool, ratio_median, lost, missed), its
-/// undersized-ring, latency and tracker objects. A figure the run lacks (Null, or a mode not
-/// run) makes its target "not measured", never left out.
+/// undersized-ring, latency and tracker objects. A figure the run lacks (Null) makes its target
+/// "not measured in this run", never left out; the rate is judged on the modes run (`--mode`),
+/// which its line names.
 pub fn judge(table: &[Value], small: &Value, latency: &Value, tracker: &Value) -> Vec<Target> {
     let rows = |tool: &'static str| table.iter().filter(move |r| r["tool"] == tool);
     let ratios: Vec<(String, f64)> = rows("portx")
