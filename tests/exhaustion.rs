@@ -687,17 +687,7 @@ fn a_redial_into_a_full_range_leaves_the_holder_of_its_old_port_on_the_table() {
     assert_eq!(started["seeded"], 16, "{started:#}");
     // SAFETY: a signal to the workload we started.
     unsafe { libc::kill(redialer.pid() as i32, libc::SIGUSR1) };
-    let line = redialer.line();
-    assert!(
-        line.starts_with("connect failed errno=99"),
-        "the second connect: `{line}`\n{}",
-        ns.sockets()
-    );
-    assert_eq!(
-        redialer.wait().code(),
-        Some(3),
-        "the redialer's exit status"
-    );
+    ns.fails_eaddrnotavail(&mut redialer, "redialer");
     let failed = agent.wait_for("the redialer's connect_failed", |v| {
         is_failure_of(v, redialer.pid(), 9000)
     });
@@ -772,17 +762,7 @@ fn bound_connect_to_a_4_tuple_in_use(dest: &str, family: &str) {
     let started = agent.wait_for("started", |v| v["type"] == "started");
     assert_eq!(started["seeded"], 1, "{started:#}");
     let mut collider = ns.spawn("collider", &bound("1"));
-    let line = collider.line();
-    assert!(
-        line.starts_with("connect failed errno=99"),
-        "the second bound connect: `{line}`\n{}",
-        ns.sockets()
-    );
-    assert_eq!(
-        collider.wait().code(),
-        Some(3),
-        "the collider's exit status"
-    );
+    ns.fails_eaddrnotavail(&mut collider, "collider");
     let failed = agent.wait_for("the collider's connect_failed", |v| {
         v["type"] == "connect_failed" && v["pid"] == collider.pid()
     });

@@ -235,14 +235,19 @@ impl Netns {
     /// (exit status 3); its pid.
     pub fn victim_fails(&self, name: &str, dest: &str) -> u32 {
         let mut victim = self.spawn(name, &["connect", "--connect", dest]);
-        let line = victim.line();
+        self.fails_eaddrnotavail(&mut victim, name);
+        victim.pid()
+    }
+
+    /// `w`'s next line must be its connect() failing with EADDRNOTAVAIL, and its exit status 3.
+    pub fn fails_eaddrnotavail(&self, w: &mut Workload, name: &str) {
+        let line = w.line();
         assert!(
             line.starts_with("connect failed errno=99"),
             "{name}: expected `connect failed errno=99…`, got `{line}`; the namespace's sockets:\n{}",
             self.sockets()
         );
-        assert_eq!(victim.wait().code(), Some(3), "{name}'s exit status");
-        victim.pid()
+        assert_eq!(w.wait().code(), Some(3), "{name}'s exit status");
     }
 
     /// The namespace's IPv4 settings, its TCP sockets (`ss -tanoie`) and counters (`nstat -a`),
