@@ -1106,23 +1106,47 @@ fn failure_lines_of(all: &[Value], pid: u32) -> (Vec<&Value>, u64) {
 /// flushed once it goes quiet, or at exit).
 #[test]
 fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
+    // One thread holds the 16-port range to its own listener, then fails for 2 s.
+    failure_storm(
+        "a_failure_storm_gets_a_line_a_second_that_counts_every_failure",
+        "1",
+        "fail",
+    );
+}
+
+/// Threads of one process failing towards one destination count their failures under one key
+/// in the kernel, on whichever CPUs they run: none is lost to their races there (one atomic
+/// add each; records of one key written on two CPUs; two first failures both making the key's
+/// entry), and their lines are limited as one thread's.
+#[test]
+fn threads_failing_towards_one_destination_count_every_failure() {
+    // The first thread holds the range to its listener; both fail towards it for 2 s.
+    failure_storm(
+        "threads_failing_towards_one_destination_count_every_failure",
+        "2",
+        "fail-one",
+    );
+}
+
+/// Runs the workload's failure storm (`close` fail or fail-one) with `threads` threads for 2 s;
+/// its lines must be a few and count every failure it made.
+fn failure_storm(test: &str, threads: &str, close: &str) {
     let _g = serial();
-    if !require_root("a_failure_storm_gets_a_line_a_second_that_counts_every_failure") {
+    if !require_root(test) {
         return;
     }
     let ns = Netns::new();
     let mut agent = Agent::start(ns.id);
-    // One thread holds the 16-port range to its own listener, then fails for 2 s.
     let mut storm = ns.spawn(
         "stormer",
         &[
             "storm",
             "--threads",
-            "1",
+            threads,
             "--seconds",
             "2",
             "--close",
-            "fail",
+            close,
         ],
     );
     let said = storm.expect("storm ");

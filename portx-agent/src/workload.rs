@@ -110,8 +110,10 @@ pub enum WorkloadCmd {
         seconds: f64,
         /// rst: SO_LINGER 0, no TIME_WAIT; close: client closes first (TIME_WAIT churn);
         /// fail: first hold 16 connections per thread, then connect() in a loop, each failing
-        /// with EADDRNOTAVAIL in a 16-port namespace.
-        #[arg(long, value_parser = ["rst", "close", "fail"], default_value = "rst")]
+        /// with EADDRNOTAVAIL in a 16-port namespace; fail-one: as fail, but every thread
+        /// connects to the first thread's listener, which alone holds 16 (one destination, as a
+        /// proxy's threads failing towards one upstream).
+        #[arg(long, value_parser = ["rst", "close", "fail", "fail-one"], default_value = "rst")]
         close: String,
         #[arg(long, default_value_t = 20000)]
         base_port: u16,
@@ -502,49 +504,79 @@ fn set_linger_zero(s: &TcpStream) {
     };
 }
 
-/// One storm thread: returns (ok, failed).
-fn storm_thread(port: u16, deadline: std::time::Instant, mode: &str) -> anyhow::Result<(u64, u64)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-    let (mut ok, mut failed) = (0u64, 0u64);
-    let mut held = Vec::new();
-    if mode == "fail" {
-        for _ in 0..16 {
-            let c = TcpStream::connect(addr)?;
-            held.push((c, listener.accept()?.0));
+/// One storm thread: returns (ok, failed). It connects to `dest`, and listens there unless it
+/// is `shared` (another thread's listener, which holds the range for all). Every thread waits at
+/// `ready` until each has its listener and, failing, its 16 held connections, and again before
+/// letting them go, also when its own part failed (or the others would wait for it for ever).
+fn storm_thread(
+    dest: u16,
+    shared: bool,
+    ready: &std::sync::Barrier,
+    deadline: std::time::Instant,
+    mode: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], dest));
+    let set_up = || -> anyhow::Result<_> {
+        if shared {
+            return Ok((None, Vec::new()));
         }
-    }
-    while std::time::Instant::now() < deadline {
-        for _ in 0..64 {
-            match TcpStream::connect(addr) {
-                Ok(c) => {
-                    let (s, _) = listener.accept()?;
-                    if mode == "rst" {
-                        set_linger_zero(&c);
-                    }
-                    // The client closes first: RST, or FIN and TIME_WAIT on the client side.
-                    drop(c);
-                    drop(s);
-                    ok += 1;
-                }
-                Err(_) => failed += 1,
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let mut held = Vec::new();
+        if mode == "fail" || mode == "fail-one" {
+            for _ in 0..16 {
+                let c = TcpStream::connect(addr)?;
+                held.push((c, listener.accept()?.0));
             }
         }
-    }
-    // Free the held ports at once (RST, no TIME_WAIT) so the next storm can hold them again.
+        Ok((Some(listener), held))
+    };
+    let storm = |listener: &Option<TcpListener>| -> anyhow::Result<(u64, u64)> {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        while std::time::Instant::now() < deadline {
+            for _ in 0..64 {
+                match TcpStream::connect(addr) {
+                    Ok(c) => {
+                        let Some(listener) = listener else {
+                            bail!("connect to {addr} succeeded: the first thread holds no range");
+                        };
+                        let (s, _) = listener.accept()?;
+                        if mode == "rst" {
+                            set_linger_zero(&c);
+                        }
+                        // The client closes first: RST, or FIN and TIME_WAIT on the client side.
+                        drop(c);
+                        drop(s);
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        Ok((ok, failed))
+    };
+    let set_up = set_up();
+    ready.wait();
+    let stormed = set_up.as_ref().ok().map(|(listener, _)| storm(listener));
+    // Held ports are let go once every thread is done: in fail-one the others fail against them.
+    ready.wait();
+    let (_, held) = set_up?;
+    // At once (RST, no TIME_WAIT), so that the next storm can hold them again.
     for (c, _) in &held {
         set_linger_zero(c);
     }
-    Ok((ok, failed))
+    stormed.unwrap_or(Ok((0, 0)))
 }
 
 fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
+    let one = mode == "fail-one";
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(threads.into()));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
-            let mode = mode.to_string();
-            std::thread::spawn(move || storm_thread(base_port + i, deadline, &mode))
+            let (mode, ready) = (mode.to_string(), ready.clone());
+            let dest = if one { base_port } else { base_port + i };
+            std::thread::spawn(move || storm_thread(dest, one && i > 0, &ready, deadline, &mode))
         })
         .collect();
     let (mut ok, mut failed) = (0, 0);
