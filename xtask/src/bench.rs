@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: portx's cost, measured side by side in one run inside a private network
-//! namespace. For each close mode (rst, close, fail) and round, the same connect storm runs with
-//! nothing attached, with `portx-agent trace`, with bcc's CO-RE `tcpstates` (libbpf-tools) and with
-//! a bpftrace script counting the same tracepoints, and with empty programs on portx's hooks (the
-//! floor any tool attached there pays) — in a rotated order each round. Reported: the
+//! namespace. For each close mode (rst, close, fail, fail-one) and round, the same connect storm
+//! runs with nothing attached, with `portx-agent trace`, with bcc's CO-RE `tcpstates`
+//! (libbpf-tools) and with a bpftrace script counting the same tracepoints, and with empty
+//! programs on portx's hooks (the floor any tool attached there pays) — in a rotated order each
+//! round. Reported: the
 //! rate each keeps relative to nothing attached (median, min–max over rounds), the agent's CPU per
 //! 100k connections and peak RSS, lost/missed events; after each mode's rounds, portx's own CPU
 //! as a share of the busy CPUs in the same storm (`own_cpu`: its programs' run time by the
@@ -52,13 +53,16 @@ pub struct BenchArgs {
     /// Seconds of the syscall tax's alternated getppid() bursts (see `syscall_tax`; 0: none).
     #[arg(long, default_value_t = 10.0)]
     pub syscall_tax_seconds: f64,
-    /// Only these close modes (default: all of rst, close, fail).
+    /// Only these close modes (default: all of rst, close, fail, fail-one).
     #[arg(long = "mode", value_parser = MODES)]
     pub modes: Vec<String>,
 }
 
 const TOOLS: [&str; 5] = ["none", "portx", "tcpstates", "bpftrace", "floor"];
-const MODES: [&str; 3] = ["rst", "close", "fail"];
+/// `fail-one`: the failing storm with every thread failing towards one destination, so that
+/// they count their failures under one key, as a proxy's threads failing towards one upstream do
+/// (in `fail` each thread has its own destination and key).
+const MODES: [&str; 4] = ["rst", "close", "fail", "fail-one"];
 const BPFTRACE: &str = "tracepoint:sock:inet_sock_set_state { @states[args->newstate] = count(); }
 tracepoint:syscalls:sys_exit_connect { @connects = count(); }
 ";
@@ -167,7 +171,7 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
         out.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{k}="))?.parse().ok())
     };
-    let n = if mode == "fail" {
+    let n = if failing(mode) {
         field("failed")
     } else {
         field("ok")
@@ -249,9 +253,14 @@ fn against_floor(samples: &[Value], mode: &str) -> Option<AgainstFloor> {
     })
 }
 
+/// Whether `mode`'s connects fail (its rate is of failures).
+fn failing(mode: &str) -> bool {
+    mode.starts_with("fail")
+}
+
 fn sysctls(mode: &str) -> Vec<&'static str> {
     match mode {
-        "fail" => vec![
+        _ if failing(mode) => vec![
             "net.ipv4.ip_local_port_range=40000 40015",
             "net.ipv4.tcp_tw_reuse=0",
         ],
@@ -676,7 +685,7 @@ fn report(
     );
     println!("portx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
     println!(
-        "{:<6} {:<10} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
+        "{:<8} {:<10} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
         "MODE", "TOOL", "RATE/s", "RATIO", "MIN-MAX", "CPU s/100k", "RSS MiB", "LOST/MISSED"
     );
     for &mode in modes {
@@ -713,7 +722,7 @@ fn report(
             } else {
                 (format!("{cpu:.3}"), format!("{hwm:.1}"))
             };
-            println!("{mode:<6} {tool:<10} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
+            println!("{mode:<8} {tool:<10} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
             table.push(json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu, "peak_rss_mib": hwm, "lost": lost, "missed": missed}));
         }
     }
@@ -721,7 +730,7 @@ fn report(
     for &mode in modes {
         if let Some(a) = against_floor(samples, mode) {
             println!(
-                "{mode:<6} floor - portx, same round: median {:.3}, {:.3} to {:.3}; portx above bpftrace in {} of {} rounds",
+                "{mode:<8} floor - portx, same round: median {:.3}, {:.3} to {:.3}; portx above bpftrace in {} of {} rounds",
                 a.gap_median, a.gap_min, a.gap_max, a.above_bpftrace, a.rounds
             );
             against.push(json!({"mode": mode, "floor_minus_portx_median": a.gap_median, "floor_minus_portx_min": a.gap_min, "floor_minus_portx_max": a.gap_max, "portx_above_bpftrace_rounds": a.above_bpftrace, "rounds": a.rounds}));
@@ -729,7 +738,7 @@ fn report(
     }
     for s in own {
         println!(
-            "{:<6} portx's own CPU, BPF run-time statistics on: {}",
+            "{:<8} portx's own CPU, BPF run-time statistics on: {}",
             s["mode"].as_str().unwrap_or("?"),
             own_cpu::line(s)
         );
