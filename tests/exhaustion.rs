@@ -1117,7 +1117,10 @@ fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
 /// Threads of one process failing towards one destination count their failures under one key
 /// in the kernel, on whichever CPUs they run: none is lost to their races there (one atomic
 /// add each; records of one key written on two CPUs; two first failures both making the key's
-/// entry), and their lines are limited as one thread's.
+/// entry), and their lines are limited as one thread's. On a preemptible kernel (PREEMPT_LAZY,
+/// Debian's 7.x default) the two threads on one CPU preempt each other inside the programs,
+/// and the kernel skips a program's runs for the other thread meanwhile: those failures are
+/// not counted, and the agent reports the runs as `missed` (see [`failure_storm`]).
 #[test]
 fn threads_failing_towards_one_destination_count_every_failure() {
     // The first thread holds the range to its listener; both fail towards it for 2 s.
@@ -1129,7 +1132,9 @@ fn threads_failing_towards_one_destination_count_every_failure() {
 }
 
 /// Runs the workload's failure storm (`close` fail or fail-one) with `threads` threads for 2 s;
-/// its lines must be a few and count every failure it made.
+/// its lines must be a few and count every failure it made, but for as many as the kernel
+/// skipped program runs (`missed`, which the agent reports; none on a kernel that does not
+/// preempt tasks inside a program, as this host's and the default VM rows' do not).
 fn failure_storm(test: &str, threads: &str, close: &str) {
     let _g = serial();
     if !require_root(test) {
@@ -1157,13 +1162,24 @@ fn failure_storm(test: &str, threads: &str, close: &str) {
         .unwrap_or_else(|| panic!("storm said `{said}`"));
     assert!(failed >= 100, "a storm, not a trickle: {said}");
     let pid = storm.pid();
+    let field = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let summary = agent.wait_for("a summary counting every failure", |v| {
-        v["type"] == "summary" && v["connect_failures"].as_u64() >= Some(failed)
+        v["type"] == "summary" && field(v, "connect_failures") + field(v, "missed") >= failed
     });
     assert_eq!(summary["lost"], 0, "{summary:#}");
     let all = stop_and_collect(agent);
     let (lines, counted) = failure_lines_of(&all, pid);
-    assert_eq!(counted, failed, "{said}; lines: {lines:#?}");
+    let last = final_summary(&all);
+    let missed = field(last, "missed");
+    if missed == 0 {
+        assert_eq!(counted, failed, "{said}; lines: {lines:#?}");
+    } else {
+        // A skipped run of connect()'s exit (or of the state change before it) counts nothing.
+        assert!(
+            counted <= failed && counted + missed >= failed,
+            "{said}: {counted} counted, {missed} runs skipped; final summary {last:#}"
+        );
+    }
     // The first at once, one a second after, the rest flushed when it went quiet.
     assert!(
         (2..=6).contains(&lines.len()),

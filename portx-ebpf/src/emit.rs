@@ -152,7 +152,8 @@ pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
 fn failure_wake_due(now: u64) -> bool {
     match LAST_WAKE.get_ptr_mut(0) {
         Some(last) => {
-            // Per-CPU slot: no other writer can race with this one.
+            // Per-CPU slot, but a program that interrupts or preempts this one on its CPU can
+            // race with it: at worst the agent is woken once more.
             let due = now.wrapping_sub(unsafe { *last }) >= FAILURE_WAKE_GAP_NS;
             if due {
                 unsafe { *last = now };
