@@ -1118,7 +1118,7 @@ fn a_failure_storm_gets_a_line_a_second_that_counts_every_failure() {
 /// in the kernel, on whichever CPUs they run: none is lost to their races there (one atomic
 /// add each; records of one key written on two CPUs; two first failures both making the key's
 /// entry), and their lines are limited as one thread's. On a preemptible kernel (PREEMPT_LAZY,
-/// Debian's 7.x default) the two threads on one CPU preempt each other inside the programs,
+/// as Debian's 7.3 kernel) the two threads on one CPU preempt each other inside the programs,
 /// and the kernel skips a program's runs for the other thread meanwhile: those failures are
 /// not counted, and the agent reports the runs as `missed` (see [`failure_storm`]).
 #[test]
