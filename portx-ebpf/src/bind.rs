@@ -45,10 +45,14 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     if ret >= 0 {
         return 0;
     }
-    let (Some(fd), Some(uaddr)) = (
-        syscall_arg_at_exit(offset!(regs_arg0)),
-        syscall_arg_at_exit(offset!(regs_arg1)),
-    ) else {
+    // One read, then its check, then the other: read both first and LLVM kept the first's
+    // payload, undefined when it is None, across the second read's helper calls, and the 6.1
+    // verifier refused the program (`R8 !read_ok`) once an unrelated change moved registers
+    // around (see connect.rs, `UNREAD`).
+    let Some(fd) = syscall_arg_at_exit(offset!(regs_arg0)) else {
+        return 1;
+    };
+    let Some(uaddr) = syscall_arg_at_exit(offset!(regs_arg1)) else {
         return 1;
     };
     failed_call(ret, fd as i32, uaddr)
