@@ -464,11 +464,13 @@ pub struct SockCommonHead {
 /// Offset of [`EventHeader::ts_ns`] in every record.
 pub const TS_OFFSET: usize = 16;
 
-/// A record type: `#[repr(C)]` with an [`EventHeader`] as its first field.
+/// A record type: `#[repr(C)]` with an [`EventHeader`] as its first field, a multiple of 8 bytes
+/// and no padding the compiler adds (padding is an explicit field; the size assertions below pin
+/// it).
 ///
 /// # Safety
 /// Implement only for such types: the kernel side writes the time through a header pointer to
-/// the record.
+/// the record, and copies it into its ring a u64 at a time.
 pub unsafe trait Record {}
 
 // SAFETY: each is #[repr(C)] and starts with `hdr: EventHeader`.
