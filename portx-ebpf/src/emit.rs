@@ -162,9 +162,9 @@ pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
 /// Copies `event` into its slot a u64 at a time, each a volatile store (records have no padding:
 /// see `Record`), so that its zero fields stay stores of a zero register. With a plain write
 /// LLVM merged them into a `memset` (36 bytes for a record without a task), and this target
-/// calls `memset`: a BPF-to-BPF call into a byte-by-byte loop, twice a record with the header
-/// built on the stack. Gone, the state program took 156–161 ns a run under the RST storm
-/// instead of 171–184 (with the other changes of the same commit).
+/// calls `memset`: a BPF-to-BPF call into a byte-by-byte loop, two or three times a record with
+/// the header's zeroed name. Gone, with the other changes of its commit, the state program took
+/// about 20 ns less a run under the RST storm (docs/performance-log.md, session 31).
 #[inline(always)]
 fn write_words<T: Record>(slot: *mut T, event: &T) -> *mut T {
     const { assert!(size_of::<T>() % 8 == 0) };

@@ -56,8 +56,9 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u32, new: u32, read: &impl So
         return 0;
     }
     // Before the socket is known to be TCP (the field is in `struct sock`): an accepted socket's
-    // transitions then cost no helper call (`bpf_skc_to_tcp_sock`, 9 % of the program's samples
-    // under the RST storm, where they are one of its four calls a connection).
+    // transitions then cost no helper call (`bpf_skc_to_tcp_sock`: 9 % of the program's samples
+    // under the RST storm, where an accepted socket's close made one of its four calls a
+    // connection).
     match accepted(sk, read) {
         Ok(false) => {}
         Ok(true) => return 0,
