@@ -2,8 +2,9 @@
 //! namespace. For each close mode (rst, close, fail, fail-one) and round, the same connect storm
 //! runs with nothing attached, with `portx-agent trace`, with bcc's CO-RE `tcpstates`
 //! (libbpf-tools) and with a bpftrace script counting the same tracepoints, and with empty
-//! programs on portx's hooks (the floor any tool attached there pays) — in a rotated order each
-//! round. Reported: the rate each keeps relative to nothing attached (median, min–max over
+//! programs on portx's hooks (the floor any tool attached there pays) and with the empty program
+//! on the state change alone (`floor-state`: what a design with no syscall hook would pay) — in
+//! a rotated order each round. Reported: the rate each keeps relative to nothing attached (median, min–max over
 //! rounds), the agent's CPU per 100k connections and peak RSS, lost/missed events; after each
 //! mode's rounds, portx's own CPU as a share of the busy CPUs in the same storm (`own_cpu`: its
 //! programs' run time by the kernel's statistics, above empty programs measured alike, and the
@@ -58,7 +59,14 @@ pub struct BenchArgs {
     pub modes: Vec<String>,
 }
 
-const TOOLS: [&str; 5] = ["none", "portx", "tcpstates", "bpftrace", "floor"];
+const TOOLS: [&str; 6] = [
+    "none",
+    "portx",
+    "tcpstates",
+    "bpftrace",
+    "floor",
+    "floor-state",
+];
 /// `fail-one`: the failing storm with every thread failing towards one destination, so that
 /// they count their failures under one key, as a proxy's threads failing towards one upstream do
 /// (in `fail` each thread has its own destination and key).
@@ -81,7 +89,8 @@ struct Started {
     cpu0: f64,
 }
 
-/// Starts `tool` (the floor: empty programs on `hooks`, portx's) and waits until it is ready.
+/// Starts `tool` (the floor: empty programs on `hooks`, portx's; floor-state: the one of them on
+/// the state change) and waits until it is ready.
 fn start_tool(
     tool: &str,
     agent: &Path,
@@ -94,13 +103,15 @@ fn start_tool(
     let out = dir.join(format!("{tool}.out"));
     let err = dir.join(format!("{tool}.err"));
     let (mut c, ready) = match tool {
-        "none" | "floor" => {
+        "none" | "floor" | "floor-state" => {
             return Ok(Started {
                 proc: None,
-                floor: if tool == "floor" {
-                    Some(Floor::attach(hooks).context("floor")?)
-                } else {
-                    None
+                floor: match tool {
+                    "floor" => Some(Floor::attach(hooks).context("floor")?),
+                    "floor-state" => {
+                        Some(Floor::attach_state_change(hooks).context("floor-state")?)
+                    }
+                    _ => None,
                 },
                 out,
                 cpu0: 0.0,
@@ -683,9 +694,10 @@ fn report(
             format!("all but {}", not_mirrored.join(", "))
         }
     );
+    println!("floor-state: the empty program on the state change alone, what a design without syscall hooks would pay");
     println!("portx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
     println!(
-        "{:<8} {:<10} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
+        "{:<8} {:<12} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
         "MODE", "TOOL", "RATE/s", "RATIO", "MIN-MAX", "CPU s/100k", "RSS MiB", "LOST/MISSED"
     );
     for &mode in modes {
@@ -716,13 +728,13 @@ fn report(
             } else {
                 "-".into()
             };
-            // No process of its own: `floor`'s programs are held by this one.
-            let (cpu_s, hwm_s) = if tool == "none" || tool == "floor" {
+            // No process of its own: the floors' programs are held by this one.
+            let (cpu_s, hwm_s) = if matches!(tool, "none" | "floor" | "floor-state") {
                 ("-".to_string(), "-".to_string())
             } else {
                 (format!("{cpu:.3}"), format!("{hwm:.1}"))
             };
-            println!("{mode:<8} {tool:<10} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
+            println!("{mode:<8} {tool:<12} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
             table.push(json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu, "peak_rss_mib": hwm, "lost": lost, "missed": missed}));
         }
     }

@@ -100,6 +100,14 @@ fn twin_on(hook: &str) -> Option<&'static Twin> {
     TWINS.iter().find(|t| t.hooks.contains(&hook))
 }
 
+/// The twins on portx's `hooks`; with `state_only`, the one on the state change alone.
+fn twins(hooks: &[String], state_only: bool) -> impl Iterator<Item = &'static Twin> + '_ {
+    hooks
+        .iter()
+        .filter_map(|h| twin_on(h))
+        .filter(move |t| !state_only || t.floor == STATE)
+}
+
 /// Those of portx's `hooks` on which the floor puts no empty program (fexit, kprobes).
 pub fn not_mirrored(hooks: &[String]) -> Vec<String> {
     hooks
@@ -144,8 +152,20 @@ impl Floor {
     /// Empty programs on portx's `hooks` (its `started` record's `attached`), but those in
     /// [`not_mirrored`].
     pub fn attach(hooks: &[String]) -> anyhow::Result<Self> {
+        Self::attach_twins(hooks, false)
+    }
+
+    /// The empty program on the state change alone, where portx has a program there: what a
+    /// design with no other hook would pay (the bench's `floor-state`). Every design needs the
+    /// state change (it is where ports are freed); the syscall tracepoints are what the rest of
+    /// the floor pays for, on every syscall of the machine.
+    pub fn attach_state_change(hooks: &[String]) -> anyhow::Result<Self> {
+        Self::attach_twins(hooks, true)
+    }
+
+    fn attach_twins(hooks: &[String], state_only: bool) -> anyhow::Result<Self> {
         let mut fds = Vec::new();
-        for twin in hooks.iter().filter_map(|h| twin_on(h)) {
+        for twin in twins(hooks, state_only) {
             fds.extend(match twin.at {
                 At::RawTracepoint(tp) => attach_raw_tracepoint(tp, twin.floor)?,
                 At::Tracepoint(event) => attach_tracepoint(event, twin.floor)?,
@@ -249,6 +269,21 @@ mod tests {
             floor_of("tracepoint:syscalls:sys_enter_bind"),
             Some("floor_bind_in")
         );
+        // The state change's alone: its twin, whichever program type portx has there.
+        let floors =
+            |h: &[String], state_only| twins(h, state_only).map(|t| t.floor).collect::<Vec<_>>();
+        let here = hooks(&[
+            "tp_btf:inet_sock_set_state",
+            "tracepoint:syscalls:sys_exit_connect",
+            "tracepoint:syscalls:sys_exit_bind",
+        ]);
+        assert_eq!(floors(&here, false), [STATE, EXIT, "floor_bind_out"]);
+        assert_eq!(floors(&here, true), [STATE]);
+        let older = hooks(&[
+            "raw_tracepoint:inet_sock_set_state",
+            "tracepoint:syscalls:sys_enter_bind",
+        ]);
+        assert_eq!(floors(&older, true), [STATE]);
         // fentry mode: no twin for fexit.
         let fentry = hooks(&[
             "fexit:inet_hash_connect",

@@ -42,22 +42,30 @@ pub fn judge(table: &[Value], small: &Value, latency: &Value, tracker: &Value) -
         .filter_map(|r| Some((r["mode"].as_str()?.to_string(), r["ratio_median"].as_f64()?)))
         .collect();
     let rate = (!ratios.is_empty()).then(|| {
-        let floor: Vec<String> = ratios
-            .iter()
-            .filter_map(|(mode, _)| {
-                let f = rows("floor").find(|r| r["mode"] == mode.as_str())?;
-                Some(format!("{mode} {:.3}", f["ratio_median"].as_f64()?))
-            })
-            .collect();
+        // The medians of `tool` in the modes portx ran.
+        let of = |tool: &'static str| -> Vec<String> {
+            ratios
+                .iter()
+                .filter_map(|(mode, _)| {
+                    let f = rows(tool).find(|r| r["mode"] == mode.as_str())?;
+                    Some(format!("{mode} {:.3}", f["ratio_median"].as_f64()?))
+                })
+                .collect()
+        };
         let kept: Vec<String> = ratios.iter().map(|(m, r)| format!("{m} {r:.3}")).collect();
-        (
-            format!(
-                "{}; floor (empty programs) {}",
-                kept.join(", "),
-                floor.join(", ")
-            ),
-            Some(ratios.iter().all(|(_, r)| *r >= KEEP_RATE)),
-        )
+        let mut measured = format!(
+            "{}; floor (empty programs) {}",
+            kept.join(", "),
+            of("floor").join(", ")
+        );
+        let state_alone = of("floor-state");
+        if !state_alone.is_empty() {
+            measured += &format!(
+                "; an empty program on the state change alone {}",
+                state_alone.join(", ")
+            );
+        }
+        (measured, Some(ratios.iter().all(|(_, r)| *r >= KEEP_RATE)))
     });
     let loss = (!ratios.is_empty()).then(|| {
         let lost: u64 = rows("portx").filter_map(|r| r["lost"].as_u64()).sum();
@@ -170,6 +178,15 @@ mod tests {
         assert_eq!(
             t[0].measured,
             "rst 0.975, fail 0.969; floor (empty programs) rst 0.990, fail 0.980"
+        );
+        // With the state change's empty program alone measured too, its medians follow.
+        let mut with_state = table.to_vec();
+        with_state.push(row("rst", "floor-state", 0.995, 0));
+        with_state.push(row("fail", "floor-state", 0.991, 0));
+        let t = judge(&with_state, &Value::Null, &Value::Null, &Value::Null);
+        assert_eq!(
+            t[0].measured,
+            "rst 0.975, fail 0.969; floor (empty programs) rst 0.990, fail 0.980; an empty program on the state change alone rst 0.995, fail 0.991"
         );
         assert_eq!(met(&t, "0 lost"), Some(true));
         // Nothing else was run: the other targets are there, not judged.
