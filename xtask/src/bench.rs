@@ -4,15 +4,15 @@
 //! (libbpf-tools) and with a bpftrace script counting the same tracepoints, and with empty
 //! programs on portx's hooks (the floor any tool attached there pays) and with the empty program
 //! on the state change alone (`floor-state`: what a design with no syscall hook would pay) — in
-//! a rotated order each round. Reported: the rate each keeps relative to nothing attached (median, min–max over
-//! rounds), the agent's CPU per 100k connections and peak RSS, lost/missed events; after each
-//! mode's rounds, portx's own CPU as a share of the busy CPUs in the same storm (`own_cpu`: its
-//! programs' run time by the kernel's statistics, above empty programs measured alike, and the
-//! agent's CPU); loss with an undersized ring buffer, the syscall tax (what portx's hooks cost
-//! every other syscall, see `syscall_tax`), the latency from a failing connect() to its record,
-//! and the tracker's scale on synthetic events. The floor mirrors the hooks portx attaches on
-//! this kernel. Last, the performance issue's targets, each judged from this run's figures
-//! (`targets`).
+//! a rotated order each round. Reported: the rate each keeps relative to nothing attached
+//! (median, min–max over rounds), the agent's CPU per 100k connections and peak RSS,
+//! lost/missed events; after each mode's rounds, portx's own CPU as a share of the busy CPUs in
+//! the same storm (`own_cpu`: its programs' run time by the kernel's statistics, above empty
+//! programs measured alike, and the agent's CPU); loss with an undersized ring buffer, the
+//! syscall tax (what portx's hooks cost every other syscall, see `syscall_tax`), the latency
+//! from a failing connect() to its record, and the tracker's scale on synthetic events. The
+//! floor mirrors the hooks portx attaches on this kernel. Last, the performance issue's targets,
+//! each judged from this run's figures (`targets`).
 //! Not a test: it asserts nothing, it measures.
 use std::{
     collections::BTreeMap,

@@ -157,8 +157,8 @@ impl Floor {
 
     /// The empty program on the state change alone, where portx has a program there: what a
     /// design with no other hook would pay (the bench's `floor-state`). Every design needs the
-    /// state change (it is where ports are freed); the syscall tracepoints are what the rest of
-    /// the floor pays for, on every syscall of the machine.
+    /// state change (it is where ports are freed); the rest of the floor is the syscall
+    /// tracepoints', whose tracing path every syscall of the machine takes while one is attached.
     pub fn attach_state_change(hooks: &[String]) -> anyhow::Result<Self> {
         Self::attach_twins(hooks, true)
     }
