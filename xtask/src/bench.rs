@@ -67,6 +67,12 @@ const TOOLS: [&str; 6] = [
     "floor",
     "floor-state",
 ];
+/// Tools with no process of their own: nothing attached, or the floors' empty programs, which
+/// this process holds.
+fn holds_no_process(tool: &str) -> bool {
+    matches!(tool, "none" | "floor" | "floor-state")
+}
+
 /// `fail-one`: the failing storm with every thread failing towards one destination, so that
 /// they count their failures under one key, as a proxy's threads failing towards one upstream do
 /// (in `fail` each thread has its own destination and key).
@@ -103,7 +109,7 @@ fn start_tool(
     let out = dir.join(format!("{tool}.out"));
     let err = dir.join(format!("{tool}.err"));
     let (mut c, ready) = match tool {
-        "none" | "floor" | "floor-state" => {
+        _ if holds_no_process(tool) => {
             return Ok(Started {
                 proc: None,
                 floor: match tool {
@@ -728,8 +734,7 @@ fn report(
             } else {
                 "-".into()
             };
-            // No process of its own: the floors' programs are held by this one.
-            let (cpu_s, hwm_s) = if matches!(tool, "none" | "floor" | "floor-state") {
+            let (cpu_s, hwm_s) = if holds_no_process(tool) {
                 ("-".to_string(), "-".to_string())
             } else {
                 (format!("{cpu:.3}"), format!("{hwm:.1}"))

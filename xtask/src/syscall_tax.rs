@@ -67,8 +67,8 @@ pub fn pairs(variants: &[Vec<String>], seconds: f64) -> anyhow::Result<Vec<Vec<(
     Ok(pairs)
 }
 
-/// One variant's pairs summed up: medians with nothing and hooked, and the median difference with its
-/// middle half (quartiles).
+/// One variant's pairs summed up: medians with nothing and hooked, and the median difference
+/// with its middle half (quartiles).
 pub fn summary(pairs: &[(f64, f64)]) -> Value {
     let mut nothing: Vec<f64> = pairs.iter().map(|p| p.0).collect();
     let mut hooked: Vec<f64> = pairs.iter().map(|p| p.1).collect();
