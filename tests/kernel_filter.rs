@@ -110,6 +110,40 @@ fn a_namespace_not_traced_is_not_written_with_several_traced() {
     );
 }
 
+/// `--netns` given as a namespace file traces that namespace; an inode nothing holds is warned
+/// about on stderr, not silently traced.
+#[test]
+fn a_namespace_named_by_its_file_is_traced_and_an_unknown_inode_warned_about() {
+    let test = "a_namespace_named_by_its_file_is_traced_and_an_unknown_inode_warned_about";
+    let _g = serial();
+    if !require_root(test) {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_everywhere_with(&["--netns", &ns.path, "--netns", "1"]);
+    ns.churn_rst(V4, COUNT);
+    let read = events_after(&mut agent, now_ns());
+    assert!(
+        read >= 2 * u64::from(COUNT),
+        "{read} records for {COUNT} connections in the namespace given as {}\n{}",
+        ns.path,
+        agent.context()
+    );
+    assert!(
+        agent.stderr_says("--netns 1: no process or /run/netns mount holds"),
+        "no warning about --netns 1\n{}",
+        agent.context()
+    );
+    assert!(
+        !agent.stderr_says(&format!("--netns {}:", ns.id)),
+        "the namespace given by its file was warned about\n{}",
+        agent.context()
+    );
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn the_accepted_side_of_a_connection_is_not_written() {
     let _g = serial();

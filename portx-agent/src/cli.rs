@@ -10,6 +10,7 @@ EXAMPLES:
     sudo portx-agent trace                      watch every network namespace, table every 5 s
     sudo portx-agent trace --json > events.jsonl   JSON Lines on stdout, logs on stderr
     sudo portx-agent trace --netns 4026532281   one namespace (inode of /proc/<pid>/ns/net)
+    sudo portx-agent trace --netns /proc/1234/ns/net   the namespace of pid 1234 (or an `ip netns` name)
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
     sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
     sudo portx-agent trace --metrics            Prometheus/OpenMetrics on 127.0.0.1:9464/metrics
@@ -78,9 +79,10 @@ pub struct TraceArgs {
     /// it, else a raw tracepoint (a helper call per field); the same records either way.
     #[arg(long, value_enum, default_value_t = StateHookChoice::Auto)]
     pub state_hook: StateHookChoice,
-    /// Only this network namespace (inode number; repeatable, up to 256). The kernel side then
-    /// writes nothing for the others. Default: all.
-    #[arg(long = "netns", value_name = "INODE")]
+    /// Only this network namespace: its inode number, a namespace file (/proc/<pid>/ns/net) or an
+    /// `ip netns` name; repeatable, up to 256. The kernel side then writes nothing for the
+    /// others. Default: all.
+    #[arg(long = "netns", value_name = "NETNS", value_parser = netns_arg)]
     pub netns: Vec<u32>,
     /// Seconds between summaries.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = seconds)]
@@ -158,8 +160,9 @@ pub struct TopArgs {
     /// no syscall tracepoint), kprobe/kretprobe or tracepoints only.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
-    /// Only this network namespace (inode number; repeatable, up to 256). Default: all.
-    #[arg(long = "netns", value_name = "INODE")]
+    /// Only this network namespace: inode number, /proc/<pid>/ns/net or an `ip netns` name
+    /// (repeatable, up to 256). Default: all.
+    #[arg(long = "netns", value_name = "NETNS", value_parser = netns_arg)]
     pub netns: Vec<u32>,
     /// Destinations and processes listed (as many as fit are shown).
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -206,8 +209,9 @@ pub struct SnapshotArgs {
     /// Destinations shown.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=10000))]
     pub top: u16,
-    /// Only this network namespace (inode number; repeatable). Default: all.
-    #[arg(long = "netns", value_name = "INODE")]
+    /// Only this network namespace: inode number, /proc/<pid>/ns/net or an `ip netns` name
+    /// (repeatable). Default: all.
+    #[arg(long = "netns", value_name = "NETNS", value_parser = netns_arg)]
     pub netns: Vec<u32>,
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -232,8 +236,9 @@ pub struct DoctorArgs {
     /// Destinations per namespace.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
-    /// Only this network namespace (inode number; repeatable). Default: all.
-    #[arg(long = "netns", value_name = "INODE")]
+    /// Only this network namespace: inode number, /proc/<pid>/ns/net or an `ip netns` name
+    /// (repeatable). Default: all.
+    #[arg(long = "netns", value_name = "NETNS", value_parser = netns_arg)]
     pub netns: Vec<u32>,
 }
 
@@ -256,6 +261,11 @@ fn seconds(s: &str) -> Result<Duration, String> {
         return Err(format!("{v} s is out of range (0.1 to 86400)"));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// `--netns`: see [`crate::netns::resolve_arg`].
+fn netns_arg(s: &str) -> Result<u32, String> {
+    crate::netns::resolve_arg(s)
 }
 
 fn ring_kib(s: &str) -> Result<u32, String> {
@@ -348,6 +358,25 @@ mod tests {
             &["portx-agent", "trace", "--metrics", "127.0.0.1:99999"],
             &["portx-agent", "trace", "--metrics-top", "0"],
             &["portx-agent", "snapshot", "--netns", "x"],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn netns_takes_a_namespace_file() {
+        let me = crate::netns::id_of_pid(std::process::id()).unwrap();
+        let cli =
+            Cli::try_parse_from(["portx-agent", "trace", "--netns", "/proc/self/ns/net"]).unwrap();
+        let Command::Trace(t) = cli.command else {
+            panic!("not trace")
+        };
+        assert_eq!(t.netns, vec![me]);
+        for args in [
+            &["portx-agent", "trace", "--netns", "/proc/self/ns/mnt"][..],
+            &["portx-agent", "doctor", "--netns", "/proc/self/status"],
+            &["portx-agent", "top", "--netns", "0"],
         ] {
             let err = Cli::try_parse_from(args).expect_err(&format!("{args:?} accepted"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

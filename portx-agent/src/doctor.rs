@@ -165,6 +165,7 @@ fn human(r: &NetnsReport, w: &mut impl std::io::Write) -> std::io::Result<()> {
 
 /// Prints the reports: readable, or one JSON object per namespace.
 pub fn run(json: bool, top: usize, netns: &[u32]) -> anyhow::Result<()> {
+    crate::netns::warn_not_found(netns);
     let now = clock::monotonic_ns();
     let pass = seed::pass_with_owners(netns, now);
     for (id, why) in &pass.skipped {

@@ -48,6 +48,85 @@ pub fn id_of_path(path: &Path) -> Result<NetnsId, NetnsError> {
     Ok(meta.ino() as NetnsId)
 }
 
+/// `NS_GET_NSTYPE` (`_IO(0xb7, 0x3)`, Linux 4.11): the `CLONE_NEW*` type of a namespace file.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// What `--netns` names: an inode number as the records carry it, a namespace file
+/// (`/proc/<pid>/ns/net`, `/run/netns/<name>`, a container runtime's bind mount), or a name that
+/// `ip netns` made (looked up in `/run/netns`). A file must be a network namespace's: a path
+/// that is anything else is refused, not read as an inode.
+pub fn resolve_arg(arg: &str) -> Result<NetnsId, String> {
+    if !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_digit()) {
+        return match arg.parse::<NetnsId>() {
+            Ok(0) | Err(_) => Err(format!(
+                "`{arg}` is not a namespace inode (1 to {})",
+                NetnsId::MAX
+            )),
+            Ok(id) => Ok(id),
+        };
+    }
+    if arg.is_empty() || arg == "." || arg == ".." {
+        return Err(format!("`{arg}` is not a network namespace"));
+    }
+    let path = if arg.contains('/') {
+        PathBuf::from(arg)
+    } else {
+        Path::new("/run/netns").join(arg)
+    };
+    let file = fs::File::open(&path).map_err(|e| {
+        if arg.contains('/') {
+            format!("{}: {e}", path.display())
+        } else {
+            format!(
+                "`{arg}`: no such network namespace ({}: {e}); give an inode number, a path such \
+                 as /proc/<pid>/ns/net, or a name `ip netns list` shows",
+                path.display()
+            )
+        }
+    })?;
+    // SAFETY: an ioctl without an argument on a file this function holds open.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(format!(
+            "{}: not a network namespace file (such as /proc/<pid>/ns/net)",
+            path.display()
+        ));
+    }
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(meta.ino() as NetnsId)
+}
+
+/// Those of `ids` that no process or `/run/netns` mount holds now: a typo, or a namespace gone.
+pub fn not_found(ids: &[NetnsId]) -> Result<Vec<NetnsId>, NetnsError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut missing: Vec<NetnsId> = ids.to_vec();
+    scan(|r| {
+        missing.retain(|id| *id != r.id);
+        missing.is_empty()
+    })?;
+    Ok(missing)
+}
+
+/// Warns on stderr of each `--netns` namespace that nothing holds: its records would never come,
+/// and an empty table must not read as a quiet namespace.
+pub fn warn_not_found(ids: &[NetnsId]) {
+    match not_found(ids) {
+        Ok(missing) => {
+            for id in missing {
+                tracing::warn!(
+                    "--netns {id}: no process or /run/netns mount holds a network namespace with \
+                     this inode; nothing will be reported for it unless one does"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot check that the --netns namespaces exist: {e}"),
+    }
+}
+
 /// The calling thread's netns.
 pub fn self_id() -> Result<NetnsId, NetnsError> {
     id_of_path(Path::new("/proc/thread-self/ns/net"))
@@ -189,6 +268,41 @@ mod tests {
         let all = discover().unwrap();
         assert!(all.iter().any(|r| r.id == me));
         assert_eq!(find(me).unwrap().map(|r| r.id), Some(me));
+    }
+
+    #[test]
+    fn netns_args_resolve_to_inodes() {
+        let me = id_of_pid(std::process::id()).unwrap();
+        assert_eq!(resolve_arg("4026531840"), Ok(4026531840));
+        assert_eq!(resolve_arg("/proc/self/ns/net"), Ok(me));
+        assert_eq!(
+            resolve_arg(&format!("/proc/{}/ns/net", std::process::id())),
+            Ok(me)
+        );
+        for bad in ["0", "4294967296", "", "..", "-1"] {
+            assert!(resolve_arg(bad).is_err(), "{bad:?} accepted");
+        }
+        // A namespace file of another type, and a file that is no namespace's.
+        let mnt = resolve_arg("/proc/self/ns/mnt").unwrap_err();
+        assert!(mnt.contains("not a network namespace file"), "{mnt}");
+        let plain = resolve_arg("/proc/self/status").unwrap_err();
+        assert!(plain.contains("not a network namespace file"), "{plain}");
+        let missing = resolve_arg("/nonexistent/ns").unwrap_err();
+        assert!(missing.starts_with("/nonexistent/ns: "), "{missing}");
+        let name = resolve_arg("portx-no-such-netns-name").unwrap_err();
+        assert!(
+            name.contains("/run/netns/portx-no-such-netns-name") && name.contains("ip netns"),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn netns_not_found_names_only_the_missing() {
+        let me = id_of_pid(std::process::id()).unwrap();
+        // Inode 1 is the root directory's of some file system, never a namespace's.
+        assert_eq!(not_found(&[me, 1]).unwrap(), vec![1]);
+        assert_eq!(not_found(&[me]).unwrap(), Vec::<NetnsId>::new());
+        assert_eq!(not_found(&[]).unwrap(), Vec::<NetnsId>::new());
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct SnapshotOptions {
 
 /// Takes the snapshot and writes one record.
 pub fn run(opts: &SnapshotOptions) -> anyhow::Result<()> {
+    crate::netns::warn_not_found(&opts.netns);
     let now = clock::monotonic_ns();
     let pass = seed::pass_with_owners(&opts.netns, now);
     for (id, why) in &pass.skipped {

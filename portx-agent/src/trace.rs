@@ -797,6 +797,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     privilege::check()?;
+    crate::netns::warn_not_found(&opts.netns);
     // Before anything is attached: an address in use is a clean error with nothing loaded.
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(
