@@ -101,14 +101,16 @@ pub enum WorkloadCmd {
         nonblock: bool,
     },
     /// Connect storm for benchmarks: each of THREADS threads has its own listener on
-    /// 127.0.0.1:(BASE_PORT + i) and loops connect + accept + close in the same thread (a
-    /// cross-thread accept loop is itself the bottleneck). Prints `storm ok=N failed=M secs=S`.
+    /// 127.0.0.1:(BASE_PORT + i) (in `close` mode 8 of them, from BASE_PORT + 8i, connected to in
+    /// turn) and loops connect + accept + close in the same thread (a cross-thread accept loop is
+    /// itself the bottleneck). Prints `storm ok=N failed=M secs=S`.
     Storm {
         #[arg(long, default_value_t = 2)]
         threads: u16,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
-        /// rst: SO_LINGER 0, no TIME_WAIT; close: client closes first (TIME_WAIT churn);
+        /// rst: SO_LINGER 0, no TIME_WAIT; close: client closes first (TIME_WAIT churn; 8
+        /// destinations a thread, so that TIME_WAIT's reuse delay does not cap the rate);
         /// fail: first hold 16 connections per thread, then connect() in a loop, each failing
         /// with EADDRNOTAVAIL in a 16-port namespace; fail-one: as fail, but every thread
         /// connects to the first thread's listener, which alone holds 16 (one destination, as a
@@ -504,39 +506,69 @@ fn set_linger_zero(s: &TcpStream) {
     };
 }
 
-/// One storm thread: returns (ok, failed). It connects to `dest`, and listens there unless it
-/// is `shared` (another thread's listener, which holds the range for all). Every thread waits at
-/// `ready` until each has its listener and, failing, its 16 held connections, and again before
-/// letting them go, also when its own part failed (or the others would wait for it for ever).
+/// Destinations each `close` storm thread spreads its connects over (listeners on consecutive
+/// ports). TIME_WAIT caps a connect storm to one destination even with `tcp_tw_reuse`: a port's
+/// 4-tuple is taken again only once its TIME_WAIT is `tcp_tw_reuse_delay` (1 s) old, and
+/// connect() picks from every other port of the range, so one destination takes about 14,000
+/// connections a second in a 28,232-port range. Two threads with one destination each ran at
+/// that cap (28.2k connections a second whatever was attached), not at their CPU's pace.
+pub const CLOSE_DESTS_PER_THREAD: u16 = 8;
+
+/// Destinations each thread of `mode` connects to.
+fn dests_per_thread(mode: &str) -> u16 {
+    if mode == "close" {
+        CLOSE_DESTS_PER_THREAD
+    } else {
+        1
+    }
+}
+
+/// One storm thread: returns (ok, failed). It connects to each of `dests` in turn, and listens
+/// there unless it is `shared` (another thread's listener, which holds the range for all). Every
+/// thread waits at `ready` until each has its listeners and, failing, its 16 held connections,
+/// and again before letting them go, also when its own part failed (or the others would wait
+/// for it for ever).
 fn storm_thread(
-    dest: u16,
+    dests: std::ops::Range<u16>,
     shared: bool,
     ready: &std::sync::Barrier,
     deadline: std::time::Instant,
     mode: &str,
 ) -> anyhow::Result<(u64, u64)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], dest));
+    let addrs: Vec<SocketAddr> = dests
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
     let set_up = || -> anyhow::Result<_> {
         if shared {
-            return Ok((None, Vec::new()));
+            return Ok((Vec::new(), Vec::new()));
         }
-        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let mut listeners = Vec::new();
+        for addr in &addrs {
+            listeners
+                .push(TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?);
+        }
         let mut held = Vec::new();
         if mode == "fail" || mode == "fail-one" {
-            for _ in 0..16 {
-                let c = TcpStream::connect(addr)?;
-                held.push((c, listener.accept()?.0));
+            for (addr, listener) in addrs.iter().zip(&listeners) {
+                for _ in 0..16 {
+                    let c = TcpStream::connect(addr)?;
+                    held.push((c, listener.accept()?.0));
+                }
             }
         }
-        Ok((Some(listener), held))
+        Ok((listeners, held))
     };
-    let storm = |listener: &Option<TcpListener>| -> anyhow::Result<(u64, u64)> {
+    let storm = |listeners: &[TcpListener]| -> anyhow::Result<(u64, u64)> {
         let (mut ok, mut failed) = (0u64, 0u64);
+        let mut next = 0;
         while std::time::Instant::now() < deadline {
             for _ in 0..64 {
+                let at = next % addrs.len();
+                next += 1;
+                let addr = addrs[at];
                 match TcpStream::connect(addr) {
                     Ok(c) => {
-                        let Some(listener) = listener else {
+                        let Some(listener) = listeners.get(at) else {
                             bail!("connect to {addr} succeeded: the first thread holds no range");
                         };
                         let (s, _) = listener.accept()?;
@@ -556,7 +588,7 @@ fn storm_thread(
     };
     let set_up = set_up();
     ready.wait();
-    let stormed = set_up.as_ref().ok().map(|(listener, _)| storm(listener));
+    let stormed = set_up.as_ref().ok().map(|(listeners, _)| storm(listeners));
     // Held ports are let go once every thread is done: in fail-one the others fail against them.
     ready.wait();
     let (_, held) = set_up?;
@@ -571,12 +603,18 @@ fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Resu
     let start = std::time::Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let one = mode == "fail-one";
+    let per = dests_per_thread(mode);
+    let last = u32::from(base_port) + u32::from(threads) * u32::from(per);
+    if last > 65536 {
+        bail!("{threads} threads of {per} destination(s) from port {base_port} pass 65535");
+    }
     let ready = std::sync::Arc::new(std::sync::Barrier::new(threads.into()));
     let handles: Vec<_> = (0..threads)
         .map(|i| {
             let (mode, ready) = (mode.to_string(), ready.clone());
-            let dest = if one { base_port } else { base_port + i };
-            std::thread::spawn(move || storm_thread(dest, one && i > 0, &ready, deadline, &mode))
+            let first = if one { base_port } else { base_port + i * per };
+            let dests = first..first + per;
+            std::thread::spawn(move || storm_thread(dests, one && i > 0, &ready, deadline, &mode))
         })
         .collect();
     let (mut ok, mut failed) = (0, 0);

@@ -26,6 +26,23 @@ pub fn release_agent(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((root.join("target/release/portx-agent"), dir))
 }
 
+/// Has `c`'s process sent SIGTERM when the thread that starts it ends: `Proc`'s drop does not run
+/// when the xtask is killed (a CI timeout, SIGKILL), and an agent or a peer left running would
+/// keep its programs attached to every connect on the host. Only for processes started from
+/// the main thread, which lives as long as the xtask does.
+pub fn dies_with_parent(c: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec and only makes an async-signal-safe call.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// A process killed (SIGINT, then SIGKILL) on drop.
 pub struct Proc(pub Child);
 

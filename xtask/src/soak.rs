@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::host::{release_agent, vm_rss_kib, wait_for_file, Netns, Proc};
+use crate::host::{dies_with_parent, release_agent, vm_rss_kib, wait_for_file, Netns, Proc};
 
 #[derive(Args)]
 pub struct SoakArgs {
@@ -55,7 +55,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     let out = dir.join("agent.jsonl");
     let err = dir.join("agent.err");
     let mut agent = Proc(
-        Command::new(&bin)
+        dies_with_parent(&mut Command::new(&bin))
             .args(["trace", "--json", "--interval", "5"])
             .args(["--netns", &ns.id.to_string()])
             .stdout(fs::File::create(&out)?)

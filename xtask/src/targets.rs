@@ -8,6 +8,8 @@ const KEEP_RATE: f64 = 0.97;
 const TRACKER_EVENTS_PER_SEC: f64 = 2e6;
 const TRACKER_RSS_MIB: f64 = 64.0;
 const LATENCY_P99_MS: f64 = 100.0;
+/// Records a connection opens and closes with, in every hook mode: fewer read means lost ones.
+const MIN_RECORDS_PER_CONNECTION: f64 = 2.0;
 /// An ageing tick with nothing due, a million TIME_WAIT sockets waiting: a scan of them all
 /// takes milliseconds, so anything under a microsecond did not scan.
 const IDLE_TICK_NS: f64 = 1000.0;
@@ -70,10 +72,36 @@ pub fn judge(table: &[Value], small: &Value, latency: &Value, tracker: &Value) -
     let loss = (!ratios.is_empty()).then(|| {
         let lost: u64 = rows("portx").filter_map(|r| r["lost"].as_u64()).sum();
         let missed: u64 = rows("portx").filter_map(|r| r["missed"].as_u64()).sum();
-        (
-            format!("{lost} lost, {missed} missed"),
-            Some(lost == 0 && missed == 0),
-        )
+        let mut measured = format!("{lost} lost, {missed} missed");
+        let mut met = lost == 0 && missed == 0;
+        let no_final: u64 = rows("portx")
+            .map(|r| r["rounds_without_final_summary"].as_u64().unwrap_or(0))
+            .sum();
+        if no_final > 0 {
+            measured += &format!("; {no_final} round(s) left no final summary");
+            met = false;
+        }
+        // What was read against what the storms made, by mode (see bench.rs `read_vs_made`).
+        let mut read = Vec::new();
+        for r in rows("portx") {
+            let mode = r["mode"].as_str().unwrap_or("?");
+            if let (Some(made), Some(reported)) =
+                (r["failures_made"].as_u64(), r["failures_reported"].as_u64())
+            {
+                read.push(format!("{mode} {reported} of {made} failures reported"));
+                met &= reported == made;
+            } else if let Some(least) = r["records_per_connection_min"].as_f64() {
+                read.push(format!("{mode} >= {least:.2} records a connection"));
+                met &= least >= MIN_RECORDS_PER_CONNECTION;
+            } else {
+                read.push(format!("{mode}: what was read not measured"));
+                met = false;
+            }
+        }
+        if !read.is_empty() {
+            measured += &format!("; {}", read.join(", "));
+        }
+        (measured, Some(met))
     });
     let undersized = (|| {
         let (lost, warned) = (
@@ -113,6 +141,19 @@ pub fn judge(table: &[Value], small: &Value, latency: &Value, tracker: &Value) -
         ))
     })();
     let delay = (|| {
+        let samples = latency["samples"].as_u64()?;
+        let lines = |k: &str| latency[k].as_u64().unwrap_or(0);
+        let (failed_lines, report_lines) =
+            (lines("connect_failed_lines"), lines("exhaustion_lines"));
+        if failed_lines < samples || report_lines < samples {
+            // A line that never came is not a fast one.
+            return Some((
+                format!(
+                    "of {samples} failures, {failed_lines} connect_failed and {report_lines} exhaustion lines within 10 s"
+                ),
+                Some(false),
+            ));
+        }
         let (failed, report) = (
             latency["connect_failed_p99_ms"].as_f64()?,
             latency["exhaustion_p99_ms"].as_f64()?,
@@ -154,7 +195,15 @@ mod tests {
     use super::*;
 
     fn row(mode: &str, tool: &str, ratio: f64, lost: u64) -> Value {
-        json!({"mode": mode, "tool": tool, "ratio_median": ratio, "lost": lost, "missed": 0})
+        let mut r = json!({"mode": mode, "tool": tool, "ratio_median": ratio, "lost": lost,
+            "missed": 0, "rounds_without_final_summary": 0});
+        if mode.starts_with("fail") {
+            r["failures_made"] = json!(1000);
+            r["failures_reported"] = json!(1000);
+        } else {
+            r["records_per_connection_min"] = json!(2.0);
+        }
+        r
     }
 
     fn met(targets: &[Target], what: &str) -> Option<bool> {
@@ -201,6 +250,50 @@ mod tests {
     }
 
     #[test]
+    fn no_loss_needs_final_summaries_and_everything_read() {
+        let loss = |table: &[Value]| {
+            let t = judge(table, &Value::Null, &Value::Null, &Value::Null);
+            (met(&t, "0 lost"), t[1].measured.clone())
+        };
+        let good = [row("rst", "portx", 0.9, 0), row("fail", "portx", 0.9, 0)];
+        assert_eq!(
+            loss(&good),
+            (
+                Some(true),
+                "0 lost, 0 missed; rst >= 2.00 records a connection, fail 1000 of 1000 failures reported".into()
+            )
+        );
+        let mut no_final = good.clone();
+        no_final[0]["rounds_without_final_summary"] = json!(1);
+        assert_eq!(
+            loss(&no_final).0,
+            Some(false),
+            "a round with no final summary"
+        );
+        let mut half_read = good.clone();
+        half_read[0]["records_per_connection_min"] = json!(1.0);
+        assert_eq!(loss(&half_read).0, Some(false), "half the records not read");
+        let mut unreported = good.clone();
+        unreported[1]["failures_reported"] = json!(999);
+        assert_eq!(loss(&unreported).0, Some(false), "a failure not reported");
+        let mut unmeasured = good.clone();
+        unmeasured[0]["records_per_connection_min"] = Value::Null;
+        assert_eq!(loss(&unmeasured).0, Some(false), "nothing read measured");
+    }
+
+    #[test]
+    fn latency_with_a_line_missing_is_not_met() {
+        let latency = json!({"samples": 20, "connect_failed_lines": 19, "exhaustion_lines": 20,
+            "connect_failed_p99_ms": 1.0, "exhaustion_p99_ms": 1.0});
+        let t = judge(&[], &Value::Null, &latency, &Value::Null);
+        assert_eq!(met(&t, "failing connect()"), Some(false));
+        assert_eq!(
+            t[6].measured,
+            "of 20 failures, 19 connect_failed and 20 exhaustion lines within 10 s"
+        );
+    }
+
+    #[test]
     fn an_undersized_ring_that_never_filled_is_not_exercised() {
         let small = |lost: u64, warned: bool| json!({"lost": lost, "warned_on_stderr": warned});
         let judge_small = |v: Value| met(&judge(&[], &v, &Value::Null, &Value::Null), "loss");
@@ -213,7 +306,8 @@ mod tests {
     fn tracker_and_latency_targets_read_the_bench_figures() {
         let tracker = json!({"events_per_sec": 5.1e6, "rss_mib_1m": 50.1,
             "rss_mib_1m_time_wait": 64.5, "idle_tick_ns": 12.0, "expire_ticks": 10});
-        let latency = json!({"connect_failed_p99_ms": 1.5, "exhaustion_p99_ms": 120.0});
+        let latency = json!({"samples": 20, "connect_failed_lines": 20, "exhaustion_lines": 20,
+            "connect_failed_p99_ms": 1.5, "exhaustion_p99_ms": 120.0});
         let t = judge(&[], &Value::Null, &latency, &tracker);
         assert_eq!(met(&t, "tracker"), Some(true));
         assert_eq!(
