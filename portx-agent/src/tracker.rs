@@ -456,9 +456,13 @@ impl Tracker {
         if e.new == st::CLOSE && !self.orphan_owners.is_empty() {
             self.orphan_owners.remove(&e.skaddr);
         }
+        // The record's old state counts too: with FIN_WAIT1->FIN_WAIT2's record lost (a full
+        // ring, a run the kernel skipped) the table still says FIN_WAIT1, and the port, which
+        // the kernel holds in TIME_WAIT, would be freed and its closer forgotten.
+        let from = |state: u32| matches!(state, st::FIN_WAIT2 | st::CLOSING);
         let new = if e.new == st::CLOSE {
             match conn.state() as u32 {
-                st::FIN_WAIT2 | st::CLOSING => st::TIME_WAIT,
+                old if from(old) || from(e.old) => st::TIME_WAIT,
                 _ => {
                     let conn = entry.remove();
                     self.closed(key, conn);
@@ -1629,6 +1633,24 @@ mod tests {
         t.sweep_idle(SEC + TIME_WAIT_NS + KEEP_EMPTY_NS);
         assert!(t.dest(&dest()).is_none());
         assert_eq!(t.counters.time_wait_expired, 16);
+    }
+
+    #[test]
+    fn a_close_from_fin_wait2_enters_time_wait_with_fin_wait2_s_record_lost() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(40, "churner"), 0);
+        let irq = task(999, "swapper/1");
+        t.on_state(&ev(1, st::ESTABLISHED, st::FIN_WAIT1, 40000, irq, SEC));
+        // FIN_WAIT1->FIN_WAIT2 lost.
+        t.on_state(&ev(1, st::FIN_WAIT2, st::CLOSE, 40000, irq, SEC));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.by_state[st::TIME_WAIT as usize]), (1, 1));
+        let h = d.holders_ranked();
+        assert_eq!(
+            (h[0].0, h[0].1.time_wait),
+            (40, 1),
+            "the closer still named"
+        );
     }
 
     #[test]
