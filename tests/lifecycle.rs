@@ -188,7 +188,7 @@ fn invalid_flags_exit_with_status_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--interval"));
     // More namespaces than the kernel-side filter holds.
-    let many: Vec<String> = (0..257)
+    let many: Vec<String> = (1..=257)
         .flat_map(|i| ["--netns".into(), i.to_string()])
         .collect();
     let out = Command::new(agent_bin())
