@@ -408,6 +408,8 @@ impl Tracker {
                     e.skaddr,
                     stamp(e.ts_ns),
                 );
+            } else if e.sport != 0 {
+                self.close_found_waiting(&p.dest, e.sport);
             }
             return;
         }
@@ -477,14 +479,35 @@ impl Tracker {
         self.restated(key, pid, old, new as u8, stamp(e.ts_ns));
     }
 
-    /// True if another socket holds `sport` to `dest` in a live state (not TIME_WAIT): then a
-    /// socket bound to that port cannot connect there (the 4-tuple is taken) unless the entry is
-    /// stale. Its CLOSE->SYN_SENT waits in `pending` for the port record or its first change
-    /// with a port instead of displacing the holder, and a failed connect ends it there.
+    /// True if another socket holds `sport` to `dest`: then a socket bound to that port cannot
+    /// connect there (the 4-tuple is taken) unless the entry is stale or, in TIME_WAIT, the
+    /// kernel lets it be taken again (`tcp_tw_reuse`). Its CLOSE->SYN_SENT waits in `pending`
+    /// for the port record or its first change with a port instead of displacing the holder,
+    /// and a failed connect ends it there. (A TIME_WAIT holder displaced at once was lost when
+    /// the kernel refused the reuse: the SYN_SENT->CLOSE that followed freed the port the
+    /// TIME_WAIT socket still held, and the report of the failure it caused named no holder.)
     fn held_by_another(&self, dest: &DestKey, sport: u16, skaddr: u64) -> bool {
         self.key_of(dest, sport)
             .and_then(|key| self.conns.get(&key))
-            .is_some_and(|c| c.state() as u32 != st::TIME_WAIT && c.sk_low != sk_low(skaddr))
+            .is_some_and(|c| c.sk_low != sk_low(skaddr))
+    }
+
+    /// A pending connect ended (SYN_SENT->CLOSE with its port: refused, timed out): the entry
+    /// a sock_diag pass made for it, if one did — a connect left waiting in SYN_SENT is dumped
+    /// by the connect notes before any record gives its port (IPv6 in fentry and kprobe mode) —
+    /// goes with it. Only such an entry: no record has named its socket yet, and it waits in
+    /// SYN_SENT; a holder a bound socket collided with is in another state, or named.
+    fn close_found_waiting(&mut self, dest: &DestKey, sport: u16) {
+        let Some(key) = self.key_of(dest, sport) else {
+            return;
+        };
+        if let Entry::Occupied(entry) = self.conns.entry(key) {
+            let c = entry.get();
+            if c.sk_low == 0 && c.state() as u32 == st::SYN_SENT {
+                let conn = entry.remove();
+                self.closed(key, conn);
+            }
+        }
     }
 
     /// A connect's first record, written when connect() returned with the port it got and the
@@ -1863,7 +1886,8 @@ mod tests {
         ));
         let d = t.dest(&dest()).unwrap();
         assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 7));
-        // Over a TIME_WAIT holder (tcp_tw_reuse) it is charged at once.
+        // Over a TIME_WAIT holder it waits too: charged once the kernel let it take the tuple
+        // (tcp_tw_reuse), not before.
         active_close(&mut t, 3, 40000, 3 * SEC);
         t.on_state(&ev(
             4,
@@ -1874,8 +1898,90 @@ mod tests {
             4 * SEC,
         ));
         let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 7));
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 1);
+        t.on_state(&ev(
+            4,
+            st::SYN_SENT,
+            st::ESTABLISHED,
+            40000,
+            task(0, "x"),
+            4 * SEC,
+        ));
+        let d = t.dest(&dest()).unwrap();
         assert_eq!((d.in_use, d.holders_ranked()[0].0), (1, 8));
-        assert_eq!(d.by_state[st::SYN_SENT as usize], 1);
+        assert_eq!(d.by_state[st::ESTABLISHED as usize], 1);
+    }
+
+    /// kprobe mode (and IPv6 in fentry mode): a bound socket's CLOSE->SYN_SENT comes with its
+    /// port, and with the 4-tuple in TIME_WAIT and no reuse the kernel refuses the connect
+    /// (SYN_SENT->CLOSE with that port): the TIME_WAIT socket, which caused the failure, stays
+    /// counted and named.
+    #[test]
+    fn a_bound_connect_refused_over_a_time_wait_tuple_leaves_the_time_wait_counted() {
+        let mut t = Tracker::new();
+        connect(&mut t, 1, 40000, task(5, "churner"), 0);
+        active_close(&mut t, 1, 40000, SEC);
+        let binder = task(6, "binder");
+        t.on_state(&ev(2, st::CLOSE, st::SYN_SENT, 40000, binder, 3 * SEC));
+        t.on_state(&ev(
+            2,
+            st::SYN_SENT,
+            st::CLOSE,
+            40000,
+            task(0, "x"),
+            3 * SEC,
+        ));
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.by_state[st::TIME_WAIT as usize]), (1, 1));
+        assert_eq!(d.holders_ranked()[0].0, 5, "the churner named");
+        assert_eq!(t.pending(), 0);
+    }
+
+    /// IPv6 in fentry and kprobe mode: CLOSE->SYN_SENT without a port (pending); a blocking
+    /// connect() left waiting is dumped by sock_diag (the connect notes), then times out. Its
+    /// SYN_SENT->CLOSE frees the port the dump found.
+    #[test]
+    fn a_waiting_connect_found_by_sock_diag_is_freed_when_it_times_out() {
+        let mut t = Tracker::new();
+        let owner = task(7, "client");
+        t.on_state(&ev(0xa0, st::CLOSE, st::SYN_SENT, 0, owner, 0));
+        assert_eq!(t.pending(), 1);
+        t.pass_begins();
+        assert!(t.seed(
+            dest(),
+            40000,
+            st::SYN_SENT as u8,
+            Owner {
+                pid: 7,
+                comm: Comm::new("client")
+            },
+            3 * SEC,
+            0
+        ));
+        t.pass_ends();
+        assert_eq!(t.dest(&dest()).unwrap().in_use, 1);
+        t.on_state(&ev(
+            0xa0,
+            st::SYN_SENT,
+            st::CLOSE,
+            40000,
+            task(0, "x"),
+            127 * SEC,
+        ));
+        assert_eq!(t.tracked(), 0, "the timed-out connect's port is free");
+        // A holder in another state, which a bound socket collided with, is left alone.
+        connect(&mut t, 1, 40001, task(5, "holder"), 128 * SEC);
+        t.on_state(&ev(0xb0, st::CLOSE, st::SYN_SENT, 40001, owner, 128 * SEC));
+        t.on_state(&ev(
+            0xb0,
+            st::SYN_SENT,
+            st::CLOSE,
+            40001,
+            task(0, "x"),
+            128 * SEC,
+        ));
+        assert_eq!(t.dest(&dest()).unwrap().in_use, 1);
     }
 
     #[test]
