@@ -383,6 +383,35 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
     Ok(())
 }
 
+/// Whether the noted socket still has the note's destination address: with the port alone, a
+/// socket freed since and its memory taken by another connection to the same port (443, say)
+/// passed for it. Compared as integers, not arrays (an array comparison is a `bcmp` call on
+/// this target); an unreadable address matches nothing.
+#[inline(always)]
+fn same_daddr(call: &Connecting) -> bool {
+    let o = offsets();
+    let a = &call.daddr;
+    if call.family == AF_INET {
+        let now: u32 = sock_field(call.sk, o.sock_daddr).unwrap_or(0);
+        return now != 0 && now == u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    }
+    let lo: u64 = sock_field(call.sk, o.sock_v6_daddr).unwrap_or(0);
+    let hi: u64 = sock_field(call.sk, o.sock_v6_daddr + 8).unwrap_or(0);
+    let word = |i: usize| {
+        u64::from_ne_bytes([
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
+        ])
+    };
+    (lo | hi) != 0 && lo == word(0) && hi == word(8)
+}
+
 /// Tracepoint mode, at connect()'s exit, for a connect no record has opened yet (the thread saw
 /// no state change of its socket before the call returned): the record that opens it, with the
 /// port it got and the state it is in now ([`state_flags::AT_EXIT`]). Whatever the socket went
@@ -391,14 +420,15 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
 ///
 /// The entry may be left by a connect made outside connect() (TCP Fast Open's sendto), taken by
 /// a later connect() of the thread that put no socket into SYN_SENT: its socket, if still open,
-/// gets its owner now; if closed and its memory reused, the destination no longer matches.
+/// gets its owner now; if closed and its memory reused, the destination (port and address) no
+/// longer matches, unless the new socket connected to the same one.
 #[inline(always)]
 fn opened_late(call: &Connecting, state: u32) {
     if state == tcp_state::CLOSE {
         return;
     }
     let dport: u16 = sock_field(call.sk, offsets().sock_dport).unwrap_or(0);
-    if dport != call.dport.to_be() {
+    if dport != call.dport.to_be() || !same_daddr(call) {
         return;
     }
     // inet_sport, network order, as every state record reads the port.
