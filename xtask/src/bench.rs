@@ -32,7 +32,7 @@ use crate::{
     bpf, cmd,
     floor::{self, Floor},
     host::{
-        dies_with_parent, proc_cpu_secs, release_agent, vm_hwm_kib, wait_for_file, Netns, Proc,
+        self, dies_with_parent, release_agent, vm_hwm_kib, wait_for_file, CpuMeter, Netns, Proc,
     },
     own_cpu, setup, syscall_tax, targets,
 };
@@ -94,6 +94,9 @@ struct Started {
     /// The `floor`'s empty programs, attached while this lives.
     floor: Option<Floor>,
     out: PathBuf,
+    /// The process's CPU, and what it had used once ready. (After `proc`: its cgroup goes once
+    /// the process has.)
+    cpu: Option<CpuMeter>,
     cpu0: f64,
 }
 
@@ -122,6 +125,7 @@ fn start_tool(
                     _ => None,
                 },
                 out,
+                cpu: None,
                 cpu0: 0.0,
             });
         }
@@ -138,8 +142,8 @@ fn start_tool(
             .args(extra);
             (c, "\"started\"")
         }
-        // tcpstates' header stays in its stdout buffer when writing to a file: no line to wait
-        // for, so it gets a fixed settle time below.
+        // tcpstates' header stays in its stdout buffer when not writing to a terminal: no line
+        // to wait for, so it gets a fixed settle time below.
         "tcpstates" => (Command::new("/usr/sbin/tcpstates"), ""),
         "bpftrace" => {
             let script = dir.join(format!("{tool}.bt"));
@@ -150,24 +154,37 @@ fn start_tool(
         }
         other => bail!("unknown tool {other}"),
     };
+    // tcpstates' lines (~45 MB a storm) go nowhere, as the issue has portx's JSON: the bench
+    // reads nothing of them, and a file would charge the peer for the page cache.
+    let stdout = if tool == "tcpstates" {
+        fs::File::create("/dev/null")?
+    } else {
+        fs::File::create(&out)?
+    };
     let child = dies_with_parent(&mut c)
-        .stdout(fs::File::create(&out)?)
+        .stdout(stdout)
         .stderr(fs::File::create(&err)?)
         .spawn()
         .with_context(|| format!("starting {tool}"))?;
     let p = Proc(child);
+    let cpu = CpuMeter::of(p.pid(), tick);
     if ready.is_empty() {
         std::thread::sleep(Duration::from_secs(3));
-    } else {
-        wait_for_file(&out, ready, 60)
-            .with_context(|| format!("{tool}: {}", fs::read_to_string(&err).unwrap_or_default()))?;
+    } else if let Err(e) = wait_for_file(&out, ready, 60) {
+        // The process first, then its cgroup (which `cpu` removes once it is empty).
+        drop(p);
+        return Err(e.context(format!(
+            "{tool}: {}",
+            fs::read_to_string(&err).unwrap_or_default()
+        )));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let cpu0 = proc_cpu_secs(p.pid(), tick);
+    let cpu0 = cpu.secs();
     Ok(Started {
         proc: Some(p),
         floor: None,
         out,
+        cpu: Some(cpu),
         cpu0,
     })
 }
@@ -378,6 +395,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let root = cmd::root();
     setup::ensure_packages(&["libbpf-tools", "bpftrace"])?;
     let (agent, dir) = release_agent("bench")?;
+    host::remove_stale_cgroups();
     let tick: f64 = cmd::output(Command::new("getconf").arg("CLK_TCK"))?
         .trim()
         .parse()
@@ -400,10 +418,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 let mut t = start_tool(tool, &agent, &ns, &dir, &[], &hooks, tick)?;
                 let (n, secs) = storm(&agent, &ns, mode, args)?;
                 let (mut cpu, mut hwm) = (0.0, 0);
-                if let Some(p) = &t.proc {
-                    cpu = proc_cpu_secs(p.pid(), tick) - t.cpu0;
+                if let (Some(p), Some(meter)) = (&t.proc, &t.cpu) {
+                    cpu = meter.secs() - t.cpu0;
                     hwm = vm_hwm_kib(p.pid());
                 }
+                let cpu_clock = t.cpu.as_ref().map(CpuMeter::clock);
                 if let Some(mut p) = t.proc.take() {
                     p.interrupt();
                 }
@@ -419,7 +438,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 );
                 samples.push(json!({
                     "mode": mode, "round": round, "tool": tool, "rate": n as f64 / secs, "count": n,
-                    "cpu_s": cpu, "hwm_kib": hwm,
+                    "cpu_s": cpu, "cpu_clock": cpu_clock, "hwm_kib": hwm,
                     "final_summary": summary.is_some(),
                     "events": summary.as_ref().map(|s| s["events"].clone()),
                     "lost": summary.as_ref().map(|s| s["lost"].clone()),
@@ -538,7 +557,7 @@ fn own_cpu_storm(
         .as_ref()
         .map(Proc::pid)
         .ok_or_else(|| anyhow!("portx has no process"))?;
-    let storm = measured_storm(agent, ns, mode, args, pid, Some(pid), tick);
+    let storm = measured_storm(agent, ns, mode, args, pid, t.cpu.as_ref(), tick);
     if let Some(mut p) = t.proc.take() {
         p.interrupt();
     }
@@ -573,17 +592,17 @@ fn floor_storm(
 }
 
 /// A storm with the kernel's BPF run-time statistics on: the machine's busy CPU, the runs of the
-/// programs process `holder` holds and, given one, process `cpu_of`'s CPU (see `own_cpu`).
+/// programs process `holder` holds and, given one, the CPU `cpu_of` meters (see `own_cpu`).
 fn measured_storm(
     agent: &Path,
     ns: &Netns,
     mode: &str,
     args: &BenchArgs,
     holder: u32,
-    cpu_of: Option<u32>,
+    cpu_of: Option<&CpuMeter>,
     tick: f64,
 ) -> anyhow::Result<own_cpu::Storm> {
-    let cpu = || cpu_of.map_or(0.0, |pid| proc_cpu_secs(pid, tick));
+    let cpu = || cpu_of.map_or(0.0, CpuMeter::secs);
     let stats = bpf::RunTimeStats::enable()?;
     let programs0 = own_cpu::programs_of(holder)?;
     let (busy0, cpu0) = (own_cpu::busy_ticks()?, cpu());
@@ -762,6 +781,17 @@ fn report(
     );
     println!("floor-state: the empty program on the state change alone, what a design without syscall hooks would pay");
     println!("portx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
+    let clocks: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter_map(|s| s["cpu_clock"].as_str())
+        .collect();
+    if !clocks.is_empty() {
+        let clocks: Vec<&str> = clocks.into_iter().collect();
+        println!(
+            "CPU s/100k: the tool's CPU during the storm, from {}",
+            clocks.join(" and ")
+        );
+    }
     println!(
         "{:<8} {:<12} {:>12} {:>8} {:>15} {:>14} {:>9} {:>12}",
         "MODE", "TOOL", "RATE/s", "RATIO", "MIN-MAX", "CPU s/100k", "RSS MiB", "LOST/MISSED"

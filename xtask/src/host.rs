@@ -4,6 +4,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -114,6 +115,108 @@ pub fn wait_for_file(path: &Path, needle: &str, secs: u64) -> anyhow::Result<()>
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("{} never said `{needle}`", path.display())
+}
+
+/// A process's CPU time, from a cgroup (v2) of its own where the bench can make one: `cpu.stat`'s
+/// `usage_usec` counts every thread's, those that ended too, to the microsecond. Else from
+/// `/proc/<pid>/stat` in clock ticks (10 ms here: an agent's CPU in a 3 s storm was a few ticks,
+/// so a storm's figure could be off by a third). The process is moved in once it runs, so its
+/// start-up is not counted; the cgroup goes when this is dropped, after the process has ended.
+pub struct CpuMeter {
+    pid: u32,
+    tick: f64,
+    cgroup: Option<PathBuf>,
+}
+
+impl CpuMeter {
+    pub fn of(pid: u32, tick: f64) -> CpuMeter {
+        static MADE: AtomicU32 = AtomicU32::new(0);
+        let cgroup = cgroup2_root().and_then(|root| {
+            let n = MADE.fetch_add(1, Ordering::Relaxed);
+            let dir = root.join(format!("portx-bench-{}-{n}", std::process::id()));
+            fs::create_dir(&dir).ok()?;
+            if fs::write(dir.join("cgroup.procs"), pid.to_string()).is_err()
+                || read_usage_usec(&dir).is_none()
+            {
+                let _ = fs::remove_dir(&dir);
+                return None;
+            }
+            Some(dir)
+        });
+        CpuMeter { pid, tick, cgroup }
+    }
+
+    /// CPU seconds used so far (since it was moved into the cgroup, with one).
+    pub fn secs(&self) -> f64 {
+        match &self.cgroup {
+            Some(dir) => read_usage_usec(dir).map_or(0.0, |us| us as f64 / 1e6),
+            None => proc_cpu_secs(self.pid, self.tick),
+        }
+    }
+
+    /// How [`CpuMeter::secs`] reads.
+    pub fn clock(&self) -> &'static str {
+        if self.cgroup.is_some() {
+            "cgroup v2 cpu.stat usage_usec"
+        } else {
+            "/proc/<pid>/stat clock ticks"
+        }
+    }
+}
+
+impl Drop for CpuMeter {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.cgroup {
+            // Empty once the process has been reaped; a moment later if its exit is not done.
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("bench: could not remove {}", dir.display());
+        }
+    }
+}
+
+/// Removes the cgroups [`CpuMeter`] made for a bench that no longer runs (killed before its
+/// drops ran; its processes died with it, so they are empty).
+pub fn remove_stale_cgroups() {
+    let Some(root) = cgroup2_root() else {
+        return;
+    };
+    let Ok(dir) = fs::read_dir(&root) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("portx-bench-"))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted (the unified hierarchy), if it is.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+fn read_usage_usec(dir: &Path) -> Option<u64> {
+    fs::read_to_string(dir.join("cpu.stat"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
 }
 
 /// CPU seconds (user + system) a process has used.
