@@ -248,3 +248,36 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A busy process metered for about half a second: the meter reads about that, from its
+    /// cgroup where one can be made (root, cgroup v2), and the cgroup is gone afterwards.
+    #[test]
+    fn a_busy_process_is_metered_and_its_cgroup_removed() {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("spawning sh");
+        let mut p = Proc(child);
+        let meter = CpuMeter::of(p.pid(), 100.0);
+        let dir = meter.cgroup.clone();
+        let before = meter.secs();
+        std::thread::sleep(Duration::from_millis(500));
+        let used = meter.secs() - before;
+        // One CPU for 0.5 s, less what the machine's other work took of it.
+        assert!((0.2..=0.6).contains(&used), "{used} s by {}", meter.clock());
+        p.interrupt();
+        drop(meter);
+        match dir {
+            Some(dir) => assert!(!dir.exists(), "{} left behind", dir.display()),
+            // SAFETY: geteuid has no preconditions.
+            None if unsafe { libc::geteuid() } == 0 && cgroup2_root().is_some() => {
+                panic!("root with cgroup v2 mounted, and no cgroup made")
+            }
+            None => eprintln!("no cgroup v2 here: metered from /proc ticks"),
+        }
+    }
+}
