@@ -512,7 +512,7 @@ fn set_linger_zero(s: &TcpStream) {
 /// connect() picks from every other port of the range, so one destination takes about 14,000
 /// connections a second in a 28,232-port range. Two threads with one destination each ran at
 /// that cap (28.2k connections a second whatever was attached), not at their CPU's pace.
-pub const CLOSE_DESTS_PER_THREAD: u16 = 8;
+const CLOSE_DESTS_PER_THREAD: u16 = 8;
 
 /// Destinations each thread of `mode` connects to.
 fn dests_per_thread(mode: &str) -> u16 {

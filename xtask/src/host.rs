@@ -220,7 +220,7 @@ fn read_usage_usec(dir: &Path) -> Option<u64> {
 }
 
 /// CPU seconds (user + system) a process has used.
-pub fn proc_cpu_secs(pid: u32, tick: f64) -> f64 {
+fn proc_cpu_secs(pid: u32, tick: f64) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
