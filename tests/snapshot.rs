@@ -2,7 +2,7 @@
 //! eBPF is not allowed at all.
 use std::process::Command;
 
-use portx_e2e::{agent_bin, require_root, serial, Netns};
+use portx_e2e::{agent_bin, require_root, serial, Agent, Netns};
 use serde_json::Value;
 
 const V4: &str = "127.0.0.1:9000";
@@ -136,4 +136,81 @@ fn doctor_reads_the_namespace_settings_and_advises_on_evidence() {
     let explain = d["explain"].to_string();
     assert!(explain.contains("net.ipv4.tcp_tw_reuse=1"), "{v:#}");
     assert!(explain.contains("ip_local_port_range"), "{v:#}");
+}
+
+/// A client that closes first while its peer never closes ends as a timewait socket in
+/// substate FIN_WAIT2, which sock_diag reports as FIN_WAIT2 with a timewait timer: it holds its
+/// port until that timer fires, as TIME_WAIT does. A snapshot counts it as TIME_WAIT, and so
+/// does the agent's table, from its records and through every resync.
+#[test]
+fn orphans_in_fin_wait2_hold_their_ports_as_time_wait() {
+    let _g = serial();
+    if !require_root("orphans_in_fin_wait2_hold_their_ports_as_time_wait") {
+        return;
+    }
+    let mut ns = Netns::new();
+    // Never accepts: the 8 connections wait in the accept queue, and their server sockets never
+    // close.
+    ns.keep(
+        "server",
+        &["serve", "--listen", V4, "--no-accept", "--backlog", "16"],
+        "ready",
+    );
+    let mut agent = Agent::start_with(ns.id, &["-v", "--resync", "1"]);
+    agent.wait_for("started", |v| v["type"] == "started");
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "8"]);
+    churner.expect("churned ok=8 failed=0");
+    churner.wait();
+    // The kernel's view, once the peers' ACKs of the FINs are in (at once on loopback).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let sockets = ns.sockets();
+        if sockets.matches("FIN-WAIT-2").count() == 8 && sockets.contains("timer:(timewait") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 8 orphans in FIN-WAIT-2:\n{sockets}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let (v, _) = snapshot(&[], ns.id);
+    let row = hog_row(&v);
+    assert_eq!(row["in_use"], 8, "{v:#}");
+    assert_eq!(
+        row["by_state"],
+        serde_json::json!({"TIME_WAIT": 8}),
+        "{v:#}"
+    );
+    assert_eq!(row["top_holder"]["time_wait"], 8, "{v:#}");
+
+    let in_time_wait = |v: &Value| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter().any(|d| {
+                    d["dport"] == 9000 && d["by_state"] == serde_json::json!({"TIME_WAIT": 8})
+                })
+            })
+    };
+    agent.wait_for("a summary with 8 ports in TIME_WAIT", in_time_wait);
+    let mark = agent.stderr().len();
+    // Two resyncs at least, each of which dumps the 8 orphans as FIN_WAIT2.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let said = agent.stderr().get(mark..).unwrap_or_default().to_string();
+    assert!(
+        said.matches("sock_diag pass").count() >= 2,
+        "resyncs in 2.5 s with --resync 1:\n{said}"
+    );
+    assert!(
+        !said.contains("sock_diag resync:"),
+        "a resync changed the table:\n{said}"
+    );
+    let (_, records) = agent.stop(libc::SIGINT);
+    let last = records
+        .iter()
+        .rev()
+        .find(|v| v["type"] == "summary")
+        .expect("a final summary");
+    assert!(in_time_wait(last), "{last:#}");
 }

@@ -195,6 +195,7 @@ mod tests {
         let tw = |sport| DiagSocket {
             family: libc::AF_INET as u16,
             state: st::TIME_WAIT as u8,
+            timer: 3,
             saddr: "10.0.0.1".parse().unwrap(),
             sport,
             daddr: "10.0.0.2".parse().unwrap(),

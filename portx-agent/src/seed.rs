@@ -221,16 +221,17 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
             let dest = dest_of(snap.netns, s);
             kernel.insert((dest, s.sport));
             let tw_left = u64::from(s.expires_ms) * 1_000_000;
+            let state = s.held_state();
             if tracker.seed(
                 dest,
                 s.sport,
-                s.state,
+                state,
                 owner_of(s, pass.owners.as_ref()),
                 pass.started_ns,
                 tw_left,
             ) {
                 applied.added += 1;
-            } else if tracker.correct(dest, s.sport, s.state, pass.started_ns, tw_left) {
+            } else if tracker.correct(dest, s.sport, state, pass.started_ns, tw_left) {
                 applied.corrected += 1;
             }
         }
@@ -257,6 +258,7 @@ mod tests {
         DiagSocket {
             family: libc::AF_INET as u16,
             state: state as u8,
+            timer: if state == st::TIME_WAIT { 3 } else { 0 },
             saddr: "127.0.0.1".parse().unwrap(),
             sport,
             daddr: "127.0.0.1".parse().unwrap(),
@@ -343,6 +345,48 @@ mod tests {
             }
         );
         assert_eq!(t.tracked(), 1);
+    }
+
+    #[test]
+    fn a_timewait_socket_in_substate_fin_wait2_holds_its_port_as_time_wait() {
+        // An orphan in FIN_WAIT2 (closed first, the peer has not closed): the kernel reports
+        // a timewait socket with its substate, FIN_WAIT2, and its timer.
+        let orphan = |sport| DiagSocket {
+            state: st::FIN_WAIT2 as u8,
+            timer: 3,
+            expires_ms: 20_000,
+            ..sock(st::FIN_WAIT2, sport, 9000, 0)
+        };
+        let full_fin_wait2 = DiagSocket {
+            timer: 2,
+            ..sock(st::FIN_WAIT2, 40003, 9000, 5)
+        };
+        const SEC: u64 = 1_000_000_000;
+        let mut t = Tracker::new();
+        let pass = pass_in_netns_1(vec![orphan(40001), full_fin_wait2], SEC);
+        assert_eq!(apply(&mut t, &pass).added, 2);
+        let key = dest_of(1, &orphan(40001));
+        let d = t.dest(&key).unwrap();
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 1, "the orphan");
+        assert_eq!(
+            d.by_state[st::FIN_WAIT2 as usize],
+            1,
+            "a full socket in FIN_WAIT2"
+        );
+        t.expire(SEC + 20 * SEC - 1);
+        assert_eq!(t.tracked(), 2, "the timewait timer has 20 s left");
+        t.expire(SEC + 20 * SEC);
+        assert_eq!(t.tracked(), 1, "the orphan's port freed with its timer");
+
+        // Records saw the orphan end (FIN_WAIT2 -> CLOSE: TIME_WAIT); a later pass that
+        // dumps it does not correct it to FIN_WAIT2.
+        let mut t = Tracker::new();
+        t.seed(key, 40002, st::FIN_WAIT2 as u8, Owner::UNKNOWN, 5, 0);
+        t.on_state(&closed(40002, st::FIN_WAIT2));
+        let later = pass_in_netns_1(vec![orphan(40002)], 20);
+        assert_eq!(apply(&mut t, &later), Applied::default());
+        let d = t.dest(&key).unwrap();
+        assert_eq!(d.by_state[st::TIME_WAIT as usize], 1);
     }
 
     #[test]

@@ -92,6 +92,7 @@ mod tests {
         DiagSocket {
             family: libc::AF_INET as u16,
             state: state as u8,
+            timer: if state == st::TIME_WAIT { 3 } else { 0 },
             saddr: "10.0.0.1".parse().unwrap(),
             sport,
             daddr: "10.0.0.2".parse().unwrap(),

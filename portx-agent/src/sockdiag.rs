@@ -24,6 +24,10 @@ const REQ_LEN: usize = 56;
 
 const TCP_LISTEN: u32 = 10;
 const TCP_NEW_SYN_RECV: u32 = 12;
+const TCP_TIME_WAIT: u8 = 6;
+/// `idiag_timer` of a timewait socket (`inet_twsk_diag_fill`); full sockets report 0, 1
+/// (retransmit), 2 (keepalive) or 4 (zero-window probe).
+const TIMER_TIMEWAIT: u8 = 3;
 
 /// Every TCP state bit (1..=11) except LISTEN; NEW_SYN_RECV (12) is a request, not a socket.
 pub const ALL_BUT_LISTEN: u32 = (0x1ffe) & !(1 << TCP_LISTEN) & !(1 << TCP_NEW_SYN_RECV);
@@ -31,8 +35,11 @@ pub const ALL_BUT_LISTEN: u32 = (0x1ffe) & !(1 << TCP_LISTEN) & !(1 << TCP_NEW_S
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
     pub family: u16,
-    /// Kernel TCP state number (TIME_WAIT = 6).
+    /// Kernel TCP state number (TIME_WAIT = 6); a timewait socket's substate (see
+    /// [`DiagSocket::held_state`]).
     pub state: u8,
+    /// Which timer runs: 3 for a timewait socket.
+    pub timer: u8,
     pub saddr: IpAddr,
     pub sport: u16,
     pub daddr: IpAddr,
@@ -43,6 +50,22 @@ pub struct DiagSocket {
     /// Time left on the socket's timer; for TIME_WAIT, the time until it dies.
     pub expires_ms: u32,
     pub cookie: u64,
+}
+
+impl DiagSocket {
+    /// The state the socket holds its port in: TIME_WAIT for every timewait socket. The kernel
+    /// reports a timewait socket's substate, and a socket the application closed first whose
+    /// peer has not closed yet (an orphan in FIN_WAIT2) becomes a timewait socket in substate
+    /// FIN_WAIT2 (`tcp_time_wait(sk, TCP_FIN_WAIT2, ..)`): `ss` shows it as FIN-WAIT-2 with a
+    /// timewait timer. It has no inode and holds its port until that timer fires, as TIME_WAIT
+    /// does, and the tracker's records see it end as FIN_WAIT2 -> CLOSE, counted as TIME_WAIT.
+    pub fn held_state(&self) -> u8 {
+        if self.timer == TIMER_TIMEWAIT {
+            TCP_TIME_WAIT
+        } else {
+            self.state
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -90,6 +113,7 @@ fn diag_msg(p: &[u8]) -> Result<DiagSocket, DiagError> {
     Ok(DiagSocket {
         family: u16::from(family),
         state: p[1],
+        timer: p[2],
         sport: u16::from_be_bytes([id[0], id[1]]),
         dport: u16::from_be_bytes([id[2], id[3]]),
         saddr: addr(family, &id[4..20])?,
@@ -305,12 +329,31 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 drop(s);
             }
+            // Two IPv4 clients close first towards a listener that never accepts, so their
+            // peers never close: orphans in FIN_WAIT2, timewait sockets in that substate.
+            let never = TcpListener::bind("127.0.0.1:9001").unwrap();
+            for _ in 0..2 {
+                drop(TcpStream::connect("127.0.0.1:9001").unwrap());
+            }
             std::thread::sleep(std::time::Duration::from_millis(50));
             let all = dump_tcp(ALL_BUT_LISTEN | (1 << TCP_LISTEN)).unwrap();
+            let orphans: Vec<&DiagSocket> = all.iter().filter(|s| s.dport == 9001).collect();
+            assert_eq!(orphans.len(), 2, "{all:?}");
+            assert!(
+                orphans.iter().all(|s| s.state == 5
+                    && s.timer == TIMER_TIMEWAIT
+                    && s.held_state() == TCP_TIME_WAIT
+                    && s.inode == 0
+                    && s.expires_ms > 0),
+                "{orphans:?}"
+            );
             let count = |state: u8, v6: bool, client: bool| {
                 all.iter()
                     .filter(|s| {
-                        s.state == state && s.saddr.is_ipv6() == v6 && (s.dport == 9000) == client
+                        s.state == state
+                            && s.saddr.is_ipv6() == v6
+                            && (s.dport == 9000) == client
+                            && (s.sport == 9000 || s.dport == 9000)
                     })
                     .count()
             };
@@ -323,8 +366,11 @@ mod tests {
                 .iter()
                 .filter(|s| s.state == 6)
                 .all(|s| s.inode == 0 && s.expires_ms > 0));
-            assert!(all.iter().filter(|s| s.state == 1).all(|s| s.inode != 0));
-            drop(keep);
+            assert!(all
+                .iter()
+                .filter(|s| s.state == 1)
+                .all(|s| s.inode != 0 && s.timer != TIMER_TIMEWAIT && s.held_state() == 1));
+            drop((keep, never));
         })
         .join()
         .expect("netns thread");
