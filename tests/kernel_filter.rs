@@ -131,7 +131,7 @@ fn a_namespace_named_by_its_file_is_traced_and_an_unknown_inode_warned_about() {
         agent.context()
     );
     assert!(
-        agent.stderr_says("--netns 1: no process or /run/netns mount holds"),
+        agent.stderr_says("--netns 1: no process, thread or mount holds"),
         "no warning about --netns 1\n{}",
         agent.context()
     );

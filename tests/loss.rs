@@ -219,3 +219,56 @@ fn at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted() {
         agent.context()
     );
 }
+
+/// A namespace that dies while the agent cannot read (a container stopped during a burst): the
+/// records of its sockets' ends are lost, and no dump can correct ports in a namespace that no
+/// longer exists. The next pass finds that nothing holds it and forgets its ports.
+#[test]
+fn a_gone_namespaces_ports_leave_the_table_when_the_records_of_their_ends_were_lost() {
+    let _g = serial();
+    if !require_root(
+        "a_gone_namespaces_ports_leave_the_table_when_the_records_of_their_ends_were_lost",
+    ) {
+        return;
+    }
+    let mut ns = Netns::new_with(&["net.ipv4.ip_local_port_range=40000 40999"]);
+    let id = ns.id;
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_with(id, &["--ring-buffer-kib", "4", "--resync", "1"]);
+    agent.wait_for("started", |v| v["type"] == "started");
+    const HELD: u64 = 300;
+    ns.keep(
+        "hog",
+        &["hold", "--connect", V4, "--count", &HELD.to_string()],
+        &format!("held {HELD}"),
+    );
+    let held = summary(&mut agent, 0, |v| {
+        v["destinations"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["netns"] == id && d["in_use"] == HELD))
+    });
+    // With nothing reading the rings, the namespace and every process in it go: the records
+    // of most of the 300 sockets' ends do not fit.
+    // SAFETY: signals to the agent we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    drop(ns);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+    let s = summary(&mut agent, field(&held, "ts"), |v| {
+        field(v, "lost") > 0
+            && v["destinations"]
+                .as_array()
+                .is_some_and(|d| d.iter().all(|d| d["netns"] != id))
+    });
+    println!(
+        "lost {}, read {}, tracked {}",
+        field(&s, "lost"),
+        field(&s, "events"),
+        field(&s, "tracked")
+    );
+    assert!(
+        agent.stderr_says(&format!("network namespaces [{id}] are gone")),
+        "{}",
+        agent.context()
+    );
+}

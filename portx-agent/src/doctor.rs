@@ -217,6 +217,7 @@ mod tests {
             owners: None,
             skipped: vec![],
             only: vec![],
+            gone: vec![],
         };
         let r = reports(&pass, 5, 1);
         assert_eq!(r.len(), 1);

@@ -98,7 +98,7 @@ pub fn resolve_arg(arg: &str) -> Result<NetnsId, String> {
     Ok(meta.ino() as NetnsId)
 }
 
-/// Those of `ids` that no process or `/run/netns` mount holds now: a typo, or a namespace gone.
+/// Those of `ids` that no process, thread or mount holds now: a typo, or a namespace gone.
 pub fn not_found(ids: &[NetnsId]) -> Result<Vec<NetnsId>, NetnsError> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -108,6 +108,8 @@ pub fn not_found(ids: &[NetnsId]) -> Result<Vec<NetnsId>, NetnsError> {
         missing.retain(|id| *id != r.id);
         missing.is_empty()
     })?;
+    let held = held_elsewhere(&missing.iter().copied().collect());
+    missing.retain(|id| !held.contains(id));
     Ok(missing)
 }
 
@@ -118,13 +120,76 @@ pub fn warn_not_found(ids: &[NetnsId]) {
         Ok(missing) => {
             for id in missing {
                 tracing::warn!(
-                    "--netns {id}: no process or /run/netns mount holds a network namespace with \
+                    "--netns {id}: no process, thread or mount holds a network namespace with \
                      this inode; nothing will be reported for it unless one does"
                 );
             }
         }
         Err(e) => tracing::warn!("cannot check that the --netns namespaces exist: {e}"),
     }
+}
+
+/// Those of `ids` that something other than what [`discover`] looks at holds: a thread that
+/// entered another namespace than its process's first thread (`/proc/<pid>/task/<tid>/ns/net`),
+/// or a namespace mounted outside /run/netns (an `nsfs` mount in `/proc/self/mountinfo`, such as
+/// a container runtime's). A walk over every thread: made only for namespaces the quicker
+/// listing did not find. (A namespace only an open file or a mount in another mount namespace
+/// holds is not found.)
+pub fn held_elsewhere(ids: &HashSet<NetnsId>) -> HashSet<NetnsId> {
+    let mut held = HashSet::new();
+    if ids.is_empty() {
+        return held;
+    }
+    if let Ok(text) = fs::read_to_string("/proc/self/mountinfo") {
+        held.extend(
+            text.lines()
+                .filter_map(nsfs_mount)
+                .filter(|id| ids.contains(id)),
+        );
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return held;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(tasks) = fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            match id_of_path(&t.path().join("ns/net")) {
+                Ok(id) if ids.contains(&id) => {
+                    held.insert(id);
+                    if held.len() == ids.len() {
+                        return held;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    held
+}
+
+/// The network namespace a `/proc/self/mountinfo` line mounts, if it is an `nsfs` mount of one:
+/// `36 25 0:4 net:[4026532177] /run/netns/a rw shared:5 - nsfs nsfs rw`.
+fn nsfs_mount(line: &str) -> Option<NetnsId> {
+    let (mount, fs) = line.split_once(" - ")?;
+    if fs.split_whitespace().next()? != "nsfs" {
+        return None;
+    }
+    mount
+        .split_whitespace()
+        .nth(3)?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The calling thread's netns.
@@ -303,6 +368,46 @@ mod tests {
         assert_eq!(not_found(&[me, 1]).unwrap(), vec![1]);
         assert_eq!(not_found(&[me]).unwrap(), Vec::<NetnsId>::new());
         assert_eq!(not_found(&[]).unwrap(), Vec::<NetnsId>::new());
+    }
+
+    #[test]
+    fn nsfs_mounts_are_read_from_mountinfo_lines() {
+        let line = |root: &str, fs: &str| {
+            format!("36 25 0:4 {root} /run/docker/netns/1c2 rw shared:5 - {fs} {fs} rw")
+        };
+        assert_eq!(
+            nsfs_mount(&line("net:[4026532177]", "nsfs")),
+            Some(4026532177)
+        );
+        assert_eq!(nsfs_mount(&line("mnt:[4026532177]", "nsfs")), None);
+        assert_eq!(nsfs_mount(&line("net:[4026532177]", "ext4")), None);
+        assert_eq!(nsfs_mount(&line("/", "tmpfs")), None);
+        assert_eq!(nsfs_mount("36 25 0:4 net:[x] /a rw - nsfs nsfs rw"), None);
+        assert_eq!(nsfs_mount("garbage"), None);
+    }
+
+    #[test]
+    fn a_namespace_only_a_thread_is_in_is_held_elsewhere() {
+        if !root() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            tx.send(unshare_new().unwrap()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let id = rx.recv().unwrap();
+        assert!(
+            discover().unwrap().iter().all(|r| r.id != id),
+            "a thread's namespace listed as a process's"
+        );
+        let asked: HashSet<NetnsId> = [id, 1].into_iter().collect();
+        assert_eq!(held_elsewhere(&asked), [id].into_iter().collect());
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+        // The thread gone, nothing holds it.
+        assert!(held_elsewhere(&asked).is_empty());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Pass {
     /// The namespaces the pass was for (the dump for connects left waiting: theirs); empty
     /// for every one.
     pub only: Vec<NetnsId>,
+    /// Namespaces the table had ports in that nothing holds any more (see [`pass`]).
+    pub gone: Vec<NetnsId>,
 }
 
 impl Pass {
@@ -66,6 +68,8 @@ pub struct Applied {
     pub removed: usize,
     /// Table entries whose state the kernel reports differently (a missed transition).
     pub corrected: usize,
+    /// Table entries forgotten with their namespace, gone (see [`Pass::gone`]).
+    pub gone: usize,
 }
 
 /// Sockets that hold a local port as a client: drops listeners and the accepted side of
@@ -89,17 +93,32 @@ pub fn client_side(all: Vec<DiagSocket>) -> Vec<DiagSocket> {
 
 /// Dumps every netns (or only `only`, when not empty). Blocking: run it off the event loop. The
 /// sockets' processes are looked for apart: see [`lacking_owners`] and [`with_owners`].
-pub fn pass(only: &[NetnsId], now_ns: u64) -> Pass {
+///
+/// `tracked`: the namespaces the table has ports in. Those of them the pass is for that it does
+/// not find, and that no thread or mount holds either ([`netns::held_elsewhere`]), are `gone`: a
+/// namespace's sockets die with it, and the records of their ends may have been lost (a full
+/// ring), which no later pass could otherwise correct. Nothing is gone if the listing failed.
+pub fn pass(only: &[NetnsId], now_ns: u64, tracked: &[NetnsId]) -> Pass {
     let mut snapshots = Vec::new();
     let mut skipped = Vec::new();
     let own = netns::self_id().ok();
-    let namespaces = match netns::discover() {
-        Ok(n) => n,
+    let (namespaces, listed) = match netns::discover() {
+        Ok(n) => (n, true),
         Err(e) => {
             tracing::warn!("listing network namespaces: {e}");
-            Vec::new()
+            (Vec::new(), false)
         }
     };
+    let mut missing: HashSet<NetnsId> = tracked
+        .iter()
+        .copied()
+        .filter(|id| listed && (only.is_empty() || only.contains(id)))
+        .collect();
+    for ns in &namespaces {
+        missing.remove(&ns.id);
+    }
+    let held = netns::held_elsewhere(&missing);
+    let gone: Vec<NetnsId> = missing.difference(&held).copied().collect();
     for ns in namespaces {
         if !only.is_empty() && !only.contains(&ns.id) {
             continue;
@@ -140,6 +159,7 @@ pub fn pass(only: &[NetnsId], now_ns: u64) -> Pass {
         owners: None,
         skipped,
         only: only.to_vec(),
+        gone,
     }
 }
 
@@ -181,7 +201,7 @@ pub fn with_owners(mut pass: Pass, wanted: &HashSet<u64>, first: &[u32]) -> Pass
 
 /// A pass with the process of every live socket it found (`snapshot`, `doctor`).
 pub fn pass_with_owners(only: &[NetnsId], now_ns: u64) -> Pass {
-    let pass = pass(only, now_ns);
+    let pass = pass(only, now_ns, &[]);
     let wanted = lacking_owners(&Tracker::new(), &pass);
     with_owners(pass, &wanted, &[])
 }
@@ -246,6 +266,18 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
             }
         }
     }
+    for &netns in &pass.gone {
+        let stale: Vec<(DestKey, u16)> = tracker
+            .conns_in(netns)
+            .filter(|(_, _, _, updated)| *updated < pass.started_ns)
+            .map(|(d, p, _, _)| (d, p))
+            .collect();
+        for (d, p) in stale {
+            if tracker.forget(&d, p) {
+                applied.gone += 1;
+            }
+        }
+    }
     applied
 }
 
@@ -282,6 +314,7 @@ mod tests {
             owners: None,
             skipped: vec![],
             only: vec![],
+            gone: vec![],
         }
     }
 
@@ -326,7 +359,8 @@ mod tests {
             Applied {
                 added: 2,
                 removed: 0,
-                corrected: 0
+                corrected: 0,
+                gone: 0,
             }
         );
         let key = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
@@ -341,7 +375,8 @@ mod tests {
             Applied {
                 added: 0,
                 removed: 1,
-                corrected: 0
+                corrected: 0,
+                gone: 0,
             }
         );
         assert_eq!(t.tracked(), 1);
@@ -489,7 +524,8 @@ mod tests {
             Applied {
                 added: 1,
                 removed: 0,
-                corrected: 0
+                corrected: 0,
+                gone: 0,
             }
         );
         t.pass_ends();
@@ -511,13 +547,52 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_names_the_tracked_namespaces_nothing_holds_any_more() {
+        let Ok(own) = netns::self_id() else {
+            eprintln!("skipped: no /proc/thread-self/ns/net");
+            return;
+        };
+        // Inode 1 is some file system's root directory, never a namespace's.
+        let p = pass(&[own, 1], 1, &[own, 1, 7]);
+        assert_eq!(p.gone, vec![1], "7 is not what the pass is for");
+        let p = pass(&[own], 1, &[own]);
+        assert!(p.gone.is_empty());
+    }
+
+    #[test]
+    fn a_gone_namespaces_entries_are_forgotten_unless_a_record_is_newer() {
+        let mut t = Tracker::new();
+        let here = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        let gone = dest_of(2, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        t.seed(here, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 5, 0);
+        t.seed(gone, 40000, st::ESTABLISHED as u8, Owner::UNKNOWN, 5, 0);
+        t.seed(gone, 40001, st::FIN_WAIT1 as u8, Owner::UNKNOWN, 5, 0);
+        // Placed by a record read after the pass began (at 10).
+        t.seed(gone, 40002, st::ESTABLISHED as u8, Owner::UNKNOWN, 15, 0);
+        assert_eq!(t.namespaces(), vec![1, 2]);
+        let pass = Pass {
+            gone: vec![2],
+            ..pass_in_netns_1(vec![sock(st::ESTABLISHED, 40000, 9000, 3)], 10)
+        };
+        assert_eq!(
+            apply(&mut t, &pass),
+            Applied {
+                gone: 2,
+                ..Applied::default()
+            }
+        );
+        assert_eq!(t.dest(&here).map(|d| d.in_use), Some(1));
+        assert_eq!(t.dest(&gone).map(|d| d.in_use), Some(1), "the newer one");
+    }
+
+    #[test]
     fn a_pass_reads_each_namespaces_port_settings_while_in_it() {
         // Our own namespace: no setns, no privileges needed.
         let Ok(own) = netns::self_id() else {
             eprintln!("skipped: no /proc/thread-self/ns/net");
             return;
         };
-        let p = pass(&[own], 1);
+        let p = pass(&[own], 1, &[]);
         let Some(snap) = p.snapshots.iter().find(|s| s.netns == own) else {
             eprintln!("skipped: sock_diag refused here: {:?}", p.skipped);
             return;

@@ -128,6 +128,7 @@ mod tests {
             owners: Some(owners),
             skipped: vec![(9, "entering: EPERM".into())],
             only: vec![],
+            gone: vec![],
         };
         let opts = SnapshotOptions {
             top: 10,

@@ -909,7 +909,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     if session.opts.seed {
         let only = session.opts.netns.clone();
         let mut pass =
-            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns()))
+            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns(), &[]))
                 .await
                 .context("seeding thread")?;
         let wanted = seed::lacking_owners(&session.tracker, &pass);
@@ -1074,8 +1074,9 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     stuck.dumped();
                     last_pass = tokio::time::Instant::now();
                     session.tracker.pass_begins();
+                    let tracked = session.tracker.namespaces();
                     resync_job = Some(tokio::task::spawn_blocking(move || {
-                        seed::pass(&only, clock::monotonic_ns())
+                        seed::pass(&only, clock::monotonic_ns(), &tracked)
                     }));
                 }
             }
@@ -1084,8 +1085,9 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 look_first.clear();
                 let only = session.opts.netns.clone();
                 session.tracker.pass_begins();
+                let tracked = session.tracker.namespaces();
                 resync_job = Some(tokio::task::spawn_blocking(move || {
-                    seed::pass(&only, clock::monotonic_ns())
+                    seed::pass(&only, clock::monotonic_ns(), &tracked)
                 }));
             }
             r = async { resync_job.as_mut().expect("guarded by if").await }, if resync_job.is_some() => {
@@ -1119,6 +1121,12 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                         tracing::info!(
                             "sock_diag resync: {} sockets added, {} removed, {} corrected",
                             applied.added, applied.removed, applied.corrected
+                        );
+                    }
+                    if applied.gone > 0 {
+                        tracing::info!(
+                            "sock_diag resync: network namespaces {:?} are gone; {} sockets of theirs whose end no record brought forgotten",
+                            pass.gone, applied.gone
                         );
                     }
                 }

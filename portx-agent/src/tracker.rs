@@ -734,6 +734,12 @@ impl Tracker {
         self.kept_dests().filter(|(_, d)| d.in_use > 0)
     }
 
+    /// The network namespaces with a port in use, each once.
+    pub fn namespaces(&self) -> Vec<u32> {
+        let set: std::collections::BTreeSet<u32> = self.dests().map(|(k, _)| k.netns).collect();
+        set.into_iter().collect()
+    }
+
     /// Every destination kept, also one with no port in use right now that
     /// [`Tracker::sweep_idle`] has not freed yet: what the rates sample.
     pub fn kept_dests(&self) -> impl Iterator<Item = (DestKey, &DestStats)> + '_ {
