@@ -1,5 +1,6 @@
 //! How long until a destination runs out of ports: rates sampled from the tracker's per
-//! destination counters about once a second, smoothed, and projected.
+//! destination counters about once a second, smoothed (an exponentially weighted mean of the
+//! rates measured so far, time constant [`TAU_SECS`]), and projected.
 //!
 //! - churn: new ports charged to the destination per second;
 //! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
@@ -40,6 +41,11 @@ struct Sample {
     tw_rate: f64,
     growth: f64,
     live_growth: f64,
+    /// The weight the smoothed rates above have gathered (1 - e^(-t/TAU) after t seconds of
+    /// samples): they start from 0, and divided by it they are the weighted mean of the rates
+    /// measured so far. Undivided, the first forecast would be a tenth of the rate measured,
+    /// and an agent started in the middle of an outage would report a tenth of the churn.
+    weight: f64,
     /// The last sample at which in-use ports were more than at the one before.
     rose_at_ns: u64,
     /// Samples since this destination (re)appeared: rates need two.
@@ -87,6 +93,7 @@ impl Rates {
                 tw_rate: 0.0,
                 growth: 0.0,
                 live_growth: 0.0,
+                weight: 0.0,
                 rose_at_ns: 0,
                 count: 1,
             };
@@ -131,6 +138,7 @@ impl Rates {
                                 prev.live_growth,
                                 (f64::from(fresh.live) - f64::from(prev.live)) / dt,
                             ),
+                            weight: ewma(prev.weight, 1.0),
                             rose_at_ns: if stats.in_range() > prev.in_use {
                                 now_ns
                             } else {
@@ -157,7 +165,20 @@ impl Rates {
         range: Option<u32>,
     ) -> Option<Forecast> {
         let s = self.samples.get(key).filter(|s| s.count >= 2)?;
-        let projected = f64::from(live(stats)) + s.tw_rate * TIME_WAIT_SECS;
+        let mean = |smoothed: f64| {
+            if s.weight > 0.0 {
+                smoothed / s.weight
+            } else {
+                0.0
+            }
+        };
+        let (churn, tw_rate, growth, live_growth) = (
+            mean(s.churn),
+            mean(s.tw_rate),
+            mean(s.growth),
+            mean(s.live_growth),
+        );
+        let projected = f64::from(live(stats)) + tw_rate * TIME_WAIT_SECS;
         let projected_in_use = projected.round().min(f64::from(u32::MAX)) as u32;
         let in_range = stats.in_range();
         let time_to_exhaustion_s = range.and_then(|r| {
@@ -166,15 +187,16 @@ impl Rates {
             }
             // Ports outside the range (bound explicitly) neither fill it nor count towards it.
             let heading =
-                projected - f64::from(stats.outside_range) >= f64::from(r) || s.live_growth > 0.05;
+                projected - f64::from(stats.outside_range) >= f64::from(r) || live_growth > 0.05;
             let since_rise = s.at_ns.saturating_sub(s.rose_at_ns) as f64 / 1e9;
-            let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / s.growth);
-            (heading && rising && s.growth > 0.05)
-                .then(|| (f64::from(r - in_range) / s.growth * 10.0).round() / 10.0)
+            let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / growth);
+            // In tenths, at least one: 0 means the range is full.
+            (heading && rising && growth > 0.05)
+                .then(|| ((f64::from(r - in_range) / growth * 10.0).round() / 10.0).max(0.1))
         });
         Some(Forecast {
-            churn_per_s: (s.churn * 10.0).round() / 10.0,
-            time_wait_per_s: (s.tw_rate * 10.0).round() / 10.0,
+            churn_per_s: (churn * 10.0).round() / 10.0,
+            time_wait_per_s: (tw_rate * 10.0).round() / 10.0,
             projected_in_use,
             time_to_exhaustion_s,
         })
@@ -215,6 +237,24 @@ mod tests {
         let s = stats(100, 0, 100, 0);
         r.sample(SEC, [(key(), &s)].into_iter());
         assert_eq!(r.forecast(&key(), &s, Some(1000)), None);
+    }
+
+    #[test]
+    fn an_agent_started_during_a_storm_reports_its_rate_at_once() {
+        // 500 connections/s into TIME_WAIT, and live ports leaking 20/s, long before the
+        // agent's first pass; range 28232.
+        let at = |t: u64| {
+            let n = 1000 + 500 * t;
+            stats(n, n, (100 + 20 * t) as u32, 5000 + 500 * t as u32)
+        };
+        let mut r = Rates::new();
+        r.sample(SEC, [(key(), &at(1))].into_iter());
+        r.sample(2 * SEC, [(key(), &at(2))].into_iter());
+        let f = r.forecast(&key(), &at(2), Some(28232)).unwrap();
+        assert_eq!((f.churn_per_s, f.time_wait_per_s), (500.0, 500.0), "{f:?}");
+        assert_eq!(f.projected_in_use, 140 + 30_000, "{f:?}");
+        // 28232 - 6140 ports left, in use growing by 520/s.
+        assert_eq!(f.time_to_exhaustion_s, Some(42.5), "{f:?}");
     }
 
     #[test]
