@@ -148,10 +148,12 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
                 "check net.ipv4.ip_local_reserved_ports: reserve only the ports that listeners need",
             ));
         }
-        if e.per_destination && usable > 0 && in_use >= usable && usable >= 1024 {
+        // Ports bound explicitly outside the range do not fill it.
+        let in_range = e.stats.in_range();
+        if e.per_destination && usable > 0 && in_range >= usable && usable >= 1024 {
             out.push(finding(
                 "one destination used up the whole range",
-                format!("{in_use} ports to one (address, port) out of {usable}: the limit is per 4-tuple"),
+                format!("{in_range} ports to one (address, port) out of {usable}: the limit is per 4-tuple"),
                 "spread the connections: more destination addresses or ports (e.g. several backends), or more source addresses",
             ));
         }

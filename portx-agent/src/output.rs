@@ -3,7 +3,9 @@
 //! loop flushes once per ring-buffer drain, not per record.
 use std::io::{self, BufWriter, Write};
 
-use crate::report::{DestRecord, Exhaustion, Failure, HolderRecord, Record, Snapshot, Summary};
+use crate::report::{
+    self, DestRecord, Exhaustion, Failure, HolderRecord, Record, Snapshot, Summary,
+};
 
 pub struct Output<W: Write> {
     json: bool,
@@ -212,7 +214,7 @@ impl<W: Write> Output<W> {
         let range = d.range.map_or("?".to_string(), |r| r.to_string());
         let util = d
             .utilization
-            .map_or("?".to_string(), |u| format!("{:.0}%", u * 100.0));
+            .map_or("?".to_string(), |u| format!("{}%", report::percent(u)));
         writeln!(
             self.out,
             "  {:<11} {:<40} {:>11} {:>5}  {:<28} {}",
@@ -236,7 +238,7 @@ pub(crate) fn endpoint(addr: &str, port: u16) -> String {
 
 fn used(in_use: u32, range: Option<u32>, util: Option<f64>) -> String {
     match (range, util) {
-        (Some(r), Some(u)) => format!("{in_use}/{r} ({:.0}%)", u * 100.0),
+        (Some(r), Some(u)) => format!("{in_use}/{r} ({}%)", report::percent(u)),
         // Every port of the range reserved: known, and nothing connect() may pick.
         (Some(0), _) => format!("{in_use}/0 (no usable port in the range)"),
         _ => format!("{in_use}/? (range unknown)"),

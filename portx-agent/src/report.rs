@@ -305,10 +305,17 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// A utilization as a whole percentage, rounded down as the utilization is: 100 only when full.
+pub fn percent(utilization: f64) -> u64 {
+    (utilization * 1000.0).round() as u64 / 10
+}
+
+/// In thousandths, rounded down: 1.0 only when the range is full (28,221 of 28,232 ports is
+/// 0.999, not 1.0).
 fn utilization(in_use: u32, range: Option<u32>) -> Option<f64> {
     range
         .filter(|r| *r > 0)
-        .map(|r| (f64::from(in_use) / f64::from(r) * 1000.0).round() / 1000.0)
+        .map(|r| (u64::from(in_use) * 1000 / u64::from(r)) as f64 / 1000.0)
 }
 
 pub fn failure(f: &SyscallFailure, connect: bool, ts: u64) -> Failure {
@@ -587,6 +594,22 @@ mod tests {
         };
         let b = serde_json::to_value(Record::BindFailed(failure(&unread, false, 5))).unwrap();
         assert!(b.get("protocol").is_none());
+    }
+
+    #[test]
+    fn only_a_full_range_is_a_utilization_of_one() {
+        assert_eq!(utilization(28221, Some(28232)), Some(0.999));
+        assert_eq!(utilization(28232, Some(28232)), Some(1.0));
+        assert_eq!(utilization(58, Some(100)), Some(0.58));
+        assert_eq!(utilization(7, Some(10)), Some(0.7));
+        assert_eq!(utilization(0, Some(16)), Some(0.0));
+        assert_eq!(utilization(1, Some(0)), None);
+        let pct = |u, r| percent(utilization(u, Some(r)).unwrap());
+        assert_eq!((pct(28221, 28232), pct(28232, 28232)), (99, 100));
+        assert_eq!(
+            (pct(58, 100), pct(7, 10), pct(1, 3), pct(0, 16)),
+            (58, 70, 33, 0)
+        );
     }
 
     #[test]

@@ -275,7 +275,7 @@ fn bar(utilization: Option<f64>) -> Line<'static> {
     Line::from(vec![
         Span::styled("█".repeat(filled), Style::new().fg(colour)),
         Span::styled("░".repeat(BAR - filled), Style::new().fg(Color::DarkGray)),
-        Span::raw(format!(" {:>3.0}%", u * 100.0)),
+        Span::raw(format!(" {:>3}%", crate::report::percent(u))),
     ])
 }
 
@@ -292,6 +292,7 @@ fn full_in(s: Option<f64>) -> String {
     match s {
         None => "-".into(),
         Some(s) if s <= 0.0 => "FULL".into(),
+        Some(s) if s < 1.0 => "<1s".into(),
         Some(s) if s < 120.0 => format!("{s:.0}s"),
         Some(s) if s < 7200.0 => format!("{:.0}m", s / 60.0),
         Some(s) => format!("{:.0}h", s / 3600.0),
@@ -433,6 +434,7 @@ mod tests {
         assert_eq!(text(bar(Some(0.42))), "████░░░░░░  42%");
         assert_eq!(text(bar(None)), "?");
         assert_eq!(full_in(Some(0.0)), "FULL");
+        assert_eq!(full_in(Some(0.1)), "<1s");
         assert_eq!(full_in(Some(45.2)), "45s");
         assert_eq!(full_in(Some(600.0)), "10m");
         assert_eq!(full_in(Some(36000.0)), "10h");

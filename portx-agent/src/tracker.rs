@@ -2031,7 +2031,7 @@ mod tests {
         assert_eq!((d.in_use, d.outside_range, d.in_range()), (17, 16, 1));
         assert_eq!(t.netns_usage(NS).outside_range, 16);
         let rec = crate::report::destination(&dest(), d, Some(&settings));
-        assert_eq!((rec.range, rec.utilization), (Some(15), Some(0.067)));
+        assert_eq!((rec.range, rec.utilization), (Some(15), Some(0.066)));
         let mut rates = crate::forecast::Rates::new();
         rates.sample(2 * SEC, t.dests());
         rates.sample(3 * SEC, t.dests());
