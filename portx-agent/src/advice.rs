@@ -289,6 +289,12 @@ mod tests {
         assert!(!advise(&netns_wide)
             .iter()
             .any(|f| f.evidence.contains("4-tuple")));
+        // 5,000 of 30,000 bound explicitly outside the range: it is not used up.
+        let mut bound_outside = stats(30_000, 0);
+        bound_outside.outside_range = 5_000;
+        assert!(!advise(&ev(Some(&s), &bound_outside, &[]))
+            .iter()
+            .any(|f| f.evidence.contains("4-tuple")));
     }
 
     #[test]
