@@ -237,6 +237,17 @@ fn bind_before_connect_exhausts_the_namespace() {
         explain.contains("IP_BIND_ADDRESS_NO_PORT") && explain.contains("victim["),
         "bind-before-connect is explained with its evidence: {report:#}"
     );
+    // A connect() fails too (its port search skips every bound port), towards a destination
+    // the table holds no port to: its report says so, with no utilization made up.
+    let connector = ns.victim_fails("connector", V4);
+    let report = agent.wait_for("exhaustion of the connect", |v| {
+        v["type"] == "exhaustion" && v["victim"]["pid"] == connector
+    });
+    assert!(report["saddr"].is_null(), "{report:#}");
+    assert_eq!(report["daddr"], "127.0.0.1", "{report:#}");
+    assert_eq!(report["dport"], 9000, "{report:#}");
+    assert_eq!(report["in_use"], 0, "{report:#}");
+    assert!(report["utilization"].is_null(), "{report:#}");
 }
 
 #[test]

@@ -84,9 +84,21 @@ impl<W: Write> Output<W> {
     }
 
     fn exhaustion(&mut self, e: &Exhaustion) -> io::Result<()> {
-        let what = match (&e.saddr, &e.daddr, e.dport) {
-            (Some(s), Some(d), Some(p)) => format!("{s} -> {}", endpoint(d, p)),
-            _ => "whole netns (bind)".to_string(),
+        let (what, count) = match (&e.saddr, &e.daddr, e.dport) {
+            (Some(s), Some(d), Some(p)) => (
+                format!("{s} -> {}", endpoint(d, p)),
+                format!("{} in use", used(e.in_use, e.range, e.utilization)),
+            ),
+            // A connect() failure to a destination the table holds no port to.
+            (None, Some(d), Some(p)) => (
+                format!("-> {}", endpoint(d, p)),
+                "no port to it tracked (held by sockets the agent has not seen, or by bind())"
+                    .to_string(),
+            ),
+            _ => (
+                "whole netns (bind)".to_string(),
+                format!("{} in use", used(e.in_use, e.range, e.utilization)),
+            ),
         };
         // A bound victim searched no port: what failed it is one 4-tuple, not the range.
         let headline = match e.victim.sport {
@@ -95,10 +107,9 @@ impl<W: Write> Output<W> {
         };
         writeln!(
             self.out,
-            "{} {headline} netns {}  {what}  {} in use  {}",
+            "{} {headline} netns {}  {what}  {count}  {}",
             clock(e.ts),
             e.netns,
-            used(e.in_use, e.range, e.utilization),
             states(&e.by_state)
         )?;
         if let (Some([lo, hi]), Some(reuse)) = (e.port_range, e.tw_reuse) {
@@ -370,6 +381,45 @@ mod tests {
         assert_eq!(
             text,
             "01:01:01 bind() FAILED EADDRINUSE (98)  victim[7] on 0.0.0.0:0  netns 1  udp socket\n"
+        );
+    }
+
+    #[test]
+    fn a_connect_failure_to_a_destination_with_no_port_tracked_says_so() {
+        let e = Exhaustion {
+            netns: 1,
+            saddr: None,
+            daddr: Some("10.0.0.2".into()),
+            dport: Some(443),
+            range: Some(16),
+            in_use: 0,
+            outside_range: 0,
+            utilization: None,
+            by_state: Default::default(),
+            holders: vec![],
+            victim: Victim {
+                pid: 7,
+                tid: 7,
+                comm: "victim".into(),
+                sport: None,
+                who: Default::default(),
+            },
+            explain: vec![],
+            port_range: Some([40000, 40015]),
+            tw_reuse: Some(0),
+            failures: 1,
+            lost: 0,
+            missed: 0,
+            ts: 0,
+        };
+        let text = render(false, &[Record::Exhaustion(e)]);
+        assert!(
+            text.contains("PORTS EXHAUSTED netns 1  -> 10.0.0.2:443  no port to it tracked"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("whole netns") && !text.contains("0%"),
+            "{text}"
         );
     }
 

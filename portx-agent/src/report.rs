@@ -153,7 +153,9 @@ pub struct Victim {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Exhaustion {
     pub netns: u32,
-    /// Null for a bind() failure: then the whole netns range is the budget.
+    /// Null for a bind() failure: then the whole netns range is the budget. Null too for a
+    /// connect() failure to a destination the table holds no port to (`daddr` and `dport`
+    /// set, `in_use` 0, `holders` empty, `utilization` null).
     pub saddr: Option<String>,
     pub daddr: Option<String>,
     pub dport: Option<u16>,

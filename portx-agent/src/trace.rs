@@ -475,6 +475,8 @@ impl<W: io::Write> Session<W> {
                 );
                 e.daddr = Some(f.addr.to_string());
                 e.dport = Some(f.port);
+                // Not 0 of the range: unknown.
+                e.utilization = None;
                 e
             }
         };
