@@ -33,6 +33,8 @@ struct Watched {
     fd: AsyncFd<Ring>,
     /// When this ring was last read up to its producer position (CLOCK_MONOTONIC ns).
     caught_up_at: u64,
+    /// The last look stopped at a record still being written.
+    busy: bool,
 }
 
 pub struct Reader {
@@ -48,6 +50,7 @@ impl Reader {
                 Ok(Watched {
                     fd: register(r)?,
                     caught_up_at: 0,
+                    busy: false,
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -83,10 +86,19 @@ impl Reader {
         self.pass(f)
     }
 
-    /// Reads every ring and hands on everything read, held records included (at exit, so that
-    /// nothing already written is lost).
-    pub fn drain_all(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        self.pass(&mut f) + self.reorder.release_all(f)
+    /// Reads every ring and hands on everything read, held records included (at exit, once
+    /// the programs are detached, so that nothing written is lost). A record still being
+    /// written (a program run that began before the detach) is waited for, up to `patience`:
+    /// returns how many records were handed on, and whether a ring was still busy then.
+    pub fn drain_all(&mut self, mut f: impl FnMut(&[u8]), patience: Duration) -> (usize, bool) {
+        let deadline = std::time::Instant::now() + patience;
+        let mut n = self.pass(&mut f);
+        while self.rings.iter().any(|w| w.busy) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+            n += self.pass(&mut f);
+        }
+        let busy = self.rings.iter().any(|w| w.busy);
+        (n + self.reorder.release_all(f), busy)
     }
 
     /// Records handed on after a newer one (see reorder.rs); 0 unless the clocks misbehave.
@@ -124,6 +136,7 @@ impl Reader {
         let reorder = &mut self.reorder;
         for w in &mut self.rings {
             let (_, stop) = w.fd.get_mut().drain(|r| reorder.push(r));
+            w.busy = stop == Stop::Busy;
             if stop == Stop::CaughtUp {
                 w.caught_up_at = now;
             }

@@ -1151,21 +1151,32 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             follow_up = Some(tokio::time::Instant::now() + follow_up_gap);
         }
     }
-    reader.drain_all(|buf| session.handle(buf));
-    session.read_failure_counts();
-    session.lost_now();
-    session.counters.missed = prog_stats::missed_runs(&loaded.ebpf)
+    // Detached before the last read: records written while it ran (behind a record still being
+    // written, or after it), and failures counted after the count map's reading, would be
+    // missing from the final summary, and not counted as lost either. The rings and maps the
+    // agent reads were taken out of `loaded` and stay.
+    let missed: u64 = prog_stats::missed_runs(&loaded.ebpf)
         .iter()
         .map(|(_, n)| n)
         .sum();
+    drop(loaded);
+    tracing::debug!("detached every program");
+    let (_, busy) = reader.drain_all(|buf| session.handle(buf), Duration::from_millis(100));
+    if busy {
+        tracing::warn!(
+            "a record was still being written 100 ms after every program was detached; records behind it are not in the final summary"
+        );
+    }
+    session.read_failure_counts();
+    session.lost_now();
+    // A program whose statistics could not be read is left out of the sum: never lower.
+    session.counters.missed = session.counters.missed.max(missed);
     session.flush_failure_lines(true);
     session.summary(true);
     session.flush();
     if let Some(t) = metrics_task {
         t.abort();
     }
-    drop(loaded);
-    tracing::debug!("detached every program");
     // What is queued for stdout, the final summary last, goes out unless stdout stays stuck.
     drop(session);
     if !finish_output.wait(OUTPUT_GRACE) {
