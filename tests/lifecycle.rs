@@ -3,6 +3,7 @@
 //! kernel's own state; a clear one-line error without privileges; which hooks a mode attaches.
 use std::{
     io::{BufRead as _, BufReader},
+    os::fd::AsRawFd as _,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -71,6 +72,79 @@ fn a_closed_stdout_and_stderr_end_the_agent_cleanly() {
             panic!("the agent still runs 30 s after its output was closed ({first})")
         });
     assert_eq!(status.code(), Some(0), "first line: {first}");
+}
+
+/// `trace --json 2>&1 | shipper` with the shipper stuck: stderr is a full pipe nobody reads.
+/// Log lines must not stop the agent: it still writes its records, heeds SIGTERM, and ends with
+/// its final summary.
+#[test]
+fn a_stderr_nobody_reads_does_not_stop_the_agent() {
+    let _g = serial();
+    if !require_root("a_stderr_nobody_reads_does_not_stop_the_agent") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&["127.0.0.1:9000"]);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let fd = writer.as_raw_fd();
+    // SAFETY: fcntl and write on a pipe this test owns; blocking again once full.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        let chunk = [b'x'; 4096];
+        while libc::write(fd, chunk.as_ptr().cast(), chunk.len()) > 0 {}
+        libc::fcntl(fd, libc::F_SETFL, flags);
+    }
+    let out = std::env::temp_dir().join(format!("portx-stuck-stderr-{}.jsonl", std::process::id()));
+    let mut agent = Started(
+        Command::new(agent_bin())
+            // -v: debug lines from the start, each of which would block.
+            .args([
+                "trace",
+                "--json",
+                "-v",
+                "--interval",
+                "1",
+                "--hooks",
+                &hooks(),
+            ])
+            .args(["--state-hook", &state_hook(), "--netns", &ns.id.to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(writer)
+            .spawn()
+            .expect("starting the agent"),
+    );
+    let records = |what: &str| -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what} within 30 s with stderr stuck: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    records("\"started\"");
+    ns.churn_rst("127.0.0.1:9000", 50);
+    records("\"summary\"");
+    // SAFETY: a signal to the agent this test started.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = agent
+        .exit_within(Duration::from_secs(15))
+        .expect("the agent still runs 15 s after SIGTERM with stderr stuck");
+    assert_eq!(status.code(), Some(0));
+    let text = records("\"final\":true");
+    let _ = std::fs::remove_file(&out);
+    drop(reader);
+    assert!(
+        text.contains("\"connect\"") || text.contains("\"events\""),
+        "{text}"
+    );
 }
 
 /// In fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies (a

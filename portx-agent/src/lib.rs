@@ -25,6 +25,7 @@ pub mod forecast;
 pub mod identity;
 pub mod loader;
 pub mod log_sink;
+pub mod log_writer;
 pub mod manpage;
 pub mod metrics;
 pub mod metrics_server;

@@ -1,12 +1,14 @@
 use std::{
     io::{IsTerminal as _, Write as _},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::Parser as _;
 use portx_agent::{
     cli::{Cli, Command},
     log_sink::LOGS,
+    log_writer::{self, LogQueue},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -24,13 +26,24 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .log_internal_errors(false);
+    let mut queue = None;
     if matches!(cli.command, Command::Top(_)) {
         // The screen owns the terminal: lines are kept and shown there, written out after.
         logs.with_writer(|| LOGS.writer()).with_ansi(false).init();
     } else {
-        logs.with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .init();
+        // From a thread of its own: a stderr nobody reads must not stop the event loop.
+        match LogQueue::start(std::io::stderr(), log_writer::QUEUE) {
+            Ok(q) => {
+                queue = Some(q.clone());
+                logs.with_writer(move || q.clone())
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .init();
+            }
+            Err(_) => logs
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init(),
+        }
     }
     let result = match cli.command {
         Command::Trace(args) => runtime().and_then(|rt| {
@@ -52,6 +65,10 @@ fn main() -> ExitCode {
                 .map_err(|e| anyhow::anyhow!("writing completions: {e}"))
         }
     };
+    // Queued log lines go out first, unless stderr stays stuck.
+    if let Some(q) = queue {
+        q.finish(Duration::from_secs(2));
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
