@@ -248,6 +248,54 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     assert!(tte > 0.0 && tte < 60.0, "{ctx}");
 }
 
+/// With `tcp_tw_reuse=1` connect() takes a TIME_WAIT port to the same destination over once it
+/// is a second or two old: the same burst is not heading for exhaustion, and a second burst
+/// finds its ports while the first one's TIME_WAIT still holds 80 of the 100.
+#[test]
+fn time_wait_that_connect_takes_over_is_not_exhaustion() {
+    let _g = serial();
+    if !require_root("time_wait_that_connect_takes_over_is_not_exhaustion") {
+        return;
+    }
+    let mut ns = Netns::with(&[
+        "net.ipv4.ip_local_port_range=40000 40099",
+        "net.ipv4.tcp_tw_reuse=1",
+    ]);
+    ns.serve(&[V4]);
+    let mut agent = Agent::start(ns.id);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "80"]);
+    churner.expect("churned ok=80 failed=0");
+    assert!(churner.wait().success());
+    let summary = agent.wait_for("summary with a forecast", |v| {
+        v["type"] == "summary"
+            && v["destinations"].as_array().is_some_and(|d| {
+                d.iter().any(|d| {
+                    d["dport"] == 9000
+                        && d["by_state"]["TIME_WAIT"].as_u64() >= Some(60)
+                        && d["churn_per_s"].is_f64()
+                })
+            })
+    });
+    let d = summary["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
+        .expect("destination");
+    println!("{d}");
+    assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{summary:#}");
+    assert!(
+        d["time_to_exhaustion_s"].is_null(),
+        "TIME_WAIT that connect() takes over: {summary:#}"
+    );
+    assert!(d["projected_in_use"].as_u64() <= Some(100), "{summary:#}");
+    // The kernel agrees: once they are old enough (1 s from 6.13 on, 1 to 2 s before), the
+    // TIME_WAIT ports are taken again.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let again = ns.spawn("again", &["churn", "--connect", V4, "--count", "80"]);
+    let line = again.line();
+    assert_eq!(line, "churned ok=80 failed=0", "{}", ns.sockets());
+}
+
 #[test]
 fn a_full_range_has_no_time_left() {
     let _g = serial();

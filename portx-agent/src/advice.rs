@@ -87,6 +87,16 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
                     ),
                     "sysctl -w net.ipv4.tcp_tw_reuse=1 in this network namespace (outgoing connections only; needs TCP timestamps, on by default)",
                 ));
+            } else if s.timestamps == Some(0) {
+                out.push(finding(
+                    "TIME_WAIT holds most of these ports, and tcp_tw_reuse cannot work without TCP timestamps",
+                    format!(
+                        "{tw} of {in_use} ports in TIME_WAIT; tcp_tw_reuse={} ({}), tcp_timestamps=0",
+                        s.tw_reuse,
+                        s.tw_reuse_meaning()
+                    ),
+                    "sysctl -w net.ipv4.tcp_timestamps=1 in this network namespace: connect() takes a TIME_WAIT port over only from a connection that had timestamps",
+                ));
             }
         }
     }
@@ -173,6 +183,8 @@ mod tests {
             reserved,
             tw_reuse,
             max_tw_buckets: None,
+            timestamps: None,
+            tw_reuse_delay_ms: None,
         }
     }
 
@@ -304,6 +316,17 @@ mod tests {
         let f = advise(&ev(Some(&s), &stats(10, 0), &[]));
         assert!(!says(&f, "narrower"), "{f:#?}");
         assert!(!says(&f, "reserved"), "{f:#?}");
+    }
+
+    #[test]
+    fn tcp_tw_reuse_without_timestamps_is_said() {
+        let mut s = settings((40000, 40015), 1, vec![]);
+        let tw = stats(2, 14);
+        assert!(!says(&advise(&ev(Some(&s), &tw, &[])), "tcp_timestamps"));
+        s.timestamps = Some(0);
+        let f = advise(&ev(Some(&s), &tw, &[]));
+        assert!(says(&f, "tcp_timestamps=1"), "{f:#?}");
+        assert!(!says(&f, "tcp_tw_reuse=1 in"), "{f:#?}");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //!
 //! - churn: new ports charged to the destination per second;
 //! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
-//!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that;
+//!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that; where `tcp_tw_reuse`
+//!   lets connect() take a TIME_WAIT port to the destination over once it is a second or two
+//!   old, only TIME_WAIT younger than that keeps connect() from a port (see
+//!   [`Rates::forecast`]);
 //! - time to exhaustion: (range − in use) / growth of in-use ports (ports in the range: one bound
 //!   explicitly outside it does not fill it), given only when the growth
 //!   is positive, in-use ports rose lately (the smoothed growth takes ~50 s to fade after they
@@ -158,11 +161,19 @@ impl Rates {
     }
 
     /// The forecast for a destination sampled at least twice; None before.
+    ///
+    /// `reuse_after_s`: where `tcp_tw_reuse` lets `connect()` take a TIME_WAIT port to this
+    /// destination over once it is that old (see
+    /// [`crate::sysctl::PortSettings::time_wait_reusable_after_s`]), only TIME_WAIT younger than
+    /// that keeps a port from it: about the rate entering TIME_WAIT × that. Then live ports and
+    /// those are what can exhaust the range, and what the time to exhaustion is about; and
+    /// TIME_WAIT, taken over before its 60 s, does not pass the range.
     pub fn forecast(
         &self,
         key: &DestKey,
         stats: &DestStats,
         range: Option<u32>,
+        reuse_after_s: Option<f64>,
     ) -> Option<Forecast> {
         let s = self.samples.get(key).filter(|s| s.count >= 2)?;
         let mean = |smoothed: f64| {
@@ -178,21 +189,40 @@ impl Rates {
             mean(s.growth),
             mean(s.live_growth),
         );
-        let projected = f64::from(live(stats)) + tw_rate * TIME_WAIT_SECS;
-        let projected_in_use = projected.round().min(f64::from(u32::MAX)) as u32;
+        let live_now = f64::from(live(stats));
+        let mut projected = live_now + tw_rate * TIME_WAIT_SECS;
         let in_range = stats.in_range();
+        let outside = f64::from(stats.outside_range);
+        // Ports that keep connect() from a port to this destination: now, where they settle,
+        // and how fast they grow.
+        let (blocking, blocking_projected, blocking_growth) = match reuse_after_s {
+            None => (f64::from(in_range), projected - outside, growth),
+            Some(after) => {
+                let time_wait = f64::from(stats.by_state[st::TIME_WAIT as usize]);
+                let young = (tw_rate * after).min(time_wait);
+                if let Some(r) = range {
+                    projected = projected.min(f64::from(r) + outside);
+                }
+                (
+                    (f64::from(in_range) - time_wait).max(0.0) + young,
+                    live_now + tw_rate * after - outside,
+                    live_growth,
+                )
+            }
+        };
+        let projected_in_use = projected.round().min(f64::from(u32::MAX)) as u32;
         let time_to_exhaustion_s = range.and_then(|r| {
-            if in_range >= r {
+            let r = f64::from(r);
+            if blocking >= r {
                 return Some(0.0);
             }
             // Ports outside the range (bound explicitly) neither fill it nor count towards it.
-            let heading =
-                projected - f64::from(stats.outside_range) >= f64::from(r) || live_growth > 0.05;
+            let heading = blocking_projected >= r || live_growth > 0.05;
             let since_rise = s.at_ns.saturating_sub(s.rose_at_ns) as f64 / 1e9;
-            let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / growth);
+            let rising = since_rise <= RECENT_RISE_SECS.max(3.0 / blocking_growth);
             // In tenths, at least one: 0 means the range is full.
-            (heading && rising && growth > 0.05)
-                .then(|| ((f64::from(r - in_range) / growth * 10.0).round() / 10.0).max(0.1))
+            (heading && rising && blocking_growth > 0.05)
+                .then(|| (((r - blocking) / blocking_growth * 10.0).round() / 10.0).max(0.1))
         });
         Some(Forecast {
             churn_per_s: (churn * 10.0).round() / 10.0,
@@ -236,7 +266,7 @@ mod tests {
         let mut r = Rates::new();
         let s = stats(100, 0, 100, 0);
         r.sample(SEC, [(key(), &s)].into_iter());
-        assert_eq!(r.forecast(&key(), &s, Some(1000)), None);
+        assert_eq!(r.forecast(&key(), &s, Some(1000), None), None);
     }
 
     #[test]
@@ -250,7 +280,7 @@ mod tests {
         let mut r = Rates::new();
         r.sample(SEC, [(key(), &at(1))].into_iter());
         r.sample(2 * SEC, [(key(), &at(2))].into_iter());
-        let f = r.forecast(&key(), &at(2), Some(28232)).unwrap();
+        let f = r.forecast(&key(), &at(2), Some(28232), None).unwrap();
         assert_eq!((f.churn_per_s, f.time_wait_per_s), (500.0, 500.0), "{f:?}");
         assert_eq!(f.projected_in_use, 140 + 30_000, "{f:?}");
         // 28232 - 6140 ports left, in use growing by 520/s.
@@ -264,7 +294,7 @@ mod tests {
         let s = stats(80, 80, 0, 80);
         r.sample(2 * SEC, [(key(), &s)].into_iter());
         let f = r
-            .forecast(&key(), &s, Some(100))
+            .forecast(&key(), &s, Some(100), None)
             .expect("rated from the empty pass");
         assert!(f.churn_per_s > 5.0 && f.time_wait_per_s > 5.0, "{f:?}");
         assert!(f.projected_in_use > 100, "{f:?}");
@@ -282,7 +312,7 @@ mod tests {
             last = stats(100 * t, 100 * t, 0, tw);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(28232)).unwrap();
+        let f = r.forecast(&key(), &last, Some(28232), None).unwrap();
         assert!((f.churn_per_s - 100.0).abs() < 1.0, "{f:?}");
         assert!((f.time_wait_per_s - 100.0).abs() < 1.0, "{f:?}");
         assert!((5900..=6100).contains(&f.projected_in_use), "{f:?}");
@@ -294,12 +324,47 @@ mod tests {
             last = stats(100 * t, 100 * t, 0, (100 * t) as u32);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(4000)).unwrap();
+        let f = r.forecast(&key(), &last, Some(4000), None).unwrap();
         let tte = f.time_to_exhaustion_s.expect("heading for exhaustion");
         assert!(
             (8.0..=14.0).contains(&tte),
             "1000 ports left at ~100/s: {tte}"
         );
+    }
+
+    #[test]
+    fn where_time_wait_is_taken_over_only_young_time_wait_counts() {
+        // 5,000 connections/s into TIME_WAIT to one destination, taken over after 1 s
+        // (tcp_tw_reuse): the table fills the range with TIME_WAIT, and connect() still finds
+        // ports. Range 28232.
+        let mut r = Rates::new();
+        let mut last = stats(0, 0, 0, 0);
+        for t in 0..=30u64 {
+            last = stats(5000 * t, 5000 * t, 10, (5000 * t).min(28222) as u32);
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(28232), Some(1.0)).unwrap();
+        assert_eq!(f.time_to_exhaustion_s, None, "{f:?}");
+        assert_eq!(f.projected_in_use, 28232, "no more than the range: {f:?}");
+        // Without reuse the same table is full.
+        let f = r.forecast(&key(), &last, Some(28232), None).unwrap();
+        assert_eq!(f.time_to_exhaustion_s, Some(0.0), "{f:?}");
+        // A leak of live connections beside the churn: heading for exhaustion, at the leak's
+        // rate, from live ports + the TIME_WAIT younger than 1 s.
+        let mut r = Rates::new();
+        for t in 0..=30u64 {
+            last = stats(
+                5000 * t,
+                5000 * t,
+                (100 * t) as u32,
+                (5000 * t).min(20000) as u32,
+            );
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(28232), Some(1.0)).unwrap();
+        let tte = f.time_to_exhaustion_s.expect("live ports leak");
+        // (28232 - 3000 live - 5000 young) / 100 per s.
+        assert!((200.0..=225.0).contains(&tte), "{tte}");
     }
 
     #[test]
@@ -310,7 +375,7 @@ mod tests {
             last = stats(10 * t, 0, (10 * t) as u32, 0);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(1000)).unwrap();
+        let f = r.forecast(&key(), &last, Some(1000), None).unwrap();
         assert_eq!(f.projected_in_use, 600);
         let tte = f.time_to_exhaustion_s.expect("live ports grow");
         assert!((35.0..=50.0).contains(&tte), "400 left at ~10/s: {tte}");
@@ -322,16 +387,16 @@ mod tests {
         let full = stats(16, 0, 16, 0);
         r.sample(SEC, [(key(), &full)].into_iter());
         r.sample(2 * SEC, [(key(), &full)].into_iter());
-        let f = r.forecast(&key(), &full, Some(16)).unwrap();
+        let f = r.forecast(&key(), &full, Some(16), None).unwrap();
         assert_eq!(f.time_to_exhaustion_s, Some(0.0));
         assert_eq!(
-            r.forecast(&key(), &full, Some(100))
+            r.forecast(&key(), &full, Some(100), None)
                 .unwrap()
                 .time_to_exhaustion_s,
             None
         );
         assert_eq!(
-            r.forecast(&key(), &full, None)
+            r.forecast(&key(), &full, None, None)
                 .unwrap()
                 .time_to_exhaustion_s,
             None
@@ -347,7 +412,7 @@ mod tests {
         // baseline, no rate from the old counters.
         let again = stats(5, 0, 5, 0);
         r.sample(3 * SEC, [(key(), &again)].into_iter());
-        assert_eq!(r.forecast(&key(), &again, Some(100)), None);
+        assert_eq!(r.forecast(&key(), &again, Some(100), None), None);
         // Not sampled: forgotten.
         r.sample(4 * SEC, std::iter::empty());
         assert!(r.samples.is_empty());
@@ -361,7 +426,7 @@ mod tests {
             let n = 10 * t.min(9);
             let s = stats(n, 0, n as u32, 0);
             r.sample(t * SEC, [(key(), &s)].into_iter());
-            r.forecast(&key(), &s, Some(100))
+            r.forecast(&key(), &s, Some(100), None)
                 .and_then(|f| f.time_to_exhaustion_s)
         };
         for t in 0..=8 {
@@ -382,7 +447,7 @@ mod tests {
             let s = stats(u64::from(n), 0, n, 0);
             r.sample(t * SEC, [(key(), &s)].into_iter());
             last = r
-                .forecast(&key(), &s, Some(100))
+                .forecast(&key(), &s, Some(100), None)
                 .and_then(|f| f.time_to_exhaustion_s);
             if t >= 40 {
                 assert!(last.is_some(), "{t}: a steady slow leak");

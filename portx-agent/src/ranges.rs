@@ -122,6 +122,8 @@ mod tests {
             reserved: vec![],
             tw_reuse: 0,
             max_tw_buckets: None,
+            timestamps: None,
+            tw_reuse_delay_ms: None,
         };
         // No namespace has inode 1: every read of it fails.
         let mut r = Ranges::new();

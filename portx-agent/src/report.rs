@@ -471,6 +471,8 @@ mod tests {
             reserved: vec![],
             tw_reuse: 0,
             max_tw_buckets: None,
+            timestamps: None,
+            tw_reuse_delay_ms: None,
         }
     }
 

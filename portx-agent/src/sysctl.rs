@@ -17,6 +17,10 @@ pub struct PortSettings {
     pub tw_reuse: u8,
     /// `tcp_max_tw_buckets`.
     pub max_tw_buckets: Option<u64>,
+    /// `tcp_timestamps` (0: off); None if it could not be read.
+    pub timestamps: Option<u8>,
+    /// `tcp_tw_reuse_delay` in ms (Linux 6.13 on); None where it does not exist.
+    pub tw_reuse_delay_ms: Option<u32>,
 }
 
 #[derive(Debug, Error)]
@@ -83,14 +87,14 @@ impl PortSettings {
             .trim()
             .parse()
             .map_err(|_| bad("tcp_tw_reuse", &reuse))?;
-        let max_tw_buckets = read_file("tcp_max_tw_buckets")
-            .ok()
-            .and_then(|v| v.trim().parse().ok());
+        let number = |name| read_file(name).ok().and_then(|v| v.trim().parse().ok());
         Ok(Self {
             range,
             reserved,
             tw_reuse,
-            max_tw_buckets,
+            max_tw_buckets: number("tcp_max_tw_buckets"),
+            timestamps: number("tcp_timestamps").and_then(|v: u64| u8::try_from(v).ok()),
+            tw_reuse_delay_ms: number("tcp_tw_reuse_delay").and_then(|v| u32::try_from(v).ok()),
         })
     }
 
@@ -121,6 +125,20 @@ impl PortSettings {
     /// A port `connect()` may pick automatically: in the range and not reserved.
     pub fn ephemeral(&self, port: u16) -> bool {
         self.in_range(port) && !self.reserved.iter().any(|&(a, b)| (a..=b).contains(&port))
+    }
+
+    /// How long a TIME_WAIT socket keeps its port from a `connect()` to the same destination
+    /// when `tcp_tw_reuse` lets `connect()` take the port over (`tcp_twsk_unique`): with it 1,
+    /// or 2 towards loopback, and TCP timestamps on (the peer's too, which the agent cannot see:
+    /// assumed on, as Linux's are). Seconds: `tcp_tw_reuse_delay` (6.13 on, counted from the
+    /// entry into TIME_WAIT), else 2 (older kernels take it over 1 to 2 s after the last
+    /// timestamp received). None where TIME_WAIT holds its port for all of its 60 s.
+    pub fn time_wait_reusable_after_s(&self, loopback: bool) -> Option<f64> {
+        let applies = self.tw_reuse == 1 || (self.tw_reuse == 2 && loopback);
+        (applies && self.timestamps != Some(0)).then(|| {
+            self.tw_reuse_delay_ms
+                .map_or(2.0, |ms| f64::from(ms) / 1000.0)
+        })
     }
 
     pub fn tw_reuse_meaning(&self) -> &'static str {
@@ -160,10 +178,50 @@ mod tests {
             reserved: vec![(39990, 40001), (40010, 40010), (50000, 50010)],
             tw_reuse: 0,
             max_tw_buckets: None,
+            timestamps: None,
+            tw_reuse_delay_ms: None,
         };
         assert_eq!(s.usable(), 16 - 2 - 1);
         assert!(s.in_range(40015) && !s.in_range(40016));
         assert_eq!(s.tw_reuse_meaning(), "off");
+    }
+
+    #[test]
+    fn time_wait_is_taken_over_only_where_tcp_tw_reuse_applies() {
+        let s = |tw_reuse, timestamps, tw_reuse_delay_ms| PortSettings {
+            range: (32768, 60999),
+            reserved: vec![],
+            tw_reuse,
+            max_tw_buckets: None,
+            timestamps,
+            tw_reuse_delay_ms,
+        };
+        assert_eq!(
+            s(0, Some(1), Some(1000)).time_wait_reusable_after_s(true),
+            None
+        );
+        assert_eq!(
+            s(1, Some(1), Some(1000)).time_wait_reusable_after_s(false),
+            Some(1.0)
+        );
+        assert_eq!(
+            s(2, Some(1), Some(500)).time_wait_reusable_after_s(true),
+            Some(0.5)
+        );
+        assert_eq!(
+            s(2, Some(1), Some(500)).time_wait_reusable_after_s(false),
+            None
+        );
+        assert_eq!(
+            s(1, Some(0), Some(1000)).time_wait_reusable_after_s(false),
+            None,
+            "no timestamps"
+        );
+        assert_eq!(
+            s(1, None, None).time_wait_reusable_after_s(false),
+            Some(2.0),
+            "before 6.13"
+        );
     }
 
     #[test]

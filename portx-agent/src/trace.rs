@@ -592,7 +592,10 @@ impl<W: io::Write> Session<W> {
     fn dest_record(&mut self, key: &DestKey, stats: &DestStats) -> DestRecord {
         let settings = self.ranges.get(key.netns, None).cloned();
         let mut rec = report::destination(key, stats, settings.as_ref());
-        if let Some(f) = self.rates.forecast(key, stats, rec.range) {
+        let reuse_after_s = settings.as_ref().and_then(|s| {
+            s.time_wait_reusable_after_s(key.daddr.is_loopback() || key.saddr.is_loopback())
+        });
+        if let Some(f) = self.rates.forecast(key, stats, rec.range, reuse_after_s) {
             rec.churn_per_s = Some(f.churn_per_s);
             rec.time_wait_per_s = Some(f.time_wait_per_s);
             rec.projected_in_use = Some(f.projected_in_use);

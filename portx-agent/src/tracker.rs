@@ -1311,7 +1311,7 @@ mod tests {
         let (_, stats) = t.kept_dests().next().expect("kept while it is busy");
         assert_eq!((stats.in_use, stats.opened), (0, 3000));
         assert_eq!(t.dests().count(), 0, "listed only with a port in use");
-        let f = rates.forecast(&dest(), stats, None).expect("sampled");
+        let f = rates.forecast(&dest(), stats, None, None).expect("sampled");
         assert!(
             (f.churn_per_s - 100.0).abs() < 10.0,
             "churn {} a second, not 100",
@@ -1395,7 +1395,7 @@ mod tests {
             }
         }
         let stats = t.dest(&dest()).expect("kept");
-        let f = rates.forecast(&dest(), stats, None).expect("sampled");
+        let f = rates.forecast(&dest(), stats, None, None).expect("sampled");
         assert!(
             (f.churn_per_s - 1.0 / 3.0).abs() < 0.1,
             "churn {} a second, not 1/3",
@@ -1998,6 +1998,8 @@ mod tests {
             reserved: vec![(40015, 40015)],
             tw_reuse: 0,
             max_tw_buckets: None,
+            timestamps: None,
+            tw_reuse_delay_ms: None,
         };
         let mut t = Tracker::new();
         for i in 0..16u16 {
@@ -2036,7 +2038,7 @@ mod tests {
         rates.sample(2 * SEC, t.dests());
         rates.sample(3 * SEC, t.dests());
         let d = t.dest(&dest()).unwrap();
-        let f = rates.forecast(&dest(), d, rec.range).unwrap();
+        let f = rates.forecast(&dest(), d, rec.range, None).unwrap();
         assert_eq!(f.time_to_exhaustion_s, None, "1 of 15 in use, not growing");
         // The range widened to take them in, nothing reserved any more: recounted.
         t.set_port_settings(
