@@ -128,11 +128,11 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
 /// UDP shares `ip_local_port_range` with TCP but not its ports: a UDP socket's port-0 bind()
 /// failing with EADDRINUSE says the namespace's UDP ports are gone, not its TCP ones. Its line
 /// says `udp`; it counts among the other failures, not as bind EADDRINUSE, and gets no
-/// exhaustion report.
+/// exhaustion report. Nor does a TCP bind() to a fixed port that is taken.
 #[test]
-fn a_udp_bind_failure_is_not_tcp_exhaustion() {
+fn udp_and_fixed_port_bind_failures_are_not_tcp_exhaustion() {
     let _g = serial();
-    if !require_root("a_udp_bind_failure_is_not_tcp_exhaustion") {
+    if !require_root("udp_and_fixed_port_bind_failures_are_not_tcp_exhaustion") {
         return;
     }
     let mut ns = Netns::new();
@@ -172,6 +172,46 @@ fn a_udp_bind_failure_is_not_tcp_exhaustion() {
     assert_eq!(
         sample(&text, "portx_bind_eaddrinuse_total"),
         Some(0.0),
+        "{ctx}"
+    );
+    assert!(
+        !agent.seen().iter().any(|v| v["type"] == "exhaustion"),
+        "{ctx}"
+    );
+
+    // A TCP socket's bind() to a fixed port a listener holds: a port in use, not the range
+    // exhausted. It too is another failure, with no exhaustion report.
+    ns.serve(&[V4]);
+    let fixed = ns.spawn(
+        "fixed",
+        &["hold-bound", "--connect", V4, "--from-port", "9000"],
+    );
+    fixed.expect("bind failed errno=98");
+    let failed = agent.wait_for("bind_failed of the fixed port", |v| {
+        v["type"] == "bind_failed" && v["pid"] == fixed.pid()
+    });
+    assert_eq!(failed["protocol"], "tcp", "{failed:#}");
+    assert_eq!(failed["sport"], 9000, "{failed:#}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, "portx_other_socket_failures_total") >= Some(2.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never counted the fixed-port failure:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ctx = format!("{text}\n{}", agent.context());
+    assert_eq!(
+        sample(&text, "portx_bind_eaddrinuse_total"),
+        Some(0.0),
+        "{ctx}"
+    );
+    assert!(
+        !text.contains("portx_group_exhaustion_failures_total{"),
         "{ctx}"
     );
     assert!(

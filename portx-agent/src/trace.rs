@@ -292,10 +292,12 @@ impl<W: io::Write> Session<W> {
         if failures == 0 {
             return;
         }
+        // As `bind_failed` has it: only a TCP socket's port-0 bind() says the ports are gone;
+        // one to a fixed port says that port is taken.
         let exhausted = if connect {
             f.errno == EADDRNOTAVAIL
         } else {
-            f.errno == EADDRINUSE && f.takes_tcp_ports()
+            f.errno == EADDRINUSE && f.port == 0 && f.takes_tcp_ports()
         };
         if !exhausted {
             self.counters.other_failures += failures;
