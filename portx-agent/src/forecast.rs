@@ -40,6 +40,9 @@ struct Sample {
     /// Ports in use in the range ([`DestStats::in_range`]): what growth and exhaustion are about.
     in_use: u32,
     live: u32,
+    /// [`DestStats::resync_net`] and [`DestStats::resync_live_net`]: left out of the growth.
+    resync_net: i64,
+    resync_live_net: i64,
     churn: f64,
     tw_rate: f64,
     growth: f64,
@@ -92,6 +95,8 @@ impl Rates {
                 tw_entered: stats.tw_entered,
                 in_use: stats.in_range(),
                 live: live(stats),
+                resync_net: stats.resync_net,
+                resync_live_net: stats.resync_live_net,
                 churn: 0.0,
                 tw_rate: 0.0,
                 growth: 0.0,
@@ -108,6 +113,8 @@ impl Rates {
                 tw_entered: 0,
                 in_use: 0,
                 live: 0,
+                resync_net: 0,
+                resync_live_net: 0,
                 ..fresh
             };
             let prev = match self.samples.get(&key) {
@@ -127,26 +134,21 @@ impl Rates {
                     } else {
                         let alpha = 1.0 - (-dt / TAU_SECS).exp();
                         let ewma = |old: f64, new: f64| old + alpha * (new - old);
+                        // What connections did, not what a resync corrected.
+                        let grew = (i64::from(stats.in_range()) - i64::from(prev.in_use))
+                            - (stats.resync_net - prev.resync_net);
+                        let live_grew = (i64::from(fresh.live) - i64::from(prev.live))
+                            - (stats.resync_live_net - prev.resync_live_net);
                         Sample {
                             churn: ewma(prev.churn, (stats.opened - prev.opened) as f64 / dt),
                             tw_rate: ewma(
                                 prev.tw_rate,
                                 (stats.tw_entered - prev.tw_entered) as f64 / dt,
                             ),
-                            growth: ewma(
-                                prev.growth,
-                                (f64::from(stats.in_range()) - f64::from(prev.in_use)) / dt,
-                            ),
-                            live_growth: ewma(
-                                prev.live_growth,
-                                (f64::from(fresh.live) - f64::from(prev.live)) / dt,
-                            ),
+                            growth: ewma(prev.growth, grew as f64 / dt),
+                            live_growth: ewma(prev.live_growth, live_grew as f64 / dt),
                             weight: ewma(prev.weight, 1.0),
-                            rose_at_ns: if stats.in_range() > prev.in_use {
-                                now_ns
-                            } else {
-                                prev.rose_at_ns
-                            },
+                            rose_at_ns: if grew > 0 { now_ns } else { prev.rose_at_ns },
                             count: prev.count.saturating_add(1),
                             ..fresh
                         }
@@ -365,6 +367,39 @@ mod tests {
         let tte = f.time_to_exhaustion_s.expect("live ports leak");
         // (28232 - 3000 live - 5000 young) / 100 per s.
         assert!((200.0..=225.0).contains(&tte), "{tte}");
+    }
+
+    #[test]
+    fn what_a_resync_adds_or_removes_is_not_growth() {
+        // 2,000 live ports, steady; records were lost, and a resync adds back the 3,000 the
+        // table missed (then, another time, removes 1,000 it had too many).
+        let mut r = Rates::new();
+        let mut last = stats(0, 0, 2000, 0);
+        for t in 0..=10u64 {
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        last = stats(0, 0, 5000, 0);
+        last.resync_net = 3000;
+        last.resync_live_net = 3000;
+        for t in 11..=13u64 {
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+            let f = r.forecast(&key(), &last, Some(8000), None).unwrap();
+            assert_eq!(f.time_to_exhaustion_s, None, "{t}: {f:?}");
+        }
+        last = stats(0, 0, 4000, 0);
+        last.resync_net = 2000;
+        last.resync_live_net = 2000;
+        // A real leak after: 10 a second.
+        for t in 14..=40u64 {
+            let mut s = stats(10 * (t - 14), 0, 4000 + 10 * (t - 14) as u32, 0);
+            (s.resync_net, s.resync_live_net) = (2000, 2000);
+            last = s;
+            r.sample(t * SEC, [(key(), &last)].into_iter());
+        }
+        let f = r.forecast(&key(), &last, Some(8000), None).unwrap();
+        let tte = f.time_to_exhaustion_s.expect("the leak");
+        // 3,740 left at ~10/s, not hidden by the 1,000 removed.
+        assert!((330.0..=420.0).contains(&tte), "{tte}");
     }
 
     #[test]

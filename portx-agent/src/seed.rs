@@ -368,6 +368,7 @@ mod tests {
         let h = d.holders_ranked();
         assert_eq!((h[0].0, h[0].1.ports), (0, 1), "TIME_WAIT has no owner");
         assert!(h.iter().any(|(pid, _)| *pid == 77));
+        assert_eq!((d.resync_net, d.resync_live_net), (2, 1), "not growth");
         // Next pass: the ESTABLISHED socket is gone.
         let second = pass_in_netns_1(vec![sock(st::TIME_WAIT, 40002, 9000, 0)], 20);
         assert_eq!(
@@ -380,6 +381,8 @@ mod tests {
             }
         );
         assert_eq!(t.tracked(), 1);
+        let d = t.dest(&key).unwrap();
+        assert_eq!((d.resync_net, d.resync_live_net), (1, 0));
     }
 
     #[test]

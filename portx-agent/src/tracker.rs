@@ -142,6 +142,12 @@ pub struct DestStats {
     /// `ip_local_port_range`, or reserved): bound explicitly, they do not fill the range. 0
     /// while the namespace's settings are unknown (see [`Tracker::set_port_settings`]).
     pub outside_range: u32,
+    /// What resyncs did to [`DestStats::in_range`] since the destination was created: ports
+    /// they added ([`Tracker::seed`]) minus those they removed ([`Tracker::forget`]). A
+    /// resync's correction after lost records is not growth ([`crate::forecast`]).
+    pub resync_net: i64,
+    /// The same for live ports (not TIME_WAIT), state corrections included.
+    pub resync_live_net: i64,
 }
 
 impl DestStats {
@@ -598,15 +604,30 @@ impl Tracker {
         if !self.would_seed(&dest, sport) {
             return false;
         }
-        self.place(
+        let Some(id) = self.place(
             dest,
             sport,
             state,
             owner,
             0,
             kernel_stamp(state, now_ns, time_wait_left_ns),
-        )
-        .is_some()
+        ) else {
+            return false;
+        };
+        self.resynced(id, sport, state, 1);
+        true
+    }
+
+    /// Counts a port a resync added (`by` 1) or removed (-1) in its destination's `resync_*`.
+    fn resynced(&mut self, id: u32, sport: u16, state: u8, by: i64) {
+        if let Some(slot) = self.slot_mut(id) {
+            if !slot.outside_range(sport) {
+                slot.stats.resync_net += by;
+            }
+            if u32::from(state) != st::TIME_WAIT {
+                slot.stats.resync_live_net += by;
+            }
+        }
     }
 
     /// True if [`Tracker::seed`] would add the tuple: it is not tracked, the table is below
@@ -673,11 +694,17 @@ impl Tracker {
         };
         match self.conns.get(&key) {
             Some(c) if c.updated_ns() < snapshot_ns && c.state() != state => {
+                let tw = |s: u8| u32::from(s) == st::TIME_WAIT;
+                let live_by = i64::from(tw(c.state())) - i64::from(tw(state));
                 self.set_state(
                     key,
                     state,
                     kernel_stamp(state, snapshot_ns, time_wait_left_ns),
                 );
+                let (id, _) = key_parts(key);
+                if let Some(slot) = self.slot_mut(id) {
+                    slot.stats.resync_live_net += live_by;
+                }
                 true
             }
             _ => false,
@@ -686,13 +713,15 @@ impl Tracker {
 
     /// Removes a tuple the kernel no longer has (see [`crate::seed`]).
     pub fn forget(&mut self, dest: &DestKey, sport: u16) -> bool {
-        match self.key_of(dest, sport) {
-            Some(key) if self.conns.contains_key(&key) => {
-                self.close(key);
-                true
-            }
-            _ => false,
-        }
+        let Some(key) = self.key_of(dest, sport) else {
+            return false;
+        };
+        let Some(state) = self.conns.get(&key).map(Conn::state) else {
+            return false;
+        };
+        self.resynced(key_parts(key).0, sport, state, -1);
+        self.close(key);
+        true
     }
 
     /// Tuples of one netns with their state and the time of their last update.
