@@ -118,7 +118,9 @@ impl Write for Queued {
         }
         let batch = std::mem::take(&mut self.batch);
         let queued = self.shared.queued.load(Ordering::Acquire);
-        if queued + batch.len() > self.limit {
+        // One batch past the limit is still taken when nothing waits: it exists already, and
+        // stdout is keeping up.
+        if queued > 0 && queued + batch.len() > self.limit {
             let lines = batch.iter().filter(|b| **b == b'\n').count() as u64;
             self.shared
                 .dropped_lines
@@ -203,6 +205,30 @@ mod tests {
         assert!(finish.wait(Duration::from_secs(5)));
         assert_eq!(&*got.lock().unwrap(), b"one\ntwo\nthree\nfour\n");
         assert_eq!(dropped.get(), 3);
+    }
+
+    #[test]
+    fn a_batch_past_the_limit_goes_out_when_nothing_waits() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let (mut q, finish) = spawn_with_limit(Box::new(out.clone()), 8).unwrap();
+        // A drain of full rings under --every-failure: one flush of far more than the limit.
+        q.write_all(b"one\ntwo\nthree\nfour\n").unwrap();
+        q.flush().unwrap();
+        assert_eq!(q.dropped_lines(), 0);
+        drop(q);
+        assert!(finish.wait(Duration::from_secs(5)));
+        assert_eq!(&*out.0.lock().unwrap(), b"one\ntwo\nthree\nfour\n");
     }
 
     #[test]

@@ -1183,10 +1183,20 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         t.abort();
     }
     // What is queued for stdout, the final summary last, goes out unless stdout stays stuck.
+    let dropped = session.output_dropped.clone();
+    let warned = session.output_dropped_warned;
     drop(session);
     if !finish_output.wait(OUTPUT_GRACE) {
         tracing::warn!(
             "stdout took nothing for {OUTPUT_GRACE:?}: exiting without the records still queued"
+        );
+    }
+    // The last flush may itself have been dropped (the queue full), with no summary after it.
+    let dropped = dropped.map_or(0, |d| d.get());
+    if dropped > warned {
+        tracing::warn!(
+            "{} output lines dropped at exit (the final summary may be among them): stdout was not taking them",
+            dropped - warned
         );
     }
     Ok(())
