@@ -81,6 +81,27 @@ impl Reader {
         Ok(n)
     }
 
+    /// Reads the rings into the reorder buffer without handing anything on, while it holds
+    /// less than `limit` bytes: the rings' space is freed while their records cannot be handled
+    /// yet (during the start-up seed). Returns the bytes held.
+    pub fn hold(&mut self, limit: usize) -> usize {
+        let mut held = self.reorder.held_bytes();
+        let reorder = &mut self.reorder;
+        for w in &mut self.rings {
+            if held >= limit {
+                break;
+            }
+            let mut read = 0;
+            let (_, stop) = w.fd.get_mut().drain(|r| {
+                read += r.len();
+                reorder.push(r)
+            });
+            held += read;
+            w.busy = stop == Stop::Busy;
+        }
+        held
+    }
+
     /// Reads every ring without waiting and hands on what is due.
     pub fn drain_pending(&mut self, f: impl FnMut(&[u8])) -> usize {
         self.pass(f)

@@ -59,6 +59,11 @@ impl Reorder {
         self.held.is_empty()
     }
 
+    /// Bytes of the records held.
+    pub fn held_bytes(&self) -> usize {
+        self.held.iter().map(|h| h.len).sum()
+    }
+
     /// Records handed on that were older than one handed on before them.
     pub fn late(&self) -> u64 {
         self.late

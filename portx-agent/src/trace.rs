@@ -915,13 +915,15 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut seeded = 0;
     if session.opts.seed {
         let only = session.opts.netns.clone();
-        let mut pass =
-            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns(), &[]))
-                .await
-                .context("seeding thread")?;
+        let seeding =
+            tokio::task::spawn_blocking(move || seed::pass(&only, clock::monotonic_ns(), &[]));
+        let mut pass = holding_records(&mut reader, seeding)
+            .await
+            .context("seeding thread")?;
         let wanted = seed::lacking_owners(&session.tracker, &pass);
         if !wanted.is_empty() {
-            pass = tokio::task::spawn_blocking(move || seed::with_owners(pass, &wanted, &[]))
+            let owners = tokio::task::spawn_blocking(move || seed::with_owners(pass, &wanted, &[]));
+            pass = holding_records(&mut reader, owners)
                 .await
                 .context("seeding thread")?;
         }
@@ -1200,6 +1202,31 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Records held in memory while the start-up seed runs, at most: ~0.4 s of a storm of 70k
+/// connections a second (three records each).
+const SEED_HOLD_BYTES: usize = 64 << 20;
+
+/// Awaits `job` (the start-up seed, which takes seconds with many sockets or descriptors on
+/// the host), reading the rings into memory every 20 ms meanwhile: under a storm they would
+/// otherwise fill, and the records lost. Nothing is handled before the seed is applied and
+/// the `started` record written; past [`SEED_HOLD_BYTES`] the rings are left to fill, and what
+/// they drop is counted as ever.
+async fn holding_records<T>(
+    reader: &mut Reader,
+    job: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(job);
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            r = &mut job => return r,
+            _ = every.tick() => {
+                reader.hold(SEED_HOLD_BYTES);
+            }
+        }
+    }
 }
 
 /// How long the agent waits at exit for a stuck stdout to take its last records.
