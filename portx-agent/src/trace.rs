@@ -1204,8 +1204,8 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records held in memory while the start-up seed runs, at most: ~0.4 s of a storm of 70k
-/// connections a second (three records each).
+/// Records held in memory while the start-up seed runs, at most: about 3 s of a storm of 70k
+/// connections a second (three records of ~110 bytes each).
 const SEED_HOLD_BYTES: usize = 64 << 20;
 
 /// Awaits `job` (the start-up seed, which takes seconds with many sockets or descriptors on
