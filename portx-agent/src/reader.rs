@@ -60,11 +60,14 @@ impl Reader {
         })
     }
 
-    /// Waits until a ring has records (or, with records held back, a millisecond at most),
+    /// Waits until a ring has records (or, with records held back or a ring stopped at a record
+    /// still being written, a millisecond at most),
     /// then hands on each record that is due, in time order. Returns how many. Cancel-safe:
     /// what was read and not handed on stays held.
     pub async fn drain(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
-        if self.reorder.is_empty() {
+        // A ring left at a record still being written is looked at again soon too: the records
+        // behind it (a failure that forced a wake-up, say) may wake nothing more.
+        if self.reorder.is_empty() && !self.rings.iter().any(|w| w.busy) {
             self.readable().await?;
         } else {
             tokio::select! {
