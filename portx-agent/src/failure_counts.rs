@@ -100,10 +100,10 @@ impl FailureCounts {
     /// only for those: a process still failing is alive), or, with the map at least half full,
     /// if their key had no record for [`IDLE_KEY_NS`].
     ///
-    /// Deleting a live key races with its next failure only in the moment between this
-    /// reading and the deletion: that failure, the first after a long quiet, gets a record
-    /// (carrying the count, so it is accounted); only a second one within the same jiffy on
-    /// another CPU would be held in the deleted entry and go uncounted.
+    /// Deleting a live key races with its next failures between this reading and the
+    /// deletion: the caller looks each entry up again right before deleting it and keeps it if
+    /// its count moved ([`FailureCounts::accounted`]), which leaves the microseconds between
+    /// that lookup and the deletion.
     pub fn read(
         &mut self,
         entries: Vec<(FailureKey, FailureCount)>,
@@ -157,6 +157,12 @@ impl FailureCounts {
         if let Some(a) = self.keys.get_mut(key) {
             a.deleted = true;
         }
+    }
+
+    /// The count of `key`'s entry as accounted so far (records and readings), and when the
+    /// entry was made; None for a key not followed.
+    pub fn accounted(&self, key: &FailureKey) -> Option<(u64, u64)> {
+        self.keys.get(key).map(|a| (a.count, a.born_ns))
     }
 
     /// Keys followed now.

@@ -363,6 +363,14 @@ impl<W: io::Write> Session<W> {
         };
         let reading = self.failure_counts.read(entries, gone, now);
         for key in &reading.delete {
+            // Looked up again first: the reading and the /proc checks took milliseconds, and
+            // failures counted meanwhile would go with the entry.
+            match map.get(key, 0) {
+                Ok(now) if self.failure_counts.accounted(key) == Some((now.count, now.born_ns)) => {
+                }
+                Ok(_) => continue,
+                Err(_) => {}
+            }
             match map.remove(key) {
                 Ok(()) => self.failure_counts.deleted(key),
                 Err(e) => tracing::debug!("deleting a failure count: {e}"),
