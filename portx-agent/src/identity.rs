@@ -4,13 +4,18 @@
 //! A pid can be reused, and a process can move to another cgroup. An entry is read again from
 //! /proc at most once per [`RECHECK_NS`], when it is looked up: a new start time or cgroup
 //! replaces it. A process that has exited keeps its last identity (the TIME_WAIT ports of a
-//! churner that exited are still charged to it, and so is its container).
+//! churner that exited are still charged to it, and so is its container) for [`KEEP_GONE_NS`]:
+//! after that its pid may be anyone's, and is read afresh. A pid found with another start time
+//! is another process, whose identity is read, or none if it cannot be (it is exiting too).
 use std::{fs, io::Read, sync::Arc};
 
 use crate::{procfs, tracker::Map};
 
 /// How often a cached entry is checked for pid reuse.
 pub const RECHECK_NS: u64 = 2_000_000_000;
+/// How long an exited process keeps its identity: past TIME_WAIT's 60 s, in which its ports stay
+/// charged to it, with room for the timer wheel's lateness.
+pub const KEEP_GONE_NS: u64 = 90_000_000_000;
 /// Entries kept; past it the least recently checked half is dropped.
 pub const MAX_ENTRIES: usize = 32_768;
 /// Longest command line kept (bytes).
@@ -237,6 +242,8 @@ struct Entry {
     /// /proc/<pid>/stat start time; None once the process is gone.
     start_time: Option<u64>,
     checked_ns: u64,
+    /// When the process was first found gone.
+    gone_ns: Option<u64>,
 }
 
 /// Cache of identities by pid.
@@ -258,6 +265,14 @@ impl Identities {
         if pid == 0 {
             return None;
         }
+        if let Some(e) = self.entries.get(&pid) {
+            if e.gone_ns
+                .is_some_and(|g| now_ns.saturating_sub(g) >= KEEP_GONE_NS)
+            {
+                self.entries.remove(&pid);
+                return self.read_fresh(pid, now_ns);
+            }
+        }
         if let Some(e) = self.entries.get_mut(&pid) {
             if now_ns.saturating_sub(e.checked_ns) < RECHECK_NS {
                 return Some(e.identity.clone());
@@ -272,12 +287,25 @@ impl Identities {
                 }
                 (Some(start), Some(now)) => {
                     e.start_time = Some(start);
+                    e.gone_ns = None;
                     e.identity = Arc::new(now);
                     return Some(e.identity.clone());
                 }
-                // Gone: keep what it was.
-                _ => {
+                // Another process (a new start time, or one after the cached one was found
+                // gone), already exiting: not the one cached.
+                (Some(start), None) if e.start_time != Some(start) => {
+                    self.entries.remove(&pid);
+                    return None;
+                }
+                // Exiting: keep what it was, for a while.
+                (Some(_), None) => {
+                    e.gone_ns.get_or_insert(now_ns);
+                    return Some(e.identity.clone());
+                }
+                // Gone: the same.
+                (None, _) => {
                     e.start_time = None;
+                    e.gone_ns.get_or_insert(now_ns);
                     return Some(e.identity.clone());
                 }
             }
@@ -298,6 +326,7 @@ impl Identities {
                 identity: identity.clone(),
                 start_time: Some(start_time),
                 checked_ns: now_ns,
+                gone_ns: None,
             },
         );
         Some(identity)
@@ -451,9 +480,34 @@ mod tests {
         // A zombie is gone too: not read as a process in the root cgroup with no arguments.
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(read(pid), None, "zombie");
+        // A cached identity whose start time is not the zombie's was another process: the
+        // pid is someone else now, who is exiting: no identity, rather than the old one.
+        let mut other = Identities::new();
+        other.entries.insert(
+            pid,
+            Entry {
+                identity: Arc::new(Identity::default()),
+                start_time: Some(1),
+                checked_ns: 0,
+                gone_ns: None,
+            },
+        );
+        assert_eq!(other.get(pid, RECHECK_NS), None);
+        assert!(other.is_empty());
         child.wait().unwrap();
         let after = ids.get(pid, 1 + RECHECK_NS).expect("kept after exit");
         assert!(Arc::ptr_eq(&seen, &after));
+        let later = ids.get(pid, 1 + RECHECK_NS + KEEP_GONE_NS - 1);
+        assert!(
+            later.is_some_and(|l| Arc::ptr_eq(&seen, &l)),
+            "kept a while"
+        );
+        // Then the pid may be anyone's: read afresh (none, unless it was reused meanwhile).
+        let gone = ids.get(pid, 1 + RECHECK_NS + KEEP_GONE_NS);
+        assert!(
+            gone.as_ref().is_none_or(|g| !Arc::ptr_eq(&seen, g)),
+            "{gone:?}"
+        );
         // Simulate reuse: an entry whose start time is not the live process'.
         let me = std::process::id();
         ids.entries.insert(
@@ -462,6 +516,7 @@ mod tests {
                 identity: Arc::new(Identity::default()),
                 start_time: Some(1),
                 checked_ns: 0,
+                gone_ns: None,
             },
         );
         let fresh = ids.get(me, 10 * RECHECK_NS).unwrap();
@@ -479,6 +534,7 @@ mod tests {
                     identity: Arc::new(Identity::default()),
                     start_time: None,
                     checked_ns: u64::from(i),
+                    gone_ns: None,
                 },
             );
         }
