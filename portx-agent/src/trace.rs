@@ -22,7 +22,7 @@ use tokio::{
 
 use crate::{
     btf, clock,
-    connect_notes::StuckConnects,
+    connect_notes::{self, StuckConnects},
     decoder::{self, Event, SyscallFailure, Tally, Task},
     failure_counts::FailureCounts,
     failure_lines::{self, FailureLines},
@@ -777,17 +777,41 @@ fn prune_reports<K>(reports: &mut Map<K, LastReport>, now_ns: u64, every: Durati
 /// skipped: the next one, a second later, finds the same notes (and the periodic resync the
 /// ports meanwhile).
 fn read_connect_notes(
-    map: &BpfHashMap<MapData, u64, Connecting>,
+    map: &mut BpfHashMap<MapData, u64, Connecting>,
     stuck: &mut StuckConnects,
     every_family: bool,
 ) -> std::collections::BTreeSet<u32> {
-    match map.iter().collect::<Result<Vec<_>, _>>() {
-        Ok(notes) => stuck.read(notes, every_family),
+    let notes = match map.iter().collect::<Result<Vec<_>, _>>() {
+        Ok(notes) => notes,
         Err(e) => {
             tracing::warn!("reading the kernel's connect notes: {e}");
-            Default::default()
+            return Default::default();
+        }
+    };
+    let gone = |tid: u32| {
+        matches!(
+            std::fs::metadata(format!("/proc/{tid}")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound
+        )
+    };
+    let stale = connect_notes::stale(
+        &notes,
+        connect_notes::CLEAN_FROM,
+        connect_notes::CHECK_MOST,
+        gone,
+    );
+    for key in &stale {
+        if let Err(e) = map.remove(key) {
+            tracing::debug!("deleting a dead thread's connect note: {e}");
         }
     }
+    if !stale.is_empty() {
+        tracing::debug!(
+            "deleted {} connect notes of threads that are gone",
+            stale.len()
+        );
+    }
+    stuck.read(notes, every_family)
 }
 
 fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
@@ -870,7 +894,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
             .take_map(names::FAILURE_COUNTS)
             .ok_or_else(|| anyhow!("map {} missing", names::FAILURE_COUNTS))?,
     )?;
-    let connect_notes: BpfHashMap<MapData, u64, Connecting> = BpfHashMap::try_from(
+    let mut connect_notes: BpfHashMap<MapData, u64, Connecting> = BpfHashMap::try_from(
         loaded
             .ebpf
             .take_map(names::CONNECTING)
@@ -1077,7 +1101,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                 if let Some(v) = session.tick_view(view.receiver_count() > 0) {
                     view.send_replace(Arc::new(v));
                 }
-                let waiting = read_connect_notes(&connect_notes, &mut stuck, every_family);
+                let waiting = read_connect_notes(&mut connect_notes, &mut stuck, every_family);
                 if !waiting.is_empty()
                     && resync_job.is_none()
                     && last_pass.elapsed() >= STUCK_DUMP_GAP
