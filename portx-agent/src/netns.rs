@@ -34,6 +34,12 @@ pub enum NetnsError {
     },
     #[error("the thread working in {0} panicked")]
     Thread(PathBuf),
+    #[error("{path} is network namespace {found} now, not {expected} (its process gone, the pid reused)")]
+    Moved {
+        path: PathBuf,
+        expected: NetnsId,
+        found: NetnsId,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NetnsError + '_ {
@@ -253,12 +259,23 @@ fn scan(mut f: impl FnMut(NetnsRef) -> bool) -> Result<(), NetnsError> {
     Ok(())
 }
 
-/// Runs `f` on a new thread that has entered the netns at `path`; the caller is untouched.
+/// Runs `f` on a new thread that has entered the netns at `path`, which must be namespace
+/// `expect`; the caller is untouched. The namespace entered is the file opened, checked: a
+/// `/proc/<pid>/ns/net` listed a moment ago may be another process's namespace by now.
 pub fn run_in<T: Send + 'static>(
     path: &Path,
+    expect: NetnsId,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, NetnsError> {
     let file = fs::File::open(path).map_err(io_err(path))?;
+    let found = file.metadata().map_err(io_err(path))?.ino() as NetnsId;
+    if found != expect {
+        return Err(NetnsError::Moved {
+            path: path.to_path_buf(),
+            expected: expect,
+            found,
+        });
+    }
     let owned = path.to_path_buf();
     let handle = std::thread::Builder::new()
         .name("portx-netns".into())
@@ -431,8 +448,10 @@ mod tests {
         });
         let (new_id, path) = rx.recv().unwrap();
         assert_ne!(new_id, mine);
-        let seen = run_in(Path::new(&path), || self_id().unwrap()).unwrap();
+        let seen = run_in(Path::new(&path), new_id, || self_id().unwrap()).unwrap();
         assert_eq!(seen, new_id);
+        let wrong = run_in(Path::new(&path), mine, || ()).unwrap_err();
+        assert!(matches!(wrong, NetnsError::Moved { .. }), "{wrong}");
         assert_eq!(self_id().unwrap(), mine, "caller's netns changed");
         done_tx.send(()).unwrap();
         holder.join().unwrap();

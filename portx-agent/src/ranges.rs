@@ -83,7 +83,7 @@ fn read(id: netns::NetnsId, hint_pid: Option<u32>) -> Option<PortSettings> {
     if let Some(pid) = hint_pid.filter(|&p| netns::id_of_pid(p).ok() == Some(id)) {
         // The hinted process (the one that just failed) often exits right then: if it is gone
         // before we enter through it, find another way in.
-        match PortSettings::read_in(Path::new(&format!("/proc/{pid}/ns/net"))) {
+        match PortSettings::read_in(Path::new(&format!("/proc/{pid}/ns/net")), id) {
             Ok(s) => return Some(s),
             Err(e) => tracing::debug!("netns {id} through pid {pid}: {e}"),
         }
@@ -99,7 +99,7 @@ fn read(id: netns::NetnsId, hint_pid: Option<u32>) -> Option<PortSettings> {
             return None;
         }
     };
-    match PortSettings::read_in(&path) {
+    match PortSettings::read_in(&path, id) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(

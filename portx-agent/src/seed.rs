@@ -131,7 +131,7 @@ pub fn pass(only: &[NetnsId], now_ns: u64, tracked: &[NetnsId]) -> Pass {
         let dumped = if own == Some(ns.id) {
             Ok(dump())
         } else {
-            netns::run_in(&ns.path, dump)
+            netns::run_in(&ns.path, ns.id, dump)
         };
         match dumped {
             Ok((Ok(all), settings)) => snapshots.push(Snapshot {

@@ -98,9 +98,9 @@ impl PortSettings {
         })
     }
 
-    /// Settings of the netns at `ns` (e.g. `/proc/<pid>/ns/net`).
-    pub fn read_in(ns: &Path) -> Result<Self, SysctlError> {
-        netns::run_in(ns, Self::read)?
+    /// Settings of netns `id`, entered through `ns` (e.g. `/proc/<pid>/ns/net`).
+    pub fn read_in(ns: &Path, id: netns::NetnsId) -> Result<Self, SysctlError> {
+        netns::run_in(ns, id, Self::read)?
     }
 
     /// Ports `connect()` can pick automatically: the inclusive range minus reserved ports in it.
@@ -234,17 +234,20 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let holder = std::thread::spawn(move || {
-            netns::unshare_new().unwrap();
+            let id = netns::unshare_new().unwrap();
             std::fs::write(format!("{BASE}/ip_local_port_range"), "40000 40015").unwrap();
             std::fs::write(format!("{BASE}/tcp_tw_reuse"), "0").unwrap();
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
-            tx.send(format!("/proc/{}/task/{tid}/ns/net", std::process::id()))
-                .unwrap();
+            tx.send((
+                id,
+                format!("/proc/{}/task/{tid}/ns/net", std::process::id()),
+            ))
+            .unwrap();
             let _ = done_rx.recv();
         });
-        let path = rx.recv().unwrap();
-        let s = PortSettings::read_in(Path::new(&path)).unwrap();
+        let (id, path) = rx.recv().unwrap();
+        let s = PortSettings::read_in(Path::new(&path), id).unwrap();
         assert_eq!((s.range, s.tw_reuse, s.usable()), ((40000, 40015), 0, 16));
         let host = PortSettings::read().unwrap();
         assert_ne!(
