@@ -66,7 +66,7 @@ impl<W: Write> Output<W> {
             clock(f.ts),
             f.error,
             f.errno,
-            f.comm,
+            printable(&f.comm),
             f.pid,
             endpoint(addr, port),
             f.netns
@@ -126,7 +126,7 @@ impl<W: Write> Output<W> {
                 e.lost, e.missed
             )?;
         }
-        let mut victim = format!("{}[{}]", e.victim.comm, e.victim.pid);
+        let mut victim = format!("{}[{}]", printable(&e.victim.comm), e.victim.pid);
         if let Some(p) = e.victim.sport {
             victim.push_str(&format!(" (its socket bound to port {p})"));
         }
@@ -266,9 +266,9 @@ fn states(by_state: &std::collections::BTreeMap<&'static str, u32>) -> String {
 
 fn holder(h: &HolderRecord) -> String {
     let who = if h.pid == 0 {
-        h.comm.clone()
+        printable(&h.comm).into_owned()
     } else {
-        format!("{}[{}]", h.comm, h.pid)
+        format!("{}[{}]", printable(&h.comm), h.pid)
     };
     let mut line = if h.time_wait > 0 {
         format!("{who} {} ports ({} TIME_WAIT)", h.ports, h.time_wait)
@@ -276,9 +276,23 @@ fn holder(h: &HolderRecord) -> String {
         format!("{who} {} ports", h.ports)
     };
     if let Some(place) = h.who.short() {
-        line += &format!("  [{place}]");
+        line += &format!("  [{}]", printable(&place));
     }
     line
+}
+
+/// `s` with control characters shown as `?`: a process names itself (prctl(PR_SET_NAME)) and
+/// its cgroups, and an escape sequence or a line break in a name must not reach the terminal
+/// of whoever reads the table. (JSON escapes them; `top` filters them.)
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 /// `HH:MM:SS` UTC of a Unix-nanosecond timestamp.
@@ -382,6 +396,24 @@ mod tests {
             text,
             "01:01:01 bind() FAILED EADDRINUSE (98)  victim[7] on 0.0.0.0:0  netns 1  udp socket\n"
         );
+    }
+
+    #[test]
+    fn control_characters_in_names_do_not_reach_the_terminal() {
+        assert_eq!(printable("curl"), "curl");
+        assert_eq!(printable("\x1b[2Jevil\nline"), "?[2Jevil?line");
+        let h = HolderRecord {
+            pid: 5,
+            comm: "a\x1b]0;x\x07".into(),
+            ports: 1,
+            time_wait: 0,
+            who: crate::report::Who {
+                cgroup: Some("/x\ny".into()),
+                ..Default::default()
+            },
+        };
+        let line = holder(&h);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
     }
 
     #[test]
