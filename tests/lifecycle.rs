@@ -147,6 +147,44 @@ fn a_stderr_nobody_reads_does_not_stop_the_agent() {
     );
 }
 
+/// In a pid namespace of its own (a container without `--pid=host`), /proc does not show the
+/// pids the records carry: the agent says so, and runs. In the host's it says nothing.
+#[test]
+fn outside_the_host_pid_namespace_it_warns() {
+    let _g = serial();
+    if !require_root("outside_the_host_pid_namespace_it_warns") {
+        return;
+    }
+    let can = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !can {
+        println!("skipped: no unshare that makes a pid namespace (util-linux)");
+        return;
+    }
+    let ns = Netns::new();
+    let run = |prefix: &[&str]| {
+        let mut cmd = Command::new(prefix.first().copied().unwrap_or("env"));
+        cmd.args(prefix.iter().skip(1))
+            .arg(agent_bin())
+            .args(["trace", "--json", "--duration", "1", "--hooks", &hooks()])
+            .args(["--state-hook", &state_hook(), "--netns", &ns.id.to_string()]);
+        let out = cmd.output().expect("running the agent");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let warning = "not in the host's pid namespace";
+    let own = run(&["unshare", "--pid", "--fork", "--mount-proc"]);
+    assert!(own.contains(warning), "{own}");
+    let host = run(&[]);
+    assert!(!host.contains(warning), "{host}");
+}
+
 /// In fentry mode connect()'s and bind()'s exits are fexit programs on the syscalls' bodies (a
 /// trampoline call instead of a run through the perf tracepoint machinery on each call); in the
 /// other modes they are the syscall tracepoints, at the exits only from Linux 5.15 on.

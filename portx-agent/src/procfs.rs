@@ -20,6 +20,26 @@ pub enum ProcError {
     Io(#[from] std::io::Error),
 }
 
+/// The inode of the kernel's first pid namespace (`PROC_PID_INIT_INO`), the one whose pids the
+/// records carry.
+const INITIAL_PID_NS: u64 = 0xEFFF_FFFC;
+
+/// Warns on stderr when this process is not in the host's pid namespace (a container without
+/// `--pid=host` / `hostPID`): the records carry host pids, and /proc here would name other
+/// processes after them, or none.
+pub fn warn_unless_host_pids() {
+    use std::os::unix::fs::MetadataExt as _;
+    match fs::metadata("/proc/self/ns/pid") {
+        Ok(m) if m.ino() != INITIAL_PID_NS => tracing::warn!(
+            "not in the host's pid namespace (run with --pid=host, or hostPID in Kubernetes): \
+             the records carry host pids, which /proc here does not show; processes are named \
+             by their comm alone, or wrongly"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!("/proc/self/ns/pid: {e}"),
+    }
+}
+
 /// `socket:[123]` -> 123.
 pub fn parse_socket_link(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?

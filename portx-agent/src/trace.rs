@@ -837,6 +837,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     privilege::check()?;
     crate::netns::warn_not_found(&opts.netns);
+    crate::procfs::warn_unless_host_pids();
     // Before anything is attached: an address in use is a clean error with nothing loaded.
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(
