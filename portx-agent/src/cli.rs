@@ -12,7 +12,7 @@ EXAMPLES:
     sudo portx-agent trace --netns 4026532281   one namespace (inode of /proc/<pid>/ns/net)
     sudo portx-agent trace --netns /proc/1234/ns/net   the namespace of pid 1234 (or an `ip netns` name)
     sudo portx-agent trace --hooks tracepoint   force a hook mode (default: best available)
-    sudo portx-agent trace --dport 443 --comm envoy   only what envoy does to port 443
+    sudo portx-agent trace --dport 443 --comm nginx   only what nginx does to port 443
     sudo portx-agent trace --metrics            Prometheus/OpenMetrics on 127.0.0.1:9464/metrics
     sudo portx-agent top                        live screen of the hottest destinations; q quits
     sudo portx-agent demo                       see an exhaustion caught in a private namespace
@@ -135,8 +135,9 @@ pub struct FilterArgs {
     /// Only failures of, and destinations with ports held by, this process (repeatable).
     #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
-    /// Only failures of, and destinations with ports held by, processes with this name
-    /// (exact, as in /proc/<pid>/comm; repeatable).
+    /// Only failures of, and destinations with ports held by, threads with this name (exact:
+    /// the name of the thread that connected, as in /proc/<pid>/task/<tid>/comm, which a
+    /// worker thread may have changed; for `snapshot`, /proc/<pid>/comm; repeatable).
     #[arg(long = "comm", value_name = "NAME", value_parser = comm_name)]
     pub comms: Vec<String>,
     /// Only this destination port (repeatable). Hides bind() failures, which have none.
