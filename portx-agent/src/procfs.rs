@@ -28,15 +28,24 @@ const INITIAL_PID_NS: u64 = 0xEFFF_FFFC;
 /// `--pid=host` / `hostPID`): the records carry host pids, and /proc here would name other
 /// processes after them, or none.
 pub fn warn_unless_host_pids() {
-    use std::os::unix::fs::MetadataExt as _;
-    match fs::metadata("/proc/self/ns/pid") {
-        Ok(m) if m.ino() != INITIAL_PID_NS => tracing::warn!(
+    if host_pids() == Some(false) {
+        tracing::warn!(
             "not in the host's pid namespace (run with --pid=host, or hostPID in Kubernetes): \
              the records carry host pids, which /proc here does not show; processes are named \
              by their comm alone, or wrongly"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::debug!("/proc/self/ns/pid: {e}"),
+        );
+    }
+}
+
+/// Whether this process sees the host's pids in /proc (None if that cannot be read).
+pub fn host_pids() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    match fs::metadata("/proc/self/ns/pid") {
+        Ok(m) => Some(m.ino() == INITIAL_PID_NS),
+        Err(e) => {
+            tracing::debug!("/proc/self/ns/pid: {e}");
+            None
+        }
     }
 }
 

@@ -97,7 +97,8 @@ pub fn client_side(all: Vec<DiagSocket>) -> Vec<DiagSocket> {
 /// `tracked`: the namespaces the table has ports in. Those of them the pass is for that it does
 /// not find, and that no thread or mount holds either ([`netns::held_elsewhere`]), are `gone`: a
 /// namespace's sockets die with it, and the records of their ends may have been lost (a full
-/// ring), which no later pass could otherwise correct. Nothing is gone if the listing failed.
+/// ring), which no later pass could otherwise correct. Nothing is gone if the listing failed,
+/// or if it cannot see every process (the agent in a pid namespace of its own).
 pub fn pass(only: &[NetnsId], now_ns: u64, tracked: &[NetnsId]) -> Pass {
     let mut snapshots = Vec::new();
     let mut skipped = Vec::new();
@@ -109,10 +110,11 @@ pub fn pass(only: &[NetnsId], now_ns: u64, tracked: &[NetnsId]) -> Pass {
             (Vec::new(), false)
         }
     };
+    let sees_all = listed && !tracked.is_empty() && procfs::host_pids() == Some(true);
     let mut missing: HashSet<NetnsId> = tracked
         .iter()
         .copied()
-        .filter(|id| listed && (only.is_empty() || only.contains(id)))
+        .filter(|id| sees_all && (only.is_empty() || only.contains(id)))
         .collect();
     for ns in &namespaces {
         missing.remove(&ns.id);
