@@ -158,8 +158,8 @@ fn orphans_in_fin_wait2_hold_their_ports_as_time_wait() {
     );
     let mut agent = Agent::start_with(ns.id, &["-v", "--resync", "1"]);
     agent.wait_for("started", |v| v["type"] == "started");
-    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "8"]);
-    churner.expect("churned ok=8 failed=0");
+    let mut churner = ns.spawn("churner", &["half-close", "--connect", V4, "--count", "8"]);
+    churner.expect("half-closed ok=8 failed=0");
     churner.wait();
     // Once the peers' ACKs of the FINs are in (at once on loopback), the kernel holds 8
     // timewait sockets in substate FIN_WAIT2 (`ss` shows FIN-WAIT-2 and a timewait timer).

@@ -332,9 +332,16 @@ mod tests {
             // Two IPv4 clients close first towards a listener that never accepts, so their
             // peers never close: orphans in FIN_WAIT2, timewait sockets in that substate.
             let never = TcpListener::bind("127.0.0.1:9001").unwrap();
-            for _ in 0..2 {
-                drop(TcpStream::connect("127.0.0.1:9001").unwrap());
+            // Shut down first, closed once the FIN is acked: close() then makes each a timewait
+            // socket at once (a close() that sends the FIN may leave a full FIN_WAIT2 socket).
+            let half: Vec<TcpStream> = (0..2)
+                .map(|_| TcpStream::connect("127.0.0.1:9001").unwrap())
+                .collect();
+            for c in &half {
+                c.shutdown(std::net::Shutdown::Write).unwrap();
             }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(half);
             std::thread::sleep(std::time::Duration::from_millis(50));
             let all = dump_tcp(ALL_BUT_LISTEN | (1 << TCP_LISTEN)).unwrap();
             let orphans: Vec<&DiagSocket> = all.iter().filter(|s| s.dport == 9001).collect();

@@ -92,6 +92,19 @@ pub enum WorkloadCmd {
         #[arg(long, value_name = "MS", default_value_t = 15000)]
         again_after_ms: u64,
     },
+    /// COUNT times: connect, shutdown(SHUT_WR), and close() once the peer has acked that FIN
+    /// (after MS): a peer that never closes leaves each socket a timewait socket in substate
+    /// FIN_WAIT2 at once (`tcp_close`). (A close() that sends the FIN itself may find the
+    /// peer's ACK while it holds the socket, and leave a full FIN_WAIT2 socket with a timer.)
+    /// Prints `half-closed ok=X failed=Y`.
+    HalfClose {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, value_name = "MS", default_value_t = 50)]
+        close_after_ms: u64,
+    },
     /// One connect(). Prints `connect ok sport=P` (exit 0) or `connect failed errno=E` (exit 3).
     Connect {
         #[arg(long)]
@@ -310,6 +323,11 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         WorkloadCmd::Churn {
             cross_cpu: true, ..
         } => bail!("--cross-cpu takes no --pause-ms"),
+        WorkloadCmd::HalfClose {
+            connect,
+            count,
+            close_after_ms,
+        } => half_close(connect, count, Duration::from_millis(close_after_ms)),
         WorkloadCmd::Connect { connect, nonblock } => connect_once(connect, nonblock),
         WorkloadCmd::BindHold { count, addr, udp } => bind_hold(count, addr, udp),
         WorkloadCmd::Disconnect { connect } => disconnect(connect),
@@ -627,6 +645,25 @@ fn storm(threads: u16, seconds: f64, mode: &str, base_port: u16) -> anyhow::Resu
         "storm ok={ok} failed={failed} secs={:.3}",
         start.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+fn half_close(addr: SocketAddr, count: u32, after: Duration) -> anyhow::Result<()> {
+    let (mut ok, mut failed) = (0u32, 0u32);
+    let mut open = Vec::new();
+    for _ in 0..count {
+        match TcpStream::connect(addr) {
+            Ok(s) => match s.shutdown(std::net::Shutdown::Write) {
+                Ok(()) => open.push(s),
+                Err(_) => failed += 1,
+            },
+            Err(_) => failed += 1,
+        }
+    }
+    std::thread::sleep(after);
+    ok += open.len() as u32;
+    drop(open);
+    say(&format!("half-closed ok={ok} failed={failed}"));
     Ok(())
 }
 
