@@ -200,17 +200,13 @@ fn dport_and_comm_filters_narrow_the_records_not_the_table() {
     assert_eq!(dests[0]["top_holder"]["comm"], "hog2", "{summary:#}");
 }
 
-#[test]
-fn summaries_forecast_churn_and_time_to_exhaustion() {
-    let _g = serial();
-    if !require_root("summaries_forecast_churn_and_time_to_exhaustion") {
-        return;
-    }
-    // 100 ports; a burst of 80 connections closed first: 80 in TIME_WAIT for 60 s.
-    let mut ns = Netns::with(&[
-        "net.ipv4.ip_local_port_range=40000 40099",
-        "net.ipv4.tcp_tw_reuse=0",
-    ]);
+/// A 100-port namespace with `tcp_tw_reuse=<tw_reuse>`, an agent tracing it, and a burst of
+/// 80 connections closed first: TIME_WAIT for 60 s. The namespace, the agent, and the first
+/// summary with the burst's forecast taken at least `settle` after the burst ended, with its
+/// row for :9000.
+fn burst_of_80(tw_reuse: &str, settle: std::time::Duration) -> (Netns, Agent, Value, Value) {
+    let reuse = format!("net.ipv4.tcp_tw_reuse={tw_reuse}");
+    let mut ns = Netns::with(&["net.ipv4.ip_local_port_range=40000 40099", &reuse]);
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
     // Two rate samples with the destination absent, so the burst is measured as a rate.
@@ -218,8 +214,15 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "80"]);
     churner.expect("churned ok=80 failed=0");
     assert!(churner.wait().success());
-    let summary = agent.wait_for("summary with a forecast", |v| {
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        + settle;
+    let summary = agent.wait_for("summary with a forecast after the burst", |v| {
         v["type"] == "summary"
+            && v["ts"]
+                .as_u64()
+                .is_some_and(|ts| u128::from(ts) > after.as_nanos())
             && v["destinations"].as_array().is_some_and(|d| {
                 d.iter().any(|d| {
                     d["dport"] == 9000
@@ -233,8 +236,19 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     let d = summary["destinations"]
         .as_array()
         .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
-        .expect("destination");
+        .expect("destination")
+        .clone();
     println!("{d}");
+    (ns, agent, summary, d)
+}
+
+#[test]
+fn summaries_forecast_churn_and_time_to_exhaustion() {
+    let _g = serial();
+    if !require_root("summaries_forecast_churn_and_time_to_exhaustion") {
+        return;
+    }
+    let (_ns, _agent, summary, d) = burst_of_80("0", std::time::Duration::ZERO);
     let ctx = format!("{summary:#}");
     assert!(d["churn_per_s"].as_f64() > Some(1.0), "{ctx}");
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{ctx}");
@@ -257,39 +271,9 @@ fn time_wait_that_connect_takes_over_is_not_exhaustion() {
     if !require_root("time_wait_that_connect_takes_over_is_not_exhaustion") {
         return;
     }
-    let mut ns = Netns::with(&[
-        "net.ipv4.ip_local_port_range=40000 40099",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]);
-    ns.serve(&[V4]);
-    let mut agent = Agent::start(ns.id);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
-    let mut churner = ns.spawn("churner", &["churn", "--connect", V4, "--count", "80"]);
-    churner.expect("churned ok=80 failed=0");
-    assert!(churner.wait().success());
-    // A summary two rate samples after the burst: one sampled during it sees live ports
-    // growing (connections not closed yet), a leak for as long as it lasts.
-    let settled = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos()
-        + 2_200_000_000;
-    let summary = agent.wait_for("summary with a forecast after the burst", |v| {
-        v["type"] == "summary"
-            && v["ts"].as_u64().is_some_and(|ts| u128::from(ts) > settled)
-            && v["destinations"].as_array().is_some_and(|d| {
-                d.iter().any(|d| {
-                    d["dport"] == 9000
-                        && d["by_state"]["TIME_WAIT"].as_u64() >= Some(60)
-                        && d["churn_per_s"].is_f64()
-                })
-            })
-    });
-    let d = summary["destinations"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["dport"] == 9000))
-        .expect("destination");
-    println!("{d}");
+    // Two rate samples after the burst: one sampled during it sees live ports growing
+    // (connections not closed yet), a leak for as long as it lasts.
+    let (ns, _agent, summary, d) = burst_of_80("1", std::time::Duration::from_millis(2200));
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{summary:#}");
     assert!(
         d["time_to_exhaustion_s"].is_null(),

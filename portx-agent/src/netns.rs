@@ -157,11 +157,7 @@ pub fn held_elsewhere(ids: &HashSet<NetnsId>) -> HashSet<NetnsId> {
         return held;
     };
     for p in procs.flatten() {
-        if !p
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
+        if !crate::procfs::is_pid_dir(&p.file_name()) {
             continue;
         }
         let Ok(tasks) = fs::read_dir(p.path().join("task")) else {
@@ -241,11 +237,7 @@ fn scan(mut f: impl FnMut(NetnsRef) -> bool) -> Result<(), NetnsError> {
     let proc = Path::new("/proc");
     let entries = fs::read_dir(proc).map_err(io_err(proc))?;
     for e in entries.flatten() {
-        let name = e.file_name();
-        if name
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
+        if crate::procfs::is_pid_dir(&e.file_name()) {
             candidates.push(e.path().join("ns/net"));
         }
     }

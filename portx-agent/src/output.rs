@@ -419,30 +419,15 @@ mod tests {
     #[test]
     fn a_connect_failure_to_a_destination_with_no_port_tracked_says_so() {
         let e = Exhaustion {
-            netns: 1,
             saddr: None,
             daddr: Some("10.0.0.2".into()),
             dport: Some(443),
-            range: Some(16),
             in_use: 0,
-            outside_range: 0,
             utilization: None,
             by_state: Default::default(),
             holders: vec![],
-            victim: Victim {
-                pid: 7,
-                tid: 7,
-                comm: "victim".into(),
-                sport: None,
-                who: Default::default(),
-            },
             explain: vec![],
-            port_range: Some([40000, 40015]),
-            tw_reuse: Some(0),
-            failures: 1,
-            lost: 0,
-            missed: 0,
-            ts: 0,
+            ..hog_exhaustion()
         };
         let text = render(false, &[Record::Exhaustion(e)]);
         assert!(
@@ -455,9 +440,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn human_exhaustion_lists_victim_and_holders() {
-        let e = Exhaustion {
+    /// A hog holding all 16 ports of `::1 -> [::1]:9000`, and a victim.
+    fn hog_exhaustion() -> Exhaustion {
+        Exhaustion {
             netns: 1,
             saddr: Some("::1".into()),
             daddr: Some("::1".into()),
@@ -496,7 +481,12 @@ mod tests {
             lost: 0,
             missed: 0,
             ts: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn human_exhaustion_lists_victim_and_holders() {
+        let e = hog_exhaustion();
         let text = render(false, &[Record::Exhaustion(e.clone())]);
         assert!(
             text.contains("::1 -> [::1]:9000  16/16 (100%) in use  ESTABLISHED 16"),

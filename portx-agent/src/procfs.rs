@@ -49,6 +49,21 @@ pub fn host_pids() -> Option<bool> {
     }
 }
 
+/// True if no process or thread `pid` exists (`/proc/<pid>` is there for every thread id too,
+/// though only thread-group leaders are listed). False when that cannot be told.
+pub fn gone(pid: u32) -> bool {
+    matches!(
+        fs::metadata(format!("/proc/{pid}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    )
+}
+
+/// True for a `/proc` entry named like a pid.
+pub fn is_pid_dir(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// `socket:[123]` -> 123.
 pub fn parse_socket_link(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?

@@ -88,21 +88,15 @@ impl Reader {
     /// less than `limit` bytes: the rings' space is freed while their records cannot be handled
     /// yet (during the start-up seed). Returns the bytes held.
     pub fn hold(&mut self, limit: usize) -> usize {
-        let mut held = self.reorder.held_bytes();
         let reorder = &mut self.reorder;
         for w in &mut self.rings {
-            if held >= limit {
+            if reorder.held_bytes() >= limit {
                 break;
             }
-            let mut read = 0;
-            let (_, stop) = w.fd.get_mut().drain(|r| {
-                read += r.len();
-                reorder.push(r)
-            });
-            held += read;
+            let (_, stop) = w.fd.get_mut().drain(|r| reorder.push(r));
             w.busy = stop == Stop::Busy;
         }
-        held
+        self.reorder.held_bytes()
     }
 
     /// Reads every ring without waiting and hands on what is due.

@@ -59,9 +59,9 @@ impl Reorder {
         self.held.is_empty()
     }
 
-    /// Bytes of the records held.
+    /// Bytes of the records held (`bytes` holds those alone: compacted on each release).
     pub fn held_bytes(&self) -> usize {
-        self.held.iter().map(|h| h.len).sum()
+        self.bytes.len()
     }
 
     /// Records handed on that were older than one handed on before them.

@@ -157,6 +157,20 @@ impl Finish {
 mod tests {
     use super::*;
 
+    /// A stdout that takes everything, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Collected {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// A writer that blocks until told to go on, then records what it got.
     struct Gate {
         open: mpsc::Receiver<()>,
@@ -209,18 +223,7 @@ mod tests {
 
     #[test]
     fn a_batch_past_the_limit_goes_out_when_nothing_waits() {
-        #[derive(Clone, Default)]
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Shared::default();
+        let out = Collected::default();
         let (mut q, finish) = spawn_with_limit(Box::new(out.clone()), 8).unwrap();
         // A drain of full rings under --every-failure: one flush of far more than the limit.
         q.write_all(b"one\ntwo\nthree\nfour\n").unwrap();
@@ -253,18 +256,7 @@ mod tests {
 
     #[test]
     fn what_was_written_goes_out_when_the_writer_is_dropped() {
-        #[derive(Clone, Default)]
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Shared::default();
+        let out = Collected::default();
         let (mut q, finish) = spawn(Box::new(out.clone())).unwrap();
         q.write_all(b"last\n").unwrap();
         drop(q);

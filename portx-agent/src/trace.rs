@@ -355,13 +355,7 @@ impl<W: io::Write> Session<W> {
             }
         };
         let now = clock::monotonic_ns();
-        let gone = |tgid| {
-            matches!(
-                std::fs::metadata(format!("/proc/{tgid}")),
-                Err(e) if e.kind() == io::ErrorKind::NotFound
-            )
-        };
-        let reading = self.failure_counts.read(entries, gone, now);
+        let reading = self.failure_counts.read(entries, crate::procfs::gone, now);
         for key in &reading.delete {
             // Looked up again first: the reading and the /proc checks took milliseconds, and
             // failures counted meanwhile would go with the entry.
@@ -580,9 +574,7 @@ impl<W: io::Write> Session<W> {
     /// The settings of every namespace with a destination in use (read once, then taken from
     /// each sock_diag pass), handed to the tracker before its counts are reported or sampled.
     fn sync_port_settings(&mut self) {
-        let namespaces: std::collections::BTreeSet<u32> =
-            self.tracker.dests().map(|(k, _)| k.netns).collect();
-        for netns in namespaces {
+        for netns in self.tracker.namespaces() {
             self.port_settings(netns, None, false);
         }
     }
@@ -788,17 +780,11 @@ fn read_connect_notes(
             return Default::default();
         }
     };
-    let gone = |tid: u32| {
-        matches!(
-            std::fs::metadata(format!("/proc/{tid}")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound
-        )
-    };
     let stale = connect_notes::stale(
         &notes,
         connect_notes::CLEAN_FROM,
         connect_notes::CHECK_MOST,
-        gone,
+        crate::procfs::gone,
     );
     for key in &stale {
         if let Err(e) = map.remove(key) {
