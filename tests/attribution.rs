@@ -203,8 +203,12 @@ fn dport_and_comm_filters_narrow_the_records_not_the_table() {
 /// A 100-port namespace with `tcp_tw_reuse=<tw_reuse>`, an agent tracing it, and a burst of
 /// 80 connections closed first: TIME_WAIT for 60 s. The namespace, the agent, and the first
 /// summary with the burst's forecast taken at least `settle` after the burst ended, with its
-/// row for :9000.
-fn burst_of_80(tw_reuse: &str, settle: std::time::Duration) -> (Netns, Agent, Value, Value) {
+/// row for :9000 showing at least `min_time_wait` of them in TIME_WAIT.
+fn burst_of_80(
+    tw_reuse: &str,
+    settle: std::time::Duration,
+    min_time_wait: u64,
+) -> (Netns, Agent, Value, Value) {
     let reuse = format!("net.ipv4.tcp_tw_reuse={tw_reuse}");
     let mut ns = Netns::with(&["net.ipv4.ip_local_port_range=40000 40099", &reuse]);
     ns.serve(&[V4]);
@@ -226,9 +230,7 @@ fn burst_of_80(tw_reuse: &str, settle: std::time::Duration) -> (Netns, Agent, Va
             && v["destinations"].as_array().is_some_and(|d| {
                 d.iter().any(|d| {
                     d["dport"] == 9000
-                        // Loopback connects may take a TIME_WAIT port back (seen with
-                        // tcp_tw_reuse=0 too, and in ss): most, not all 80, stay.
-                        && d["by_state"]["TIME_WAIT"].as_u64() >= Some(60)
+                        && d["by_state"]["TIME_WAIT"].as_u64() >= Some(min_time_wait)
                         && d["churn_per_s"].is_f64()
                 })
             })
@@ -248,7 +250,9 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     if !require_root("summaries_forecast_churn_and_time_to_exhaustion") {
         return;
     }
-    let (_ns, _agent, summary, d) = burst_of_80("0", std::time::Duration::ZERO);
+    // Loopback connects may take a TIME_WAIT port back (seen with tcp_tw_reuse=0 too, and in
+    // ss): most, not all 80, stay.
+    let (_ns, _agent, summary, d) = burst_of_80("0", std::time::Duration::ZERO, 60);
     let ctx = format!("{summary:#}");
     assert!(d["churn_per_s"].as_f64() > Some(1.0), "{ctx}");
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{ctx}");
@@ -273,7 +277,10 @@ fn time_wait_that_connect_takes_over_is_not_exhaustion() {
     }
     // Two rate samples after the burst: one sampled during it sees live ports growing
     // (connections not closed yet), a leak for as long as it lasts.
-    let (ns, _agent, summary, d) = burst_of_80("1", std::time::Duration::from_millis(2200));
+    // A burst that lasts over a second (a TCG guest on 6.1 took that long) takes its own first
+    // ports back: 52 of 80 stayed in TIME_WAIT there. 20 still make a forecast without reuse
+    // run out of the 100 ports (80/s kept 60 s).
+    let (ns, _agent, summary, d) = burst_of_80("1", std::time::Duration::from_millis(2200), 20);
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{summary:#}");
     assert!(
         d["time_to_exhaustion_s"].is_null(),
