@@ -125,6 +125,53 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
     assert!(status.success(), "agent exit: {status:?}");
 }
 
+/// `--pid`, `--comm` and `--dport` narrow what is printed, not `/metrics`: a scraper's alerts on
+/// the destinations left out must not go quiet.
+#[test]
+fn metrics_are_not_narrowed_by_the_print_filters() {
+    let _g = serial();
+    if !require_root("metrics_are_not_narrowed_by_the_print_filters") {
+        return;
+    }
+    let mut ns = Netns::new();
+    ns.serve(&[V4]);
+    let addr = free_addr();
+    let mut agent = Agent::start_with(ns.id, &["--metrics", &addr, "--dport", "9001"]);
+    ns.hog("hog", V4);
+    let used = format!(
+        "portx_ports_in_use{{netns=\"{}\",saddr=\"127.0.0.1\",daddr=\"127.0.0.1\",dport=\"9000\",state=\"ESTABLISHED\"}}",
+        ns.id
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, &used) == Some(16.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed :9000 with --dport 9001:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("portx_process_ports{") && l.contains("comm=\"hog\"")),
+        "the hog among the processes: {text}"
+    );
+    // The summaries on stdout are narrowed.
+    let summary = agent.wait_for("a summary after the hog", |v| {
+        v["type"] == "summary" && v["tracked"].as_u64() >= Some(16)
+    });
+    assert_eq!(
+        summary["destinations"],
+        serde_json::json!([]),
+        "{summary:#}"
+    );
+    let (status, _) = agent.stop(libc::SIGINT);
+    assert!(status.success(), "agent exit: {status:?}");
+}
+
 /// UDP shares `ip_local_port_range` with TCP but not its ports: a UDP socket's port-0 bind()
 /// failing with EADDRINUSE says the namespace's UDP ports are gone, not its TCP ones. Its line
 /// says `udp`; it counts among the other failures, not as bind EADDRINUSE, and gets no

@@ -184,6 +184,7 @@ impl TopArgs {
             view_top: usize::from(self.top),
             seed: !self.no_seed,
             filter: self.filter.filter(),
+            view_filtered: true,
             ..Default::default()
         }
     }
@@ -322,6 +323,8 @@ impl TraceArgs {
             },
             max_sockets: self.max_sockets as usize,
             filter: self.filter.filter(),
+            // The View feeds /metrics here, which the filter leaves whole.
+            view_filtered: false,
             view_top: 0,
             metrics: self.metrics,
             metrics_top: usize::from(self.metrics_top),

@@ -66,6 +66,10 @@ pub struct TraceOptions {
     pub max_sockets: usize,
     /// What the records on stdout are restricted to (`--pid`, `--comm`, `--dport`).
     pub filter: Filter,
+    /// Whether each [`View`] is restricted by `filter` too: `top`'s screen is (it shows what
+    /// was asked for), `/metrics` is not (alerts on other destinations must not go quiet, and its
+    /// failure counters are everyone's).
+    pub view_filtered: bool,
     /// Destinations and processes in each [`View`] (at least `top`).
     pub view_top: usize,
     /// Serve metrics there (see [`crate::metrics_server`]).
@@ -91,6 +95,7 @@ impl Default for TraceOptions {
             failure_line_every: Duration::from_secs(1),
             max_sockets: crate::cli::DEFAULT_MAX_SOCKETS as usize,
             filter: Filter::default(),
+            view_filtered: false,
             view_top: 0,
             metrics: None,
             metrics_top: 20,
@@ -579,12 +584,13 @@ impl<W: io::Write> Session<W> {
         }
     }
 
-    /// The `n` destinations with the most ports in use that pass the filter, most first.
-    fn top_dests(&self, n: usize) -> Vec<(DestKey, DestStats)> {
+    /// The `n` destinations with the most ports in use (that pass the filter if `filtered`),
+    /// most first.
+    fn top_dests(&self, n: usize, filtered: bool) -> Vec<(DestKey, DestStats)> {
         let mut v: Vec<(DestKey, &DestStats)> = self
             .tracker
             .dests()
-            .filter(|(k, s)| self.opts.filter.dest(k, s))
+            .filter(|(k, s)| !filtered || self.opts.filter.dest(k, s))
             .collect();
         v.sort_by_key(|(k, d)| (Reverse(d.in_use), *k));
         v.into_iter().take(n).map(|(k, s)| (k, s.clone())).collect()
@@ -616,7 +622,7 @@ impl<W: io::Write> Session<W> {
         prune_reports(&mut self.bind_reports, now, self.opts.report_every);
         self.sync_port_settings();
         let destinations = self
-            .top_dests(self.opts.top)
+            .top_dests(self.opts.top, true)
             .iter()
             .map(|(k, s)| self.dest_record(k, s))
             .collect();
@@ -663,14 +669,15 @@ impl<W: io::Write> Session<W> {
         }
         let n = self.opts.view_top.max(self.opts.top);
         let destinations = self
-            .top_dests(n)
+            .top_dests(n, filtered)
             .iter()
             .map(|(k, s)| self.dest_record(k, s))
             .collect();
         let mut by_pid: HashMap<u32, ProcessRecord> = HashMap::new();
         for (key, stats) in self.tracker.dests() {
-            if !self.opts.filter.dest(&key, stats) {
+            if filtered && !self.opts.filter.dest(&key, stats) {
                 continue;
+        let filtered = self.opts.view_filtered;
             }
             for (pid, h) in &stats.holders {
                 let p = by_pid.entry(*pid).or_insert_with(|| ProcessRecord {
