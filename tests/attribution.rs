@@ -287,7 +287,7 @@ fn time_wait_that_connect_takes_over_is_not_exhaustion() {
         "TIME_WAIT that connect() takes over: {summary:#}"
     );
     assert!(d["projected_in_use"].as_u64() <= Some(100), "{summary:#}");
-    // The kernel agrees: once they are old enough (1 s from 6.13 on, 1 to 2 s before), the
+    // The kernel agrees: once they are old enough (1 s from 6.13 on, at most 1 s before), the
     // TIME_WAIT ports are taken again (the burst ended over 2.2 s ago).
     std::thread::sleep(std::time::Duration::from_millis(500));
     let again = ns.spawn("again", &["churn", "--connect", V4, "--count", "80"]);

@@ -126,7 +126,7 @@ fn human(r: &NetnsReport, w: &mut impl std::io::Write) -> std::io::Result<()> {
             "  tcp_tw_reuse {reuse} ({meaning}): {}",
             match reuse {
                 0 => "connect() is not meant to take a port whose 4-tuple is in TIME_WAIT (loopback connects were seen to, rarely)",
-                1 => "connect() may take a TIME_WAIT port after 1 s (timestamps protect it)",
+                1 => "connect() may take a TIME_WAIT port over once it is tcp_tw_reuse_delay old (1 s by default; at most 1 s before Linux 6.13), with TCP timestamps on",
                 2 => "like 1, but only for loopback destinations",
                 _ => "unknown value",
             }

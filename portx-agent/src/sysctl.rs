@@ -131,13 +131,16 @@ impl PortSettings {
     /// when `tcp_tw_reuse` lets `connect()` take the port over (`tcp_twsk_unique`): with it 1,
     /// or 2 towards loopback, and TCP timestamps on (the peer's too, which the agent cannot see:
     /// assumed on, as Linux's are). Seconds: `tcp_tw_reuse_delay` (6.13 on, counted from the
-    /// entry into TIME_WAIT), else 2 (older kernels take it over 1 to 2 s after the last
-    /// timestamp received). None where TIME_WAIT holds its port for all of its 60 s.
+    /// last timestamp received, about the entry into TIME_WAIT), else 1: older kernels take it
+    /// over once the seconds clock has passed that timestamp's second
+    /// (`time_after32(ktime_get_seconds(), tw_ts_recent_stamp)`), at most 1 s later (1 to 2 s
+    /// under the older rule, `get_seconds() - stamp > 1`, of kernels older than portx's 5.8).
+    /// None where TIME_WAIT holds its port for all of its 60 s.
     pub fn time_wait_reusable_after_s(&self, loopback: bool) -> Option<f64> {
         let applies = self.tw_reuse == 1 || (self.tw_reuse == 2 && loopback);
         (applies && self.timestamps != Some(0)).then(|| {
             self.tw_reuse_delay_ms
-                .map_or(2.0, |ms| f64::from(ms) / 1000.0)
+                .map_or(1.0, |ms| f64::from(ms) / 1000.0)
         })
     }
 
@@ -219,7 +222,7 @@ mod tests {
         );
         assert_eq!(
             s(1, None, None).time_wait_reusable_after_s(false),
-            Some(2.0),
+            Some(1.0),
             "before 6.13"
         );
     }
