@@ -200,17 +200,22 @@ fn dport_and_comm_filters_narrow_the_records_not_the_table() {
     assert_eq!(dests[0]["top_holder"]["comm"], "hog2", "{summary:#}");
 }
 
-/// A 100-port namespace with `tcp_tw_reuse=<tw_reuse>`, an agent tracing it, and a burst of
-/// 80 connections closed first: TIME_WAIT for 60 s. The namespace, the agent, and the first
-/// summary with the burst's forecast taken at least `settle` after the burst ended, with its
-/// row for :9000 showing at least `min_time_wait` of them in TIME_WAIT.
+/// A 100-port namespace with `sysctls` set, an agent tracing it, and a burst of 80 connections
+/// closed first: TIME_WAIT for 60 s. The namespace, the agent, and the first summary with the
+/// burst's forecast taken at least `settle` after the burst ended, with its row for :9000
+/// showing at least `min_time_wait` of them in TIME_WAIT.
 fn burst_of_80(
-    tw_reuse: &str,
+    sysctls: &[&str],
     settle: std::time::Duration,
     min_time_wait: u64,
 ) -> (Netns, Agent, Value, Value) {
-    let reuse = format!("net.ipv4.tcp_tw_reuse={tw_reuse}");
-    let mut ns = Netns::with(&["net.ipv4.ip_local_port_range=40000 40099", &reuse]);
+    // tcp_rfc1337=1 as in `Netns::new`: an RST under load must not end a TIME_WAIT early.
+    let mut settings = vec![
+        "net.ipv4.ip_local_port_range=40000 40099",
+        "net.ipv4.tcp_rfc1337=1",
+    ];
+    settings.extend_from_slice(sysctls);
+    let mut ns = Netns::with(&settings);
     ns.serve(&[V4]);
     let mut agent = Agent::start(ns.id);
     // Two rate samples with the destination absent, so the burst is measured as a rate.
@@ -252,7 +257,8 @@ fn summaries_forecast_churn_and_time_to_exhaustion() {
     }
     // Loopback connects may take a TIME_WAIT port back (seen with tcp_tw_reuse=0 too, and in
     // ss): most, not all 80, stay.
-    let (_ns, _agent, summary, d) = burst_of_80("0", std::time::Duration::ZERO, 60);
+    let (_ns, _agent, summary, d) =
+        burst_of_80(&["net.ipv4.tcp_tw_reuse=0"], std::time::Duration::ZERO, 60);
     let ctx = format!("{summary:#}");
     assert!(d["churn_per_s"].as_f64() > Some(1.0), "{ctx}");
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{ctx}");
@@ -280,7 +286,11 @@ fn time_wait_that_connect_takes_over_is_not_exhaustion() {
     // A burst that lasts over a second (a TCG guest on 6.1 took that long) takes its own first
     // ports back: 52 of 80 stayed in TIME_WAIT there. 20 still make a forecast without reuse
     // run out of the 100 ports (80/s kept 60 s).
-    let (ns, _agent, summary, d) = burst_of_80("1", std::time::Duration::from_millis(2200), 20);
+    let (ns, _agent, summary, d) = burst_of_80(
+        &["net.ipv4.tcp_tw_reuse=1"],
+        std::time::Duration::from_millis(2200),
+        20,
+    );
     assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{summary:#}");
     assert!(
         d["time_to_exhaustion_s"].is_null(),
@@ -293,6 +303,35 @@ fn time_wait_that_connect_takes_over_is_not_exhaustion() {
     let again = ns.spawn("again", &["churn", "--connect", V4, "--count", "80"]);
     let line = again.line();
     assert_eq!(line, "churned ok=80 failed=0", "{}", ns.sockets());
+}
+
+/// Past `tcp_max_tw_buckets` a closing socket skips TIME_WAIT and frees its port at once: a
+/// namespace that keeps 40 TIME_WAIT sockets at most never fills 100 ports with them, however
+/// fast it closes connections.
+#[test]
+fn time_wait_past_tcp_max_tw_buckets_is_not_exhaustion() {
+    let _g = serial();
+    if !require_root("time_wait_past_tcp_max_tw_buckets_is_not_exhaustion") {
+        return;
+    }
+    let (_ns, _agent, summary, d) = burst_of_80(
+        &["net.ipv4.tcp_tw_reuse=0", "net.ipv4.tcp_max_tw_buckets=40"],
+        std::time::Duration::ZERO,
+        30,
+    );
+    assert!(
+        d["by_state"]["TIME_WAIT"].as_u64() <= Some(40),
+        "the kernel's cap: {summary:#}"
+    );
+    assert!(d["time_wait_per_s"].as_f64() > Some(1.0), "{summary:#}");
+    assert!(
+        d["projected_in_use"].as_u64() <= Some(40),
+        "no more TIME_WAIT than the cap, nothing live: {summary:#}"
+    );
+    assert!(
+        d["time_to_exhaustion_s"].is_null(),
+        "TIME_WAIT capped below the range: {summary:#}"
+    );
 }
 
 #[test]

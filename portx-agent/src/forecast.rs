@@ -4,7 +4,9 @@
 //!
 //! - churn: new ports charged to the destination per second;
 //! - TIME_WAIT: by Little's law the ports in TIME_WAIT settle at (rate entering TIME_WAIT) ×
-//!   60 s (`TCP_TIMEWAIT_LEN`), so `projected_in_use` = live ports + that; where `tcp_tw_reuse`
+//!   60 s (`TCP_TIMEWAIT_LEN`), but never above the namespace's `tcp_max_tw_buckets` (past it a
+//!   closing socket skips TIME_WAIT and frees its port), so `projected_in_use` = live ports +
+//!   that; where `tcp_tw_reuse`
 //!   lets connect() take a TIME_WAIT port to the destination over once it is a second or two
 //!   old, only TIME_WAIT younger than that keeps connect() from a port (see
 //!   [`Rates::forecast`]);
@@ -170,12 +172,18 @@ impl Rates {
     /// that keeps a port from it: about the rate entering TIME_WAIT × that. Then live ports and
     /// those are what can exhaust the range, and what the time to exhaustion is about; and
     /// TIME_WAIT, taken over before its 60 s, does not pass the range.
+    ///
+    /// `max_time_wait`: the namespace's `tcp_max_tw_buckets`. Its TIME_WAIT sockets, this
+    /// destination's and all others', never pass it: a close past it goes straight to CLOSE.
+    /// This destination's projected TIME_WAIT is capped there (an upper bound: other
+    /// destinations share the cap).
     pub fn forecast(
         &self,
         key: &DestKey,
         stats: &DestStats,
         range: Option<u32>,
         reuse_after_s: Option<f64>,
+        max_time_wait: Option<u64>,
     ) -> Option<Forecast> {
         let s = self.samples.get(key).filter(|s| s.count >= 2)?;
         let mean = |smoothed: f64| {
@@ -192,7 +200,11 @@ impl Rates {
             mean(s.live_growth),
         );
         let live_now = f64::from(live(stats));
-        let mut projected = live_now + tw_rate * TIME_WAIT_SECS;
+        let tw_settled = match max_time_wait {
+            Some(cap) => (tw_rate * TIME_WAIT_SECS).min(cap as f64),
+            None => tw_rate * TIME_WAIT_SECS,
+        };
+        let mut projected = live_now + tw_settled;
         let in_range = stats.in_range();
         let outside = f64::from(stats.outside_range);
         // Ports that keep connect() from a port to this destination: now, where they settle,
@@ -268,7 +280,7 @@ mod tests {
         let mut r = Rates::new();
         let s = stats(100, 0, 100, 0);
         r.sample(SEC, [(key(), &s)].into_iter());
-        assert_eq!(r.forecast(&key(), &s, Some(1000), None), None);
+        assert_eq!(r.forecast(&key(), &s, Some(1000), None, None), None);
     }
 
     #[test]
@@ -282,11 +294,39 @@ mod tests {
         let mut r = Rates::new();
         r.sample(SEC, [(key(), &at(1))].into_iter());
         r.sample(2 * SEC, [(key(), &at(2))].into_iter());
-        let f = r.forecast(&key(), &at(2), Some(28232), None).unwrap();
+        let f = r.forecast(&key(), &at(2), Some(28232), None, None).unwrap();
         assert_eq!((f.churn_per_s, f.time_wait_per_s), (500.0, 500.0), "{f:?}");
         assert_eq!(f.projected_in_use, 140 + 30_000, "{f:?}");
         // 28232 - 6140 ports left, in use growing by 520/s.
         assert_eq!(f.time_to_exhaustion_s, Some(42.5), "{f:?}");
+    }
+
+    #[test]
+    fn time_wait_settles_at_tcp_max_tw_buckets() {
+        // 500 connections/s into TIME_WAIT towards a destination, 100 live ports: uncapped,
+        // 30,000 TIME_WAIT would pass the 28,232 ports; a namespace that keeps 16,384 TIME_WAIT
+        // sockets at most never gets there.
+        let at = |t: u64| {
+            let n = 1000 + 500 * t;
+            stats(n, n, 100, 500 * t as u32)
+        };
+        let mut r = Rates::new();
+        for t in 1..=5 {
+            r.sample(t * SEC, [(key(), &at(t))].into_iter());
+        }
+        let uncapped = r.forecast(&key(), &at(5), Some(28232), None, None).unwrap();
+        assert_eq!(uncapped.projected_in_use, 30_100, "{uncapped:?}");
+        assert!(uncapped.time_to_exhaustion_s.is_some(), "{uncapped:?}");
+        let capped = r
+            .forecast(&key(), &at(5), Some(28232), None, Some(16_384))
+            .unwrap();
+        assert_eq!(capped.projected_in_use, 16_484, "{capped:?}");
+        assert_eq!(capped.time_to_exhaustion_s, None, "{capped:?}");
+        // A cap above what the rate settles at changes nothing.
+        let loose = r
+            .forecast(&key(), &at(5), Some(28232), None, Some(262_144))
+            .unwrap();
+        assert_eq!(loose, uncapped);
     }
 
     #[test]
@@ -296,7 +336,7 @@ mod tests {
         let s = stats(80, 80, 0, 80);
         r.sample(2 * SEC, [(key(), &s)].into_iter());
         let f = r
-            .forecast(&key(), &s, Some(100), None)
+            .forecast(&key(), &s, Some(100), None, None)
             .expect("rated from the empty pass");
         assert!(f.churn_per_s > 5.0 && f.time_wait_per_s > 5.0, "{f:?}");
         assert!(f.projected_in_use > 100, "{f:?}");
@@ -314,7 +354,7 @@ mod tests {
             last = stats(100 * t, 100 * t, 0, tw);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(28232), None).unwrap();
+        let f = r.forecast(&key(), &last, Some(28232), None, None).unwrap();
         assert!((f.churn_per_s - 100.0).abs() < 1.0, "{f:?}");
         assert!((f.time_wait_per_s - 100.0).abs() < 1.0, "{f:?}");
         assert!((5900..=6100).contains(&f.projected_in_use), "{f:?}");
@@ -326,7 +366,7 @@ mod tests {
             last = stats(100 * t, 100 * t, 0, (100 * t) as u32);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(4000), None).unwrap();
+        let f = r.forecast(&key(), &last, Some(4000), None, None).unwrap();
         let tte = f.time_to_exhaustion_s.expect("heading for exhaustion");
         assert!(
             (8.0..=14.0).contains(&tte),
@@ -345,11 +385,13 @@ mod tests {
             last = stats(5000 * t, 5000 * t, 10, (5000 * t).min(28222) as u32);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(28232), Some(1.0)).unwrap();
+        let f = r
+            .forecast(&key(), &last, Some(28232), Some(1.0), None)
+            .unwrap();
         assert_eq!(f.time_to_exhaustion_s, None, "{f:?}");
         assert_eq!(f.projected_in_use, 28232, "no more than the range: {f:?}");
         // Without reuse the same table is full.
-        let f = r.forecast(&key(), &last, Some(28232), None).unwrap();
+        let f = r.forecast(&key(), &last, Some(28232), None, None).unwrap();
         assert_eq!(f.time_to_exhaustion_s, Some(0.0), "{f:?}");
         // A leak of live connections beside the churn: heading for exhaustion, at the leak's
         // rate, from live ports + the TIME_WAIT younger than 1 s.
@@ -363,7 +405,9 @@ mod tests {
             );
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(28232), Some(1.0)).unwrap();
+        let f = r
+            .forecast(&key(), &last, Some(28232), Some(1.0), None)
+            .unwrap();
         let tte = f.time_to_exhaustion_s.expect("live ports leak");
         // (28232 - 3000 live - 5000 young) / 100 per s.
         assert!((200.0..=225.0).contains(&tte), "{tte}");
@@ -383,7 +427,7 @@ mod tests {
         last.resync_live_net = 3000;
         for t in 11..=13u64 {
             r.sample(t * SEC, [(key(), &last)].into_iter());
-            let f = r.forecast(&key(), &last, Some(8000), None).unwrap();
+            let f = r.forecast(&key(), &last, Some(8000), None, None).unwrap();
             assert_eq!(f.time_to_exhaustion_s, None, "{t}: {f:?}");
         }
         last = stats(0, 0, 4000, 0);
@@ -396,7 +440,7 @@ mod tests {
             last = s;
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(8000), None).unwrap();
+        let f = r.forecast(&key(), &last, Some(8000), None, None).unwrap();
         let tte = f.time_to_exhaustion_s.expect("the leak");
         // 3,740 left at ~10/s, not hidden by the 1,000 removed.
         assert!((330.0..=420.0).contains(&tte), "{tte}");
@@ -410,7 +454,7 @@ mod tests {
             last = stats(10 * t, 0, (10 * t) as u32, 0);
             r.sample(t * SEC, [(key(), &last)].into_iter());
         }
-        let f = r.forecast(&key(), &last, Some(1000), None).unwrap();
+        let f = r.forecast(&key(), &last, Some(1000), None, None).unwrap();
         assert_eq!(f.projected_in_use, 600);
         let tte = f.time_to_exhaustion_s.expect("live ports grow");
         assert!((35.0..=50.0).contains(&tte), "400 left at ~10/s: {tte}");
@@ -422,16 +466,16 @@ mod tests {
         let full = stats(16, 0, 16, 0);
         r.sample(SEC, [(key(), &full)].into_iter());
         r.sample(2 * SEC, [(key(), &full)].into_iter());
-        let f = r.forecast(&key(), &full, Some(16), None).unwrap();
+        let f = r.forecast(&key(), &full, Some(16), None, None).unwrap();
         assert_eq!(f.time_to_exhaustion_s, Some(0.0));
         assert_eq!(
-            r.forecast(&key(), &full, Some(100), None)
+            r.forecast(&key(), &full, Some(100), None, None)
                 .unwrap()
                 .time_to_exhaustion_s,
             None
         );
         assert_eq!(
-            r.forecast(&key(), &full, None, None)
+            r.forecast(&key(), &full, None, None, None)
                 .unwrap()
                 .time_to_exhaustion_s,
             None
@@ -447,7 +491,7 @@ mod tests {
         // baseline, no rate from the old counters.
         let again = stats(5, 0, 5, 0);
         r.sample(3 * SEC, [(key(), &again)].into_iter());
-        assert_eq!(r.forecast(&key(), &again, Some(100), None), None);
+        assert_eq!(r.forecast(&key(), &again, Some(100), None, None), None);
         // Not sampled: forgotten.
         r.sample(4 * SEC, std::iter::empty());
         assert!(r.samples.is_empty());
@@ -461,7 +505,7 @@ mod tests {
             let n = 10 * t.min(9);
             let s = stats(n, 0, n as u32, 0);
             r.sample(t * SEC, [(key(), &s)].into_iter());
-            r.forecast(&key(), &s, Some(100), None)
+            r.forecast(&key(), &s, Some(100), None, None)
                 .and_then(|f| f.time_to_exhaustion_s)
         };
         for t in 0..=8 {
@@ -482,7 +526,7 @@ mod tests {
             let s = stats(u64::from(n), 0, n, 0);
             r.sample(t * SEC, [(key(), &s)].into_iter());
             last = r
-                .forecast(&key(), &s, Some(100), None)
+                .forecast(&key(), &s, Some(100), None, None)
                 .and_then(|f| f.time_to_exhaustion_s);
             if t >= 40 {
                 assert!(last.is_some(), "{t}: a steady slow leak");

@@ -562,6 +562,11 @@ impl<W: io::Write> Session<W> {
     /// on the event loop, with a /proc scan to find it.
     fn take_port_settings(&mut self, pass: &seed::Pass) {
         for snap in &pass.snapshots {
+            // The tracker gets every namespace's, in use or not: a storm's first closes in a
+            // namespace with no port in use yet must already meet its tcp_max_tw_buckets.
+            if let Some(settings) = &snap.settings {
+                self.tracker.set_port_settings(snap.netns, settings);
+            }
             self.ranges.set(snap.netns, snap.settings.clone());
         }
         let seen: HashSet<u32> = pass
@@ -603,7 +608,11 @@ impl<W: io::Write> Session<W> {
         let reuse_after_s = settings.as_ref().and_then(|s| {
             s.time_wait_reusable_after_s(key.daddr.is_loopback() || key.saddr.is_loopback())
         });
-        if let Some(f) = self.rates.forecast(key, stats, rec.range, reuse_after_s) {
+        let max_time_wait = settings.as_ref().and_then(|s| s.max_tw_buckets);
+        if let Some(f) = self
+            .rates
+            .forecast(key, stats, rec.range, reuse_after_s, max_time_wait)
+        {
             rec.churn_per_s = Some(f.churn_per_s);
             rec.time_wait_per_s = Some(f.time_wait_per_s);
             rec.projected_in_use = Some(f.projected_in_use);
@@ -668,6 +677,7 @@ impl<W: io::Write> Session<W> {
             return None;
         }
         let n = self.opts.view_top.max(self.opts.top);
+        let filtered = self.opts.view_filtered;
         let destinations = self
             .top_dests(n, filtered)
             .iter()
@@ -677,7 +687,6 @@ impl<W: io::Write> Session<W> {
         for (key, stats) in self.tracker.dests() {
             if filtered && !self.opts.filter.dest(&key, stats) {
                 continue;
-        let filtered = self.opts.view_filtered;
             }
             for (pid, h) in &stats.holders {
                 let p = by_pid.entry(*pid).or_insert_with(|| ProcessRecord {

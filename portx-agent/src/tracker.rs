@@ -12,7 +12,12 @@
 //! TIME_WAIT: the tracepoint never shows it — the socket goes FIN_WAIT2 (or CLOSING) -> CLOSE and
 //! a timewait socket takes over. Such a port is kept, still charged to its last owner, for
 //! `TCP_TIMEWAIT_LEN` (60 s), in a min-heap by expiry; [`crate::seed`] corrects the table against
-//! sock_diag periodically (an RST in FIN_WAIT2 or `tcp_max_tw_buckets` means no timewait socket).
+//! sock_diag periodically (an RST in FIN_WAIT2 means no timewait socket). Nor is there one once
+//! the namespace holds `tcp_max_tw_buckets` of them (the kernel closes the socket instead, and
+//! its port is free): the same FIN_WAIT2 -> CLOSE then frees the port once the table holds that
+//! many TIME_WAIT entries in the namespace. (The kernel counts its server-side ones too, which
+//! the table leaves out: until the next resync the table may still keep a few it refused, never
+//! more than the cap.)
 use std::{
     cell::Cell,
     cmp::Reverse,
@@ -314,6 +319,8 @@ pub struct Tracker {
     targets: Map<Target, Vec<IpAddr>>,
     /// When TIME_WAIT entries are due.
     time_wait: TimeWaitQueue,
+    /// TIME_WAIT entries by namespace, against its `tcp_max_tw_buckets`.
+    time_wait_by_netns: Map<u32, u32>,
     /// Port settings by namespace, as the agent last read them (for `outside_range`).
     port_settings: Map<u32, Arc<PortSettings>>,
     /// Most sockets tracked at once (0: no limit).
@@ -419,6 +426,11 @@ impl Tracker {
             }
             return;
         }
+        // Past the namespace's tcp_max_tw_buckets a close out of FIN_WAIT2 or CLOSING leaves
+        // no timewait socket. (Looked up only for such a record, not for every close.)
+        let time_wait_full = e.new == st::CLOSE
+            && matches!(e.old, st::FIN_WAIT2 | st::CLOSING)
+            && self.time_wait_full(dest.netns);
         // One lookup for the socket's entry: it is read, changed or removed through it.
         let found = match self.key_of(&dest, e.sport).map(|key| self.conns.entry(key)) {
             Some(Entry::Occupied(entry)) => Some(entry),
@@ -470,7 +482,7 @@ impl Tracker {
         let from = |state: u32| matches!(state, st::FIN_WAIT2 | st::CLOSING);
         let new = if e.new == st::CLOSE {
             match conn.state() as u32 {
-                old if from(old) || from(e.old) => st::TIME_WAIT,
+                old if (from(old) || from(e.old)) && !time_wait_full => st::TIME_WAIT,
                 _ => {
                     let conn = entry.remove();
                     self.closed(key, conn);
@@ -832,11 +844,18 @@ impl Tracker {
         }
         let ports = Arc::new(settings.clone());
         self.port_settings.insert(netns, Arc::clone(&ports));
+        let mut in_use = false;
         for slot in self.dest_slots.iter_mut().flatten() {
             if slot.key.netns == netns {
                 slot.ports = Some(Arc::clone(&ports));
                 slot.stats.outside_range = 0;
+                in_use = true;
             }
+        }
+        if !in_use {
+            // No destination there: no socket to recount (every namespace's settings come
+            // here, most with nothing in the table).
+            return;
         }
         for key in self.conns.keys() {
             let (id, sport) = key_parts(*key);
@@ -1035,6 +1054,7 @@ impl Tracker {
         let state = conn.state();
         if state as u32 == st::TIME_WAIT {
             self.time_wait.push(stamp_ns, id, sport);
+            self.count_time_wait(id, true);
         }
         if let Some(slot) = self.slot_mut(id) {
             charge(&mut slot.stats, conn.pid(), comm, state);
@@ -1076,6 +1096,40 @@ impl Tracker {
         false
     }
 
+    /// One TIME_WAIT entry more (`up`) or fewer in the namespace of destination `id`.
+    fn count_time_wait(&mut self, id: u32, up: bool) {
+        let Some(netns) = self.slot(id).map(|s| s.key.netns) else {
+            return;
+        };
+        match self.time_wait_by_netns.entry(netns) {
+            Entry::Occupied(mut n) if !up => {
+                *n.get_mut() = n.get().saturating_sub(1);
+                if *n.get() == 0 {
+                    n.remove();
+                }
+            }
+            Entry::Occupied(mut n) => *n.get_mut() += 1,
+            Entry::Vacant(v) if up => {
+                v.insert(1);
+            }
+            Entry::Vacant(_) => {}
+        }
+    }
+
+    /// TIME_WAIT entries the table holds in `netns`.
+    pub fn time_wait_in(&self, netns: u32) -> u32 {
+        self.time_wait_by_netns.get(&netns).copied().unwrap_or(0)
+    }
+
+    /// Whether the table holds as many TIME_WAIT entries in `netns` as its
+    /// `tcp_max_tw_buckets` (once the agent has read it): the kernel keeps no more.
+    fn time_wait_full(&self, netns: u32) -> bool {
+        self.port_settings
+            .get(&netns)
+            .and_then(|p| p.max_tw_buckets)
+            .is_some_and(|cap| u64::from(self.time_wait_in(netns)) >= cap)
+    }
+
     fn set_state(&mut self, key: ConnKey, new: u8, stamp_ns: u64) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -1090,6 +1144,10 @@ impl Tracker {
         let (id, sport) = key_parts(key);
         if new as u32 == st::TIME_WAIT {
             self.time_wait.push(stamp_ns, id, sport);
+        }
+        let tw = |s: u8| s as u32 == st::TIME_WAIT;
+        if tw(old) != tw(new) {
+            self.count_time_wait(id, tw(new));
         }
         if let Some(stats) = self.stats_mut(id) {
             restate(stats, pid, old, new);
@@ -1118,6 +1176,9 @@ impl Tracker {
     /// Takes a socket's port out of its destination's counts; returns the destination's id.
     fn uncount(&mut self, key: ConnKey, conn: Conn) -> u32 {
         let (id, sport) = key_parts(key);
+        if conn.state() as u32 == st::TIME_WAIT {
+            self.count_time_wait(id, false);
+        }
         if let Some(slot) = self.slot_mut(id) {
             if slot.outside_range(sport) {
                 slot.stats.outside_range = slot.stats.outside_range.saturating_sub(1);
@@ -1340,7 +1401,9 @@ mod tests {
         let (_, stats) = t.kept_dests().next().expect("kept while it is busy");
         assert_eq!((stats.in_use, stats.opened), (0, 3000));
         assert_eq!(t.dests().count(), 0, "listed only with a port in use");
-        let f = rates.forecast(&dest(), stats, None, None).expect("sampled");
+        let f = rates
+            .forecast(&dest(), stats, None, None, None)
+            .expect("sampled");
         assert!(
             (f.churn_per_s - 100.0).abs() < 10.0,
             "churn {} a second, not 100",
@@ -1424,7 +1487,9 @@ mod tests {
             }
         }
         let stats = t.dest(&dest()).expect("kept");
-        let f = rates.forecast(&dest(), stats, None, None).expect("sampled");
+        let f = rates
+            .forecast(&dest(), stats, None, None, None)
+            .expect("sampled");
         assert!(
             (f.churn_per_s - 1.0 / 3.0).abs() < 0.1,
             "churn {} a second, not 1/3",
@@ -1691,6 +1756,49 @@ mod tests {
         t.sweep_idle(SEC + TIME_WAIT_NS + KEEP_EMPTY_NS);
         assert!(t.dest(&dest()).is_none());
         assert_eq!(t.counters.time_wait_expired, 16);
+    }
+
+    #[test]
+    fn past_tcp_max_tw_buckets_a_close_frees_its_port() {
+        let mut t = Tracker::new();
+        t.set_port_settings(
+            NS,
+            &PortSettings {
+                range: (40000, 40015),
+                reserved: vec![],
+                tw_reuse: 0,
+                max_tw_buckets: Some(10),
+                timestamps: None,
+                tw_reuse_delay_ms: None,
+            },
+        );
+        for i in 0..16u16 {
+            connect(&mut t, 100 + i as u64, 40000 + i, task(40, "churner"), 0);
+            active_close(&mut t, 100 + i as u64, 40000 + i, SEC);
+        }
+        let d = t.dest(&dest()).unwrap();
+        assert_eq!((d.in_use, d.by_state[st::TIME_WAIT as usize]), (10, 10));
+        assert_eq!(
+            d.tw_entered, 10,
+            "the rate counts TIME_WAIT the kernel kept"
+        );
+        assert_eq!(t.time_wait_in(NS), 10);
+        // One ages out: the next close has its TIME_WAIT again.
+        t.expire(SEC + TIME_WAIT_NS);
+        assert_eq!(t.time_wait_in(NS), 0);
+        connect(&mut t, 200, 40000, task(40, "churner"), 2 * SEC);
+        active_close(&mut t, 200, 40000, 2 * SEC);
+        assert_eq!(t.time_wait_in(NS), 1);
+        // A TIME_WAIT entry taken over by a new socket (tcp_tw_reuse) leaves the count.
+        connect(&mut t, 201, 40000, task(41, "again"), 3 * SEC);
+        assert_eq!(t.time_wait_in(NS), 0);
+        // Without the setting read, nothing is refused.
+        let mut t = Tracker::new();
+        for i in 0..16u16 {
+            connect(&mut t, 100 + i as u64, 40000 + i, task(40, "churner"), 0);
+            active_close(&mut t, 100 + i as u64, 40000 + i, SEC);
+        }
+        assert_eq!(t.time_wait_in(NS), 16);
     }
 
     #[test]
@@ -2067,7 +2175,7 @@ mod tests {
         rates.sample(2 * SEC, t.dests());
         rates.sample(3 * SEC, t.dests());
         let d = t.dest(&dest()).unwrap();
-        let f = rates.forecast(&dest(), d, rec.range, None).unwrap();
+        let f = rates.forecast(&dest(), d, rec.range, None, None).unwrap();
         assert_eq!(f.time_to_exhaustion_s, None, "1 of 15 in use, not growing");
         // The range widened to take them in, nothing reserved any more: recounted.
         t.set_port_settings(
