@@ -101,6 +101,23 @@ fn snapshot_works_where_trace_is_refused() {
     let row = hog_row(&v);
     assert_eq!(row["in_use"], 5, "{v:#}\n{stderr}");
     assert_eq!(row["top_holder"]["comm"], "hog", "{v:#}\n{stderr}");
+    assert!(!stderr.contains("CAP_SYS_PTRACE"), "{stderr}");
+
+    // Without CAP_SYS_PTRACE too, the hog's descriptors (a process with every capability) are
+    // refused: its live ports have no owner, and stderr says why rather than let pid 0 pass
+    // for TIME_WAIT.
+    let drop = "-bpf,-perfmon,-sys_admin,-sys_ptrace";
+    let bounding = format!("--bounding-set={drop}");
+    let inherit = format!("--inh-caps={drop}");
+    let prefix = ["nsenter", &net, "setpriv", &inherit, &bounding, "--"];
+    let (v, stderr) = snapshot(&prefix, ns.id);
+    let row = hog_row(&v);
+    assert_eq!(row["in_use"], 5, "{v:#}\n{stderr}");
+    assert_eq!(row["top_holder"]["pid"], 0, "{v:#}\n{stderr}");
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("CAP_SYS_PTRACE"),
+        "{stderr}"
+    );
 }
 
 #[test]

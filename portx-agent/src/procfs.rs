@@ -104,14 +104,12 @@ pub fn start_time(pid: u32) -> Option<u64> {
 /// wanted inode is found (it reads a link for every descriptor it passes). Processes and fds
 /// that vanish during the walk are skipped; the first owner found wins (a socket shared after
 /// fork() is charged to one process).
-pub fn socket_owners(
-    wanted: &HashSet<u64>,
-    first: &[u32],
-) -> Result<HashMap<u64, ProcInfo>, ProcError> {
+pub fn socket_owners(wanted: &HashSet<u64>, first: &[u32]) -> Result<Owners, ProcError> {
     let mut walk = OwnerWalk {
         wanted,
         owners: HashMap::with_capacity(wanted.len()),
         unreadable: 0,
+        denied: 0,
     };
     for &pid in first {
         walk.process(pid);
@@ -140,13 +138,28 @@ pub fn socket_owners(
             walk.unreadable
         );
     }
-    Ok(walk.owners)
+    Ok(Owners {
+        found: walk.owners,
+        denied: walk.denied,
+    })
+}
+
+/// What [`socket_owners`] found.
+#[derive(Debug, Default)]
+pub struct Owners {
+    /// The process behind each socket inode found.
+    pub found: HashMap<u64, ProcInfo>,
+    /// Processes whose descriptors this process may not read (`/proc/<pid>/fd` of another
+    /// user's process, or of one with capabilities this one lacks, needs CAP_SYS_PTRACE): their
+    /// sockets, if wanted, were not found.
+    pub denied: usize,
 }
 
 struct OwnerWalk<'a> {
     wanted: &'a HashSet<u64>,
     owners: HashMap<u64, ProcInfo>,
     unreadable: usize,
+    denied: usize,
 }
 
 impl OwnerWalk<'_> {
@@ -156,14 +169,30 @@ impl OwnerWalk<'_> {
 
     /// The wanted sockets among `pid`'s descriptors.
     fn process(&mut self, pid: u32) {
-        let Ok(fds) = fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) else {
-            self.unreadable += 1;
-            return;
+        let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+        let fds = match fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) {
+            Ok(fds) => fds,
+            Err(e) => {
+                if denied(&e) {
+                    self.denied += 1;
+                } else {
+                    self.unreadable += 1;
+                }
+                return;
+            }
         };
         let mut comm_cache: Option<String> = None;
         for fd in fds.flatten() {
-            let Ok(link) = fs::read_link(fd.path()) else {
-                continue;
+            let link = match fs::read_link(fd.path()) {
+                Ok(link) => link,
+                // The directory may be listed while its links are refused (the ptrace check):
+                // every one of them would be.
+                Err(e) if denied(&e) => {
+                    self.denied += 1;
+                    return;
+                }
+                // Closed meanwhile.
+                Err(_) => continue,
             };
             let Some(inode) = link.to_str().and_then(parse_socket_link) else {
                 continue;
@@ -208,7 +237,7 @@ mod tests {
         let me = std::process::id();
         let unknown = u64::MAX; // no socket has it: the walk goes through every process
         let wanted = HashSet::from([inode, unknown]);
-        let owners = socket_owners(&wanted, &[]).unwrap();
+        let owners = socket_owners(&wanted, &[]).unwrap().found;
         let found = owners.get(&inode).expect("our socket is found");
         assert_eq!(found.pid, me);
         assert_eq!(owners.len(), 1, "only wanted inodes: {owners:?}");
@@ -230,8 +259,9 @@ mod tests {
             .unwrap();
         let wanted = HashSet::from([inode]);
         let me = std::process::id();
-        let by_child = socket_owners(&wanted, &[child.id()]).map(|o| o.get(&inode).map(|p| p.pid));
-        let by_me = socket_owners(&wanted, &[me]).map(|o| o.get(&inode).map(|p| p.pid));
+        let by_child =
+            socket_owners(&wanted, &[child.id()]).map(|o| o.found.get(&inode).map(|p| p.pid));
+        let by_me = socket_owners(&wanted, &[me]).map(|o| o.found.get(&inode).map(|p| p.pid));
         child.kill().ok();
         child.wait().ok();
         assert_eq!(by_child.unwrap(), Some(child.id()));

@@ -186,10 +186,15 @@ pub fn lacking_owners(tracker: &Tracker, pass: &Pass) -> HashSet<u64> {
 /// `first` before the others (see [`procfs::socket_owners`]).
 pub fn with_owners(mut pass: Pass, wanted: &HashSet<u64>, first: &[u32]) -> Pass {
     let began = std::time::Instant::now();
-    let owners = procfs::socket_owners(wanted, first).unwrap_or_else(|e| {
+    let found = procfs::socket_owners(wanted, first).unwrap_or_else(|e| {
         tracing::warn!("attributing sockets to processes: {e}");
-        HashMap::new()
+        procfs::Owners::default()
     });
+    let missing = wanted.len().saturating_sub(found.found.len());
+    if found.denied > 0 && missing > 0 {
+        warn_denied(found.denied, missing);
+    }
+    let owners = found.found;
     tracing::debug!(
         "found the processes of {} of {} sockets in /proc in {:?} ({} processes looked at first)",
         owners.len(),
@@ -199,6 +204,21 @@ pub fn with_owners(mut pass: Pass, wanted: &HashSet<u64>, first: &[u32]) -> Pass
     );
     pass.owners = Some(owners);
     pass
+}
+
+/// Says, once a run (then at debug level: a resync every 10 s would repeat it), that sockets
+/// were left without an owner because processes' descriptors could not be read: without it,
+/// live ports charged to pid 0 read as the TIME_WAIT that pid 0 usually is.
+fn warn_denied(denied: usize, missing: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let text = format!(
+        "could not read the open files of {denied} processes (permission denied: reading another user's or a more privileged process' /proc/<pid>/fd needs root with CAP_SYS_PTRACE); {missing} live sockets have no known owner and are charged to pid 0, (unknown)"
+    );
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!("{text}");
+    } else {
+        tracing::warn!("{text}");
+    }
 }
 
 /// A pass with the process of every live socket it found (`snapshot`, `doctor`).
