@@ -133,7 +133,7 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
                     "ip_local_port_range {}-{}: {total} ports (default 32768-60999: {DEFAULT_RANGE})",
                     s.range.0, s.range.1
                 ),
-                "widen it, e.g. sysctl -w net.ipv4.ip_local_port_range=\"10000 65000\" (keep listening ports out of it, or reserve them with ip_local_reserved_ports)",
+                "widen it, e.g. sysctl -w net.ipv4.ip_local_port_range=\"10000 65535\" (keep listening ports out of it, or reserve them with ip_local_reserved_ports)",
             ));
         }
         if total > 1 && total % 2 == 1 {
