@@ -201,7 +201,7 @@ pub fn render(view: &View, top_k: usize) -> Result<String, std::fmt::Error> {
     counter(
         &mut r,
         "portx_bind_eaddrinuse",
-        "bind() failures with EADDRINUSE",
+        "port-0 bind() failures of TCP sockets with EADDRINUSE (no port left for bind-before-connect)",
         t.bind_eaddrinuse,
     );
     counter(
