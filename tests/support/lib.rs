@@ -430,6 +430,24 @@ impl Agent {
         }
     }
 
+    /// What the agent wrote on stderr after its byte `mark` ([`Agent::stderr`]'s length then),
+    /// once it holds `needle` `n` times, waiting up to [`TIMEOUT`]: a fixed sleep and a count
+    /// failed where the agent or its stderr reader was slow to get the CPU.
+    pub fn stderr_since_with(&self, mark: usize, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let said = self.stderr().get(mark..).unwrap_or_default().to_string();
+            if said.matches(needle).count() >= n {
+                return said;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{needle}` not {n} times on the agent's stderr within {TIMEOUT:?}:\n{said}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn next(&mut self, deadline: Instant, what: &str) -> Value {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.records.recv_timeout(left) {
