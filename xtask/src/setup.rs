@@ -14,11 +14,19 @@ pub struct SetupArgs {
     pub no_vm: bool,
 }
 
-/// Debian packages: bpftool (tests check that nothing stays loaded), tmux (the `top` screen's
-/// end-to-end test drives it in one); the VM tests' QEMU,
-/// busybox and cpio (installing qemu-system-x86 this way replaces the preinstalled qemu-utils).
-const PACKAGES: &[&str] = &["bpftool", "tmux"];
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+/// Debian packages: bpftool (tests check that nothing stays loaded), tmux and procps (the `top`
+/// screen's end-to-end test drives it in one and looks for the agent with pgrep; minimal images
+/// lack procps); the VM tests' QEMU, busybox and cpio (installing qemu-system-x86 this way
+/// replaces the preinstalled qemu-utils), and xz-utils and zstd for the kernel modules Debian
+/// ships compressed.
+const PACKAGES: &[&str] = &["bpftool", "tmux", "procps"];
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "zstd",
+];
 
 fn has_toolchain(name: &str) -> bool {
     cmd::ok(

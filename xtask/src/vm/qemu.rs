@@ -42,6 +42,12 @@ pub fn boot(
     marker: &str,
 ) -> anyhow::Result<Boot> {
     let _ = fs::remove_file(log);
+    // qemu's own complaints (a kernel or initrd it cannot load, an accelerator it cannot use):
+    // to a file, not a pipe nobody reads (a full one would stall qemu until the timeout), and
+    // onto the end of the serial log afterwards, where a failed row's note looks.
+    let stderr_path = log.with_extension("qemu-stderr");
+    let stderr = fs::File::create(&stderr_path)
+        .with_context(|| format!("creating {}", stderr_path.display()))?;
     let (accel_arg, cpu) = match machine.accel {
         Accel::Kvm => ("kvm", "host"),
         Accel::Tcg => ("tcg", "max"),
@@ -69,7 +75,7 @@ pub fn boot(
         .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::from(stderr))
         .spawn()
         .context("starting qemu-system-x86_64 (cargo xtask setup installs it)")?;
     let mut timed_out = false;
@@ -85,7 +91,14 @@ pub fn boot(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let text = fs::read_to_string(log).unwrap_or_default();
+    let complaints = fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = fs::remove_file(&stderr_path);
+    let mut text = fs::read_to_string(log).unwrap_or_default();
+    if !complaints.trim().is_empty() {
+        text.push_str("\n--- qemu stderr ---\n");
+        text.push_str(&complaints);
+        fs::write(log, &text).with_context(|| format!("writing {}", log.display()))?;
+    }
     let rc = if marker == PROBE_MARKER {
         text.contains(PROBE_MARKER).then_some(0)
     } else {
