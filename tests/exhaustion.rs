@@ -248,6 +248,13 @@ fn bind_before_connect_exhausts_the_namespace() {
     assert_eq!(report["dport"], 9000, "{report:#}");
     assert_eq!(report["in_use"], 0, "{report:#}");
     assert!(report["utilization"].is_null(), "{report:#}");
+    // And why a destination with no port in use can fail: bound ports are closed to it.
+    let explain = report["explain"].to_string();
+    assert!(
+        explain.contains("fewer than the range's ports to this destination")
+            && explain.contains("ss -tanp"),
+        "{report:#}"
+    );
 }
 
 #[test]

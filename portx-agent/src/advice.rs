@@ -33,6 +33,9 @@ pub struct Evidence<'a> {
     pub per_destination: bool,
     /// The port the failing connect()'s socket was bound to before the call, if any.
     pub victim_bound_port: Option<u16>,
+    /// A connect() to this destination failed with EADDRNOTAVAIL (an exhaustion report, not
+    /// `doctor`'s look at the table).
+    pub connect_failed: bool,
 }
 
 fn finding(
@@ -160,6 +163,21 @@ pub fn advise(e: &Evidence<'_>) -> Vec<Finding> {
         }
         // Ports bound explicitly outside the range do not fill it.
         let in_range = e.stats.in_range();
+        // __inet_hash_connect skips a port whose bind bucket bind() made (fastreuse >= 0),
+        // whatever the 4-tuple: such ports are gone for every destination, and the table
+        // counts them towards their own (a listener's not at all).
+        if e.connect_failed && e.per_destination && usable > 0 && in_range < usable {
+            out.push(finding(
+                "connect() found no free port, yet fewer than the range's ports to this destination are in use",
+                format!(
+                    "{in_range} of {usable} ports to this destination in use when connect() failed with EADDRNOTAVAIL; connect() skips every port bound explicitly (bind() before connect() without IP_BIND_ADDRESS_NO_PORT, a listener inside the range), whatever its destination, and portx counts those only towards their own destination, listeners and sockets it has not seen not at all"
+                ),
+                format!(
+                    "find the bound ports: `ss -tanp` in this namespace, local ports {}-{} of listeners and of clients that bind(); set IP_BIND_ADDRESS_NO_PORT before bind(), move listeners out of the range or reserve their ports (ip_local_reserved_ports)",
+                    s.range.0, s.range.1
+                ),
+            ));
+        }
         if e.per_destination && usable > 0 && in_range >= usable && usable >= 1024 {
             out.push(finding(
                 "one destination used up the whole range",
@@ -208,6 +226,7 @@ mod tests {
             bind_zero_failures: binds,
             per_destination: true,
             victim_bound_port: None,
+            connect_failed: false,
         }
     }
 
@@ -307,6 +326,37 @@ mod tests {
         assert!(!advise(&ev(Some(&s), &bound_outside, &[]))
             .iter()
             .any(|f| f.evidence.contains("4-tuple")));
+    }
+
+    #[test]
+    fn a_failed_connect_below_the_range_points_at_bound_ports() {
+        let s = settings((32768, 60999), 1, vec![]);
+        let st = held_by(stats(300, 0), 42, "app", 300, 0);
+        let below = |f: &[Finding]| f.iter().any(|f| f.finding.contains("fewer than the range"));
+        // doctor's look at the same table: nothing failed, nothing to say.
+        let mut e = ev(Some(&s), &st, &[]);
+        assert!(!below(&advise(&e)));
+        e.connect_failed = true;
+        let f = advise(&e);
+        assert!(below(&f), "{f:#?}");
+        let it = f
+            .iter()
+            .find(|f| f.finding.contains("fewer than the range"));
+        let it = it.expect("the finding");
+        assert!(it.evidence.contains("300 of 28232"), "{it:#?}");
+        assert!(it.fix.contains("32768-60999") && it.fix.contains("IP_BIND_ADDRESS_NO_PORT"));
+        // The range full to this destination: the other findings say why.
+        let full = stats(28232, 0);
+        assert!(!below(&advise(&Evidence {
+            connect_failed: true,
+            ..ev(Some(&s), &full, &[])
+        })));
+        // A bound victim searched no port; a namespace-wide report is a bind()'s.
+        e.victim_bound_port = Some(30000);
+        assert!(!below(&advise(&e)));
+        e.victim_bound_port = None;
+        e.per_destination = false;
+        assert!(!below(&advise(&e)));
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn reports(pass: &seed::Pass, top: usize, now_ns: u64) -> Vec<NetnsReport> {
                     bind_zero_failures: &[],
                     per_destination: true,
                     victim_bound_port: None,
+                    connect_failed: false,
                 }),
             })
             .collect();

@@ -379,6 +379,8 @@ pub fn exhaustion(
         bind_zero_failures: bind_zero,
         per_destination: dest.is_some(),
         victim_bound_port: victim_port,
+        // A report for a destination is a connect()'s; a namespace's, a bind()'s.
+        connect_failed: dest.is_some(),
     });
     Exhaustion {
         netns,

@@ -486,6 +486,17 @@ impl<W: io::Write> Session<W> {
                 e.dport = Some(f.port);
                 // Not 0 of the range: unknown.
                 e.utilization = None;
+                // The advice of a connect() to one destination (the report above is built as
+                // a namespace's): with nothing to it in use, ports bound elsewhere are the lead.
+                e.explain = crate::advice::advise(&crate::advice::Evidence {
+                    settings: settings.as_ref(),
+                    stats: &Default::default(),
+                    loopback: f.addr.is_loopback(),
+                    bind_zero_failures: self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
+                    per_destination: true,
+                    victim_bound_port: f.bound(),
+                    connect_failed: true,
+                });
                 e
             }
         };

@@ -1783,7 +1783,7 @@ mod tests {
             "the rate counts TIME_WAIT the kernel kept"
         );
         assert_eq!(t.time_wait_in(NS), 10);
-        // One ages out: the next close has its TIME_WAIT again.
+        // They age out: the next close has its TIME_WAIT again.
         t.expire(SEC + TIME_WAIT_NS);
         assert_eq!(t.time_wait_in(NS), 0);
         connect(&mut t, 200, 40000, task(40, "churner"), 2 * SEC);
