@@ -11,15 +11,20 @@ use portx_common::tcp_state as st;
 const SOCKETS: u32 = 1_000_000;
 const PER_DEST: u32 = 50_000;
 
-fn rss_kib() -> u64 {
+/// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
 }
 
 fn event(i: u32, old: u32, new: u32, with_port: bool, ts: u64) -> StateChange {
@@ -111,6 +116,9 @@ fn main() {
     let close_secs = start.elapsed().as_secs_f64();
     // The same million, now in TIME_WAIT: the ageing heap adds its entries.
     let rss2 = rss_kib();
+    // The most the process held: the table's growth included (a hash table that doubles holds
+    // its old and new arrays for a moment).
+    let hwm = status_kib("VmHWM:");
     // A tick with nothing due must not touch the million TIME_WAIT entries.
     let start = Instant::now();
     for _ in 0..1000 {
@@ -127,13 +135,20 @@ fn main() {
     }
     let expire_secs = start.elapsed().as_secs_f64();
     let events = f64::from(SOCKETS) * 5.0;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    // rss_mib_1m*: what the table added to the process; process_*: the process's own RSS then
+    // (what a target on RSS is about), and its peak.
     println!(
-        "{{\"churn_events_per_sec\":{:.0},\"events_per_sec\":{:.0},\"open_events_per_sec\":{:.0},\"rss_mib_1m\":{:.1},\"rss_mib_1m_time_wait\":{:.1},\"bytes_per_socket\":{:.0},\"idle_tick_ns\":{:.0},\"expire_all_ms\":{:.1},\"expire_ticks\":{}}}",
+        "{{\"churn_events_per_sec\":{:.0},\"events_per_sec\":{:.0},\"open_events_per_sec\":{:.0},\"rss_mib_1m\":{:.1},\"rss_mib_1m_time_wait\":{:.1},\"baseline_rss_mib\":{:.1},\"process_rss_mib_1m\":{:.1},\"process_rss_mib_1m_time_wait\":{:.1},\"process_peak_rss_mib\":{:.1},\"bytes_per_socket\":{:.0},\"idle_tick_ns\":{:.0},\"expire_all_ms\":{:.1},\"expire_ticks\":{}}}",
         churn_events_per_sec,
         events / (open_secs + close_secs),
         f64::from(SOCKETS) * 2.0 / open_secs,
         (rss1.saturating_sub(rss0)) as f64 / 1024.0,
         (rss2.saturating_sub(rss0)) as f64 / 1024.0,
+        mib(rss0),
+        mib(rss1),
+        mib(rss2),
+        mib(hwm),
         (rss1.saturating_sub(rss0)) as f64 * 1024.0 / f64::from(SOCKETS),
         idle_tick_ns,
         expire_secs * 1000.0,

@@ -166,10 +166,19 @@ fn start_tool(
         .stderr(fs::File::create(&err)?)
         .spawn()
         .with_context(|| format!("starting {tool}"))?;
-    let p = Proc(child);
+    let mut p = Proc(child);
     let cpu = CpuMeter::of(p.pid(), tick);
     if ready.is_empty() {
         std::thread::sleep(Duration::from_secs(3));
+        // No line to wait for: a peer that exited at start-up (a kernel it cannot attach to)
+        // must not pass for one that costs nothing.
+        if let Ok(Some(status)) = p.0.try_wait() {
+            drop(cpu);
+            bail!(
+                "{tool} exited at start ({status}): {}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
     } else if let Err(e) = wait_for_file(&out, ready, 60) {
         // The process first, then its cgroup (which `cpu` removes once it is empty).
         drop(p);
@@ -189,8 +198,19 @@ fn start_tool(
     })
 }
 
-/// Runs the storm in the namespace; returns (connections or failures, seconds).
-fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Result<(u64, f64)> {
+/// What one storm did.
+struct Storm {
+    /// Connections made (failures, in the failing modes).
+    count: u64,
+    secs: f64,
+    /// Connects that failed in a mode that should make connections (`rst`, `close`): a storm
+    /// slowed by failures (a TIME_WAIT range too young to reuse) must say so, not just look
+    /// slower.
+    failed: u64,
+}
+
+/// Runs the storm in the namespace.
+fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Result<Storm> {
     let out = cmd::output(Command::new(agent).args([
         "workload",
         "--netns",
@@ -213,7 +233,16 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
         field("ok")
     }
     .ok_or_else(|| anyhow!("storm said `{out}`"))?;
-    Ok((n as u64, field("secs").unwrap_or(args.seconds)))
+    let failed = if failing(mode) {
+        0
+    } else {
+        field("failed").unwrap_or(0.0) as u64
+    };
+    Ok(Storm {
+        count: n as u64,
+        secs: field("secs").unwrap_or(args.seconds),
+        failed,
+    })
 }
 
 /// The smallest and the largest of `v` (f64::MAX and f64::MIN for none).
@@ -358,6 +387,16 @@ fn read_vs_made<'a>(row: &mut Value, mode: &str, samples: impl Iterator<Item = &
         .filter(|s| s["final_summary"] != true)
         .count();
     row["rounds_without_final_summary"] = json!(no_final);
+    let decode_errors: u64 = samples
+        .iter()
+        .filter_map(|s| s["decode_errors"].as_u64())
+        .sum();
+    row["decode_errors"] = json!(decode_errors);
+    let storm_failed: u64 = samples
+        .iter()
+        .filter_map(|s| s["storm_failed"].as_u64())
+        .sum();
+    row["storm_failed"] = json!(storm_failed);
     let with_final = samples.iter().filter(|s| s["final_summary"] == true);
     if failing(mode) {
         let (mut made, mut reported) = (0u64, 0u64);
@@ -372,6 +411,17 @@ fn read_vs_made<'a>(row: &mut Value, mode: &str, samples: impl Iterator<Item = &
             .filter_map(|s| Some(s["events"].as_f64()? / s["count"].as_f64()?))
             .fold(f64::INFINITY, f64::min);
         row["records_per_connection_min"] = json!(least.is_finite().then_some(least));
+        row["records_per_connection_expected"] = json!(records_per_connection(mode));
+    }
+}
+
+/// Records a connection of `mode` makes in every hook mode: its opening and its close (RST),
+/// and with a TIME_WAIT close the two FIN states before it.
+fn records_per_connection(mode: &str) -> f64 {
+    if mode == "close" {
+        4.0
+    } else {
+        2.0
     }
 }
 
@@ -416,7 +466,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let order = round_order(round, TOOLS.len());
             for tool in order.into_iter().map(|i| TOOLS[i]) {
                 let mut t = start_tool(tool, &agent, &ns, &dir, &[], &hooks, tick)?;
-                let (n, secs) = storm(&agent, &ns, mode, args)?;
+                let Storm {
+                    count: n,
+                    secs,
+                    failed,
+                } = storm(&agent, &ns, mode, args)?;
+                if failed > 0 {
+                    eprintln!("bench: WARNING {mode} round {round} {tool}: {failed} connects failed in the storm");
+                }
+                if let Some(p) = t.proc.as_mut() {
+                    if let Ok(Some(status)) = p.0.try_wait() {
+                        bail!("{tool} exited during the {mode} storm ({status}): its rate would be nothing's");
+                    }
+                }
                 // Read as the storm ends. What the agent reads after it (its backlog) is left
                 // out: 1 ms of 32 (RST) and of 90 (TIME_WAIT churn) seen here, 1.2 s on; its
                 // exit (final drain, detaching) costs 5 or 6 ms more.
@@ -441,6 +503,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 );
                 samples.push(json!({
                     "mode": mode, "round": round, "tool": tool, "rate": n as f64 / secs, "count": n,
+                    "storm_failed": failed,
+                    "decode_errors": summary.as_ref().map(|s| s["decode_errors"].clone()),
                     "cpu_s": cpu, "cpu_clock": cpu_clock, "hwm_kib": hwm,
                     "final_summary": summary.is_some(),
                     "events": summary.as_ref().map(|s| s["events"].clone()),
@@ -476,16 +540,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             &hooks,
             tick,
         )?;
-        let (n, _) = storm(&agent, &ns, "rst", args)?;
+        let n = storm(&agent, &ns, "rst", args)?.count;
         if let Some(mut p) = t.proc.take() {
             p.interrupt();
         }
-        let s = final_summary(&t.out).unwrap_or(Value::Null);
+        let s = final_summary(&t.out);
+        let final_seen = s.is_some();
+        let s = s.unwrap_or(Value::Null);
         // The agent's warning of the kernel's drops (not of output lines it dropped).
         let warned = fs::read_to_string(dir.join("portx.err"))
             .unwrap_or_default()
             .contains("events (ring buffer full;");
-        json!({"connections": n, "events": s["events"], "lost": s["lost"], "missed": s["missed"], "warned_on_stderr": warned})
+        json!({"connections": n, "events": s["events"], "lost": s["lost"], "missed": s["missed"], "warned_on_stderr": warned, "final_summary": final_seen})
     };
 
     let latency = latency(&agent, args)?;
@@ -609,7 +675,7 @@ fn measured_storm(
     let stats = bpf::RunTimeStats::enable()?;
     let programs0 = own_cpu::programs_of(holder)?;
     let (busy0, cpu0) = (own_cpu::busy_ticks()?, cpu());
-    let (n, _) = storm(agent, ns, mode, args)?;
+    let n = storm(agent, ns, mode, args)?.count;
     let (busy1, cpu1) = (own_cpu::busy_ticks()?, cpu());
     let programs1 = own_cpu::programs_of(holder)?;
     drop(stats);
@@ -713,8 +779,9 @@ fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("at=")?.parse().ok())
             .ok_or_else(|| anyhow!("victim said `{text}`"))?;
-        // A line that never came (10 s) is a sample of its own, counted: not left out of the
-        // percentiles, which would then be of the lines that did come.
+        // A line that never came (10 s) has no time to go into the percentiles; the counts of
+        // lines that came are reported beside them, and the target fails unless every one came
+        // (targets.rs).
         if let Some(at) = wait(&|v| v["type"] == "connect_failed") {
             failed_ms.push(at.saturating_sub(returned) as f64 / 1e6);
         }
@@ -784,6 +851,8 @@ fn report(
     );
     println!("floor-state: the empty program on the state change alone, what a design without syscall hooks would pay");
     println!("portx bench: {} threads, {} s storms, {} rounds, A/B interleaved (ratio = rate with tool / rate with nothing, same round)", args.threads, args.seconds, args.rounds);
+    let run = run_facts(args);
+    println!("run: {run}");
     let clocks: std::collections::BTreeSet<&str> = samples
         .iter()
         .filter_map(|s| s["cpu_clock"].as_str())
@@ -833,7 +902,13 @@ fn report(
                 (format!("{cpu:.3}"), format!("{hwm:.1}"))
             };
             println!("{mode:<8} {tool:<12} {rate:>12.0} {ratio:>8.3} {:>15} {cpu_s:>14} {hwm_s:>9} {loss:>12}", format!("{lo:.3}-{hi:.3}"));
-            let mut row = json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu, "peak_rss_mib": hwm, "lost": lost, "missed": missed});
+            // Null where the table prints "-": no process of the tool's own to measure.
+            let (cpu_j, hwm_j) = if holds_no_process(tool) {
+                (Value::Null, Value::Null)
+            } else {
+                (json!(cpu), json!(hwm))
+            };
+            let mut row = json!({"mode": mode, "tool": tool, "rate": rate, "ratio_median": ratio, "ratio_min": lo, "ratio_max": hi, "cpu_s_per_100k": cpu_j, "peak_rss_mib": hwm_j, "lost": lost, "missed": missed});
             if tool == "portx" {
                 read_vs_made(&mut row, mode, of(tool));
             }
@@ -873,11 +948,35 @@ fn report(
     }
     let targets: Vec<Value> = targets.iter().map(targets::Target::json).collect();
     let tax: serde_json::Map<String, Value> = tax.iter().cloned().collect();
-    let all = json!({"hooks": hooks, "floor_not_mirrored": not_mirrored, "syscall_tax": tax, "table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker, "targets": targets});
+    let all = json!({"run": run, "hooks": hooks, "floor_not_mirrored": not_mirrored, "syscall_tax": tax, "table": table, "against_floor": against, "own_cpu": own, "samples": samples, "undersized_ring": small, "latency": latency, "tracker": tracker, "targets": targets});
     let path = dir.join("last.json");
     fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+/// What ties a JSON to its run: when, on what, and how it was asked for.
+fn run_facts(args: &BenchArgs) -> Value {
+    let text = |c: &mut Command| cmd::output(c).map(|s| s.trim().to_string()).ok();
+    let cpu = fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+        c.lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+            .map(|(_, m)| m.trim().to_string())
+    });
+    json!({
+        "date_utc": text(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        "kernel": text(Command::new("uname").arg("-r")),
+        "cpu_model": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "commit": text(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+        "threads": args.threads,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "modes": args.modes,
+        "own_cpu_storms": args.own_cpu_storms,
+        "syscall_tax_seconds": args.syscall_tax_seconds,
+        "latency_samples": args.latency_samples,
+    })
 }
 
 #[cfg(test)]
