@@ -31,6 +31,20 @@ fn scrape(addr: &str) -> String {
     raw(addr, b"GET /metrics HTTP/1.1\r\nHost: portx\r\n\r\n")
 }
 
+/// The first scrape whose text passes `until`, polled every 200 ms for up to 15 s: the View is
+/// published once a second.
+fn scrape_until(addr: &str, what: &str, until: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = scrape(addr);
+        if until(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "metrics never {what}:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The value of the first sample line that starts with `series`.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -57,21 +71,10 @@ fn metrics_show_the_exhaustion_and_survive_bad_clients() {
         "portx_ports_in_use{{netns=\"{}\",saddr=\"127.0.0.1\",daddr=\"127.0.0.1\",dport=\"9000\",state=\"ESTABLISHED\"}}",
         ns.id
     );
-    // The View is published once a second: poll until it has caught up.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, &est) == Some(16.0)
-            && sample(&text, "portx_connect_eaddrnotavail_total") >= Some(1.0)
-        {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed the exhaustion:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, "showed the exhaustion", |text| {
+        sample(text, &est) == Some(16.0)
+            && sample(text, "portx_connect_eaddrnotavail_total") >= Some(1.0)
+    });
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(
         text.contains("Content-Type: application/openmetrics-text"),
@@ -142,18 +145,9 @@ fn metrics_are_not_narrowed_by_the_print_filters() {
         "portx_ports_in_use{{netns=\"{}\",saddr=\"127.0.0.1\",daddr=\"127.0.0.1\",dport=\"9000\",state=\"ESTABLISHED\"}}",
         ns.id
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, &used) == Some(16.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed :9000 with --dport 9001:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, "showed :9000 with --dport 9001", |text| {
+        sample(text, &used) == Some(16.0)
+    });
     assert!(
         text.lines()
             .any(|l| l.starts_with("portx_process_ports{") && l.contains("comm=\"hog\"")),
@@ -197,19 +191,9 @@ fn udp_and_fixed_port_bind_failures_are_not_tcp_exhaustion() {
     });
     assert_eq!(failed["error"], "EADDRINUSE", "{failed:#}");
     assert_eq!(failed["protocol"], "udp", "{failed:#}");
-    // The View is published once a second: poll until it has caught up.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, "portx_other_socket_failures_total") >= Some(1.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never counted the failure:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, "counted the failure", |text| {
+        sample(text, "portx_other_socket_failures_total") >= Some(1.0)
+    });
     let ctx = format!("{text}\n{}", agent.context());
     assert_eq!(
         sample(&text, "portx_other_socket_failures_total"),
@@ -239,18 +223,9 @@ fn udp_and_fixed_port_bind_failures_are_not_tcp_exhaustion() {
     });
     assert_eq!(failed["protocol"], "tcp", "{failed:#}");
     assert_eq!(failed["sport"], 9000, "{failed:#}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, "portx_other_socket_failures_total") >= Some(2.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never counted the fixed-port failure:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, "counted the fixed-port failure", |text| {
+        sample(text, "portx_other_socket_failures_total") >= Some(2.0)
+    });
     let ctx = format!("{text}\n{}", agent.context());
     assert_eq!(
         sample(&text, "portx_bind_eaddrinuse_total"),
