@@ -554,7 +554,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         json!({"connections": n, "events": s["events"], "lost": s["lost"], "missed": s["missed"], "warned_on_stderr": warned, "final_summary": final_seen})
     };
 
-    let latency = latency(&agent, args)?;
+    let latency = json!({
+        "idle": latency(&agent, args, false)?,
+        "under_rst_storm": latency(&agent, args, true)?,
+    });
     let tracker: Value = {
         let out = cmd::output(Command::new("cargo").current_dir(&root).args([
             "bench",
@@ -691,7 +694,13 @@ fn measured_storm(
 /// Time from a failing connect() returning to the agent's `connect_failed` (and `exhaustion`)
 /// line arriving on its stdout. Victims are spaced just over a second apart so that every one of
 /// them also gets an exhaustion report (rate-limited to one a second per destination).
-fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
+///
+/// `under_storm`: with the RST storm (`args.threads` threads) running in the same namespace the
+/// whole time, so that the agent reads its records and shares the CPUs with it while the
+/// failures come: the minute portx is for, not an idle machine. The storm's connections go to
+/// its own listeners (ports outside the 16-port range), so they take the range's ports too,
+/// each to another destination, while the hog holds every one of them to the victims'.
+fn latency(agent: &Path, args: &BenchArgs, under_storm: bool) -> anyhow::Result<Value> {
     let ns = Netns::new(agent, &sysctls("fail"))?;
     let path = ns.path();
     let _server = Proc(
@@ -759,6 +768,31 @@ fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
         None
     };
     wait(&|v| v["type"] == "started").ok_or_else(|| anyhow!("agent did not start"))?;
+    let storm = if under_storm {
+        // Long enough for every sample (1.1 s apart, each line within milliseconds); waited for
+        // below, so that its rate is the rate the samples were taken under.
+        let seconds = args.latency_samples as f64 * 1.2 + 2.0;
+        let child = Command::new(agent)
+            .args([
+                "workload",
+                "--netns",
+                &path,
+                "storm",
+                "--threads",
+                &args.threads.to_string(),
+                "--seconds",
+                &format!("{seconds:.1}"),
+                "--close",
+                "rst",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the storm")?;
+        Some(Proc(child))
+    } else {
+        None
+    };
     std::thread::sleep(Duration::from_millis(500));
     let (mut failed_ms, mut report_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.latency_samples {
@@ -790,12 +824,44 @@ fn latency(agent: &Path, args: &BenchArgs) -> anyhow::Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(1100));
     }
-    Ok(json!({
+    let mut v = json!({
         "samples": args.latency_samples,
         "connect_failed_lines": failed_ms.len(), "exhaustion_lines": report_ms.len(),
         "connect_failed_p50_ms": median(&mut failed_ms.clone()), "connect_failed_p99_ms": percentile(&mut failed_ms, 0.99),
         "exhaustion_p50_ms": median(&mut report_ms.clone()), "exhaustion_p99_ms": percentile(&mut report_ms, 0.99),
-    }))
+    });
+    if let Some(storm) = storm {
+        v["storm_per_sec"] = storm_rate(storm)?.into();
+    }
+    Ok(v)
+}
+
+/// The connections a second of a latency run's storm, once it has ended by itself: a storm that
+/// failed, or that made no connection, leaves the samples taken on an idle machine, which must
+/// not pass for figures under load.
+fn storm_rate(mut storm: Proc) -> anyhow::Result<f64> {
+    use std::io::Read as _;
+    // Its output is a line or two: the pipes never fill before it exits.
+    let status = storm.0.wait().context("waiting for the storm")?;
+    let (mut text, mut err) = (String::new(), String::new());
+    if let Some(mut o) = storm.0.stdout.take() {
+        o.read_to_string(&mut text)?;
+    }
+    if let Some(mut e) = storm.0.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    let field = |k: &str| -> Option<f64> {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}="))?.parse().ok())
+    };
+    match (status.success(), field("ok"), field("secs")) {
+        (true, Some(ok), Some(secs)) if ok > 0.0 && secs > 0.0 => Ok(ok / secs),
+        _ => bail!(
+            "the storm under the latency samples did not run ({status}): {} {}",
+            text.trim(),
+            err.trim()
+        ),
+    }
 }
 
 /// The `p` percentile of `v` by nearest rank (the smallest value with at least `p` of them at
@@ -939,7 +1005,14 @@ fn report(
         );
     }
     println!("undersized ring buffer (4 KiB, rst storm): {small}");
-    println!("latency failing connect() -> record on stdout: {latency}");
+    println!(
+        "latency failing connect() -> record on stdout, the agent idle: {}",
+        latency["idle"]
+    );
+    println!(
+        "latency failing connect() -> record on stdout, the RST storm running in the same namespace: {}",
+        latency["under_rst_storm"]
+    );
     println!("tracker on synthetic events (one core): {tracker}");
     let targets = targets::judge(&table, small, latency, tracker);
     println!("targets (the performance issue's), in this run:");
