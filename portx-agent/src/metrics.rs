@@ -225,7 +225,7 @@ pub fn render(view: &View, top_k: usize) -> Result<String, std::fmt::Error> {
     counter(
         &mut r,
         "portx_missed_program_runs",
-        "Runs of portx programs the kernel skipped (recursion)",
+        "Runs of portx programs that saw nothing: skipped by the kernel (recursion) or given up",
         t.missed,
     );
     counter(

@@ -183,7 +183,8 @@ pub struct Exhaustion {
     /// Records the kernel could not write (ring buffer full) since the agent started; when not
     /// 0, the counts above may be low until the next resync.
     pub lost: u64,
-    /// Program runs the kernel skipped since start, as of the last summary.
+    /// Program runs that saw nothing (skipped by the kernel, or given up), since start, as of the
+    /// last summary.
     pub missed: u64,
     pub ts: u64,
 }
@@ -227,9 +228,14 @@ pub struct Summary {
     pub events: u64,
     /// Records the kernel could not write (ring buffer full), since start.
     pub lost: u64,
-    /// Program runs the kernel skipped (another BPF program was running on that CPU), since
-    /// start; 0 before Linux 5.12, which does not count them.
+    /// Program runs that saw nothing, since start: the kernel skipped them (another BPF program
+    /// was running on that CPU; 0 before Linux 5.12, which does not count them), or they gave up
+    /// (`gave_up`).
     pub missed: u64,
+    /// Of `missed`, the runs of portx's programs that gave up before writing what they were for:
+    /// a kernel (or user) read that failed, a per-thread note the map had no room for. 0 unless
+    /// something is wrong.
+    pub gave_up: u64,
     /// Records that could not be decoded, since start.
     pub decode_errors: u64,
     /// State changes of sockets the agent never saw connect (see `TrackerCounters`), since start.

@@ -12,8 +12,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use portx_common::{
-    names, Connecting, FailureCount, FailureKey, EADDRINUSE, EADDRNOTAVAIL, FAILURE_RECORD_GAP_NS,
-    FAILURE_WAKE_GAP_NS,
+    drops, names, Connecting, FailureCount, FailureKey, EADDRINUSE, EADDRNOTAVAIL,
+    FAILURE_RECORD_GAP_NS, FAILURE_WAKE_GAP_NS,
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -140,7 +140,19 @@ struct Counters {
     /// Other connect()/bind() failures.
     other_failures: u64,
     lost: u64,
+    /// `skipped` + `gave_up`: what the summaries call `missed`.
     missed: u64,
+    /// Runs of portx's programs the kernel skipped (`prog_stats`).
+    skipped: u64,
+    /// Runs of portx's programs that gave up (`DROPS[GAVE_UP]`).
+    gave_up: u64,
+}
+
+impl Counters {
+    /// Program runs that saw nothing: skipped by the kernel, or given up.
+    fn set_missed(&mut self) {
+        self.missed = self.skipped + self.gave_up;
+    }
 }
 
 /// Rate limit of exhaustion reports, per destination.
@@ -207,10 +219,15 @@ impl<W: io::Write> Session<W> {
         n
     }
 
-    /// Records lost since start, read from the kernel now.
+    /// Records lost since start, read from the kernel now (and the runs that gave up, into
+    /// `missed`).
     fn lost_now(&mut self) -> u64 {
         if let Some(map) = &self.drop_map {
-            self.counters.lost = self.counters.lost.max(drops(map));
+            let [ring_full, gave_up] = drop_counts(map);
+            let c = &mut self.counters;
+            c.lost = c.lost.max(ring_full);
+            c.gave_up = c.gave_up.max(gave_up);
+            c.set_missed();
         }
         self.counters.lost
     }
@@ -653,6 +670,7 @@ impl<W: io::Write> Session<W> {
             events: self.counters.events,
             lost: self.counters.lost,
             missed: self.counters.missed,
+            gave_up: self.counters.gave_up,
             decode_errors: self.counters.decode_errors,
             untracked: self.tracker.counters.untracked,
             evicted: self.tracker.counters.evicted,
@@ -827,14 +845,21 @@ fn read_connect_notes(
     stuck.read(notes, every_family)
 }
 
-fn drops(map: &PerCpuArray<MapData, u64>) -> u64 {
-    match map.get(&0, 0) {
+/// The kernel's `DROPS` entries, each summed over the CPUs: records the full ring had no room
+/// for, program runs that gave up. An entry that cannot be read counts 0 this time (the callers
+/// keep the largest count seen: never lower).
+fn drop_counts(map: &PerCpuArray<MapData, u64>) -> [u64; 2] {
+    let entry = |i: u32, what: &str| match map.get(&i, 0) {
         Ok(values) => values.iter().sum(),
         Err(e) => {
-            tracing::warn!("reading the kernel's drop counter: {e}");
+            tracing::warn!("reading the kernel's count of {what}: {e}");
             0
         }
-    }
+    };
+    [
+        entry(drops::RING_FULL, "records lost"),
+        entry(drops::GAVE_UP, "program runs that gave up"),
+    ]
 }
 
 /// Runs the tracer until SIGINT/SIGTERM (or `duration`); see [`Links`] for what it tells whom.
@@ -1023,6 +1048,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     let mut failures_seen = 0;
     let mut warned_limit = 0;
     let mut warned_lost = 0;
+    let mut warned_gave_up = 0;
     let mut warned_late = 0;
 
     loop {
@@ -1078,16 +1104,27 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                     off = true;
                 }
                 let by_program = prog_stats::missed_runs(&loaded.ebpf);
-                let missed: u64 = by_program.iter().map(|(_, n)| n).sum();
-                if missed > session.counters.missed {
+                let skipped: u64 = by_program.iter().map(|(_, n)| n).sum();
+                if skipped > session.counters.skipped {
                     let detail: Vec<String> =
                         by_program.iter().map(|(p, n)| format!("{p} {n}")).collect();
                     tracing::warn!(
                         "the kernel skipped portx programs {} times (recursion; since start: {}): port counts may be off until the resync this starts",
-                        missed - session.counters.missed,
+                        skipped - session.counters.skipped,
                         detail.join(", ")
                     );
-                    session.counters.missed = missed;
+                    session.counters.skipped = skipped;
+                    session.counters.set_missed();
+                    off = true;
+                }
+                // (lost_now, above, read it.)
+                if session.counters.gave_up > warned_gave_up {
+                    tracing::warn!(
+                        "portx programs gave up {} times (a kernel read failed, or a per-thread map had no room; {} since start, counted as missed): port counts may be off until the resync this starts",
+                        session.counters.gave_up - warned_gave_up,
+                        session.counters.gave_up
+                    );
+                    warned_gave_up = session.counters.gave_up;
                     off = true;
                 }
                 if off {
@@ -1208,7 +1245,7 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
     // written, or after it), and failures counted after the count map's reading, would be
     // missing from the final summary, and not counted as lost either. The rings and maps the
     // agent reads were taken out of `loaded` and stay.
-    let missed: u64 = prog_stats::missed_runs(&loaded.ebpf)
+    let skipped: u64 = prog_stats::missed_runs(&loaded.ebpf)
         .iter()
         .map(|(_, n)| n)
         .sum();
@@ -1221,9 +1258,9 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
         );
     }
     session.read_failure_counts();
-    session.lost_now();
     // A program whose statistics could not be read is left out of the sum: never lower.
-    session.counters.missed = session.counters.missed.max(missed);
+    session.counters.skipped = session.counters.skipped.max(skipped);
+    session.lost_now();
     session.flush_failure_lines(true);
     session.summary(true);
     session.flush();

@@ -60,6 +60,19 @@ pub mod names {
     pub const CONNECTING: &str = "CONNECTING";
 }
 
+/// Entries of the per-CPU `DROPS` array: what the kernel side could not do, counted so that the
+/// agent can say so instead of the loss passing unseen.
+pub mod drops {
+    /// Records not written: the ring buffer was full (the agent's `lost`).
+    pub const RING_FULL: u32 = 0;
+    /// Program runs that gave up before writing what they were for: a kernel or user read that
+    /// failed, a per-thread note the map had no room for (the agent counts these into `missed`,
+    /// with the runs the kernel skipped).
+    pub const GAVE_UP: u32 = 1;
+    /// Entries in the array.
+    pub const COUNT: u32 = 2;
+}
+
 /// Record kinds (`EventHeader::kind`).
 pub mod kind {
     /// A TCP socket changed state (`sock:inet_sock_set_state`): [`super::StateEvent`].
@@ -172,6 +185,7 @@ pub const EINPROGRESS: i32 = 115;
 pub const EADDRNOTAVAIL: i32 = 99;
 pub const EADDRINUSE: i32 = 98;
 pub const ENOMEM: i32 = 12;
+pub const EFAULT: i32 = 14;
 pub const EINTR: i32 = 4;
 /// Kernel-internal: a blocking call interrupted by a signal, restarted or turned into EINTR when
 /// the signal is handled (after the syscall's exit tracepoint and fexit have run).

@@ -14,9 +14,10 @@ use aya_ebpf::{
     programs::{FExitContext, TracePointContext},
 };
 
-use portx_common::{bind_flags, AF_INET, AF_INET6};
+use portx_common::{bind_flags, AF_INET, AF_INET6, EFAULT};
 
 use crate::{
+    emit::{gave_up, ran},
     globals::offsets,
     kernel::{
         current_fd_sock, current_netns, sock_field, sock_netns, syscall_arg_at_exit, syscall_ret,
@@ -30,10 +31,7 @@ static BIND_ARGS: HashMap<u64, InFlight> = HashMap::with_max_entries(16384, 0);
 
 #[tracepoint]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    match sockaddr::enter(&ctx, &BIND_ARGS) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    ran(sockaddr::enter(&ctx, &BIND_ARGS))
 }
 
 /// `syscalls:sys_exit_bind` alone: a failed call's fd and address are still in the registers the
@@ -50,9 +48,11 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     // verifier refused the program (`R8 !read_ok`) once an unrelated change moved registers
     // around (see connect.rs, `UNREAD`).
     let Some(fd) = syscall_arg_at_exit(offset!(regs_arg0)) else {
+        gave_up();
         return 1;
     };
     let Some(uaddr) = syscall_arg_at_exit(offset!(regs_arg1)) else {
+        gave_up();
         return 1;
     };
     failed_call(ret, fd as i32, uaddr)
@@ -65,10 +65,7 @@ pub fn sys_exit_bind_stashed(ctx: TracePointContext) -> u32 {
     let Some(call) = sockaddr::take(&BIND_ARGS, bpf_get_current_pid_tgid()) else {
         return 0;
     };
-    match failed(syscall_ret(&ctx), &call) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    ran(failed(syscall_ret(&ctx), &call))
 }
 
 /// `int __sys_bind(int fd, struct sockaddr __user *umyaddr, int addrlen)`, the syscall's body:
@@ -90,13 +87,15 @@ pub fn sys_bind_fexit(ctx: FExitContext) -> u32 {
 /// agent's or not on an IP address.
 #[inline(always)]
 fn failed_call(ret: i32, fd: i32, uaddr: u64) -> u32 {
+    if ret == -EFAULT {
+        // The address could not be read by the call either: no address to report, nothing
+        // portx missed.
+        return 0;
+    }
     match InFlight::of(bpf_get_current_pid_tgid(), fd, uaddr) {
-        Ok(Some(call)) => match failed(ret, &call) {
-            Ok(()) => 0,
-            Err(_) => 1,
-        },
+        Ok(Some(call)) => ran(failed(ret, &call)),
         Ok(None) => 0,
-        Err(_) => 1,
+        Err(e) => ran(Err(e)),
     }
 }
 

@@ -26,7 +26,7 @@ use portx_common::{
 };
 
 use crate::{
-    emit::{emit, header, header_without_task, Wake},
+    emit::{emit, gave_up, header, header_without_task, Wake},
     failure_counts::{self, Counted},
     globals::{hook_mode, offsets},
     kernel::{current_fd_sock, sock_field, sock_port, syscall_arg_at_exit, syscall_ret},
@@ -81,7 +81,11 @@ pub fn note(pid_tgid: u64, call: &Connecting) -> Option<Connecting> {
             (prev.phase == phase::SEARCH_FAILED).then_some(prev)
         }
         None => {
-            let _ = CONNECTING.insert(&pid_tgid, call, 0);
+            if CONNECTING.insert(&pid_tgid, call, 0).is_err() {
+                // No note: this connect's first record (tracepoint mode) and failure would go
+                // unwritten.
+                gave_up();
+            }
             None
         }
     }
@@ -188,19 +192,15 @@ fn search_error(ret: i32) -> bool {
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let fd = || syscall_arg_at_exit(offset!(regs_arg0)).map(|fd| fd as i32);
-    match exit_connect(syscall_ret(&ctx), fd) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    exit_connect(syscall_ret(&ctx), fd);
+    0
 }
 
 /// `syscalls:sys_exit_connect` where the call's fd cannot be read at exit.
 #[tracepoint]
 pub fn sys_exit_connect_no_fd(ctx: TracePointContext) -> u32 {
-    match exit_connect(syscall_ret(&ctx), || None) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    exit_connect(syscall_ret(&ctx), || None);
+    0
 }
 
 /// `int __sys_connect(int fd, struct sockaddr __user *uservaddr, int addrlen)`, the syscall's
@@ -210,10 +210,8 @@ pub fn sys_exit_connect_no_fd(ctx: TracePointContext) -> u32 {
 pub fn sys_connect_fexit(ctx: FExitContext) -> u32 {
     let ret: u64 = ctx.arg(3);
     let fd = || Some(ctx.arg::<u64>(0) as i32);
-    match exit_connect(ret as i32, fd) {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    exit_connect(ret as i32, fd);
+    0
 }
 
 /// Whether the socket behind the current task's `fd` is `sk`, the one the thread's note names:
@@ -237,20 +235,23 @@ fn fd_is(fd: i32, sk: u64) -> Option<bool> {
 /// syscall tracepoint). Which register holds it, and whether it is spilled, moves with any edit.
 const UNREAD: u32 = u32::MAX;
 
+/// The noted socket's state could not be read: its memory is gone (see `exit_connect`).
+const GONE: u32 = u32::MAX - 1;
+
 /// connect() returned `ret` in the current thread; `fd()` is the call's fd, if it can be read
 /// (only a call that failed other than in its port search reads it).
 #[inline(always)]
-fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
+fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) {
     let Some(entry) = CONNECTING.get_ptr_mut(bpf_get_current_pid_tgid()) else {
         // No TCP socket of this thread ever went into SYN_SENT (or only the agent's, or in a
         // namespace not traced).
-        return Ok(());
+        return;
     };
     // SAFETY: a value of this map; only this thread writes its own entry.
     let call = unsafe { entry.read() };
     if call.phase == phase::TAKEN {
         // Taken by an earlier exit: this call put no TCP socket into SYN_SENT.
-        return Ok(());
+        return;
     }
     // An interrupted call is restarted (SA_RESTART) and waits on for the same socket, whose
     // failure its exit then reports: the note stays, marked opened (any record that opens the
@@ -267,25 +268,25 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         // Left by a connect made outside connect() whose port search failed: its state change,
         // and nothing for this call (which sought no port).
         emit_held_close(&call);
-        return Ok(());
+        return;
     }
     // Right after its connect() returned, the socket is in SYN_SENT (in progress, interrupted)
     // or CLOSE (failed), or already ESTABLISHED (loopback answers before the call returns). An
     // entry left by a connect made outside connect() names a socket that has moved on.
-    let read_state = || -> Result<u32, i64> {
-        let s: u8 = sock_field(call.sk, offsets().sock_state).ok_or(-1i64)?;
-        Ok(u32::from(s))
-    };
+    // Memory that cannot be read is a socket freed long since (KFENCE guards some freed
+    // objects): not this call's, whose fd holds it, and gone, so nothing to report of it.
+    let read_state =
+        || -> u32 { sock_field::<u8>(call.sk, offsets().sock_state).map_or(GONE, u32::from) };
     // Sentinels, not Options, for what this function reads once and keeps across helper calls
     // (see [`UNREAD`]).
     let mut state = UNREAD;
     if call.phase == phase::SEEKING && hook_mode() == hook_mode::TRACEPOINT {
-        state = read_state()?;
+        state = read_state();
         opened_late(&call, state);
     }
     if ret == 0 {
         // The common case, a connect() that succeeded.
-        return Ok(());
+        return;
     }
     if ret == -EINPROGRESS || interrupted(ret) {
         // A connect still in progress has its port by now (an interrupted one too: not a
@@ -296,10 +297,10 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         // seen there), need it read here. A blocking connect's port arrives with
         // SYN_SENT->ESTABLISHED.
         if hook_mode() == hook_mode::TRACEPOINT || call.family != AF_INET6 {
-            return Ok(());
+            return;
         }
         if state == UNREAD {
-            state = read_state()?;
+            state = read_state();
         }
         if state == tcp_state::SYN_SENT || state == tcp_state::ESTABLISHED {
             emit(
@@ -314,7 +315,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
                 Wake::Batch,
             );
         }
-        return Ok(());
+        return;
     }
     // A failed search was marked by this thread's SYN_SENT->CLOSE: the socket is closed, and the
     // range full for its destination. (Its fd is not followed: that would cost each failure of
@@ -329,16 +330,16 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         // a connect failure portx reports, and never against another socket's destination.
         fd_read = fd().unwrap_or(-1);
         if fd_is(fd_read, call.sk) == Some(false) {
-            return Ok(());
+            return;
         }
         // Any failure after SYN_SENT closes the socket before connect() returns
         // (tcp_v4_connect's failure path, or a handshake that failed while the call waited): a
         // socket not in CLOSE is not this call's (where its fd could not tell).
         if state == UNREAD {
-            state = read_state()?;
+            state = read_state();
         }
         if state != tcp_state::CLOSE {
-            return Ok(());
+            return;
         }
     }
     // Counted where no record opened the connect (where one did, in kprobe mode and for IPv6
@@ -359,7 +360,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         Counted::Alone
     };
     let (flags, count, born_ns) = match counted {
-        Counted::Held => return Ok(()),
+        Counted::Held => return,
         Counted::Alone => (0, 0, 0),
         Counted::Record { count, born_ns } => (fail_flags::COUNTED, count, born_ns),
     };
@@ -380,7 +381,6 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) -> Result<(), i64> {
         },
         Wake::Now,
     );
-    Ok(())
 }
 
 /// Whether the noted socket still has the note's destination address: with the port alone, a
@@ -424,15 +424,21 @@ fn same_daddr(call: &Connecting) -> bool {
 /// longer matches, unless the new socket connected to the same one.
 #[inline(always)]
 fn opened_late(call: &Connecting, state: u32) {
-    if state == tcp_state::CLOSE {
+    if state == tcp_state::CLOSE || state == GONE {
         return;
     }
-    let dport: u16 = sock_field(call.sk, offsets().sock_dport).unwrap_or(0);
+    let Some(dport) = sock_field::<u16>(call.sk, offsets().sock_dport) else {
+        gave_up();
+        return;
+    };
     if dport != call.dport.to_be() || !same_daddr(call) {
         return;
     }
     // inet_sport, network order, as every state record reads the port.
-    let sport: u16 = sock_field(call.sk, offsets().inet_sport).unwrap_or(0);
+    let Some(sport) = sock_field::<u16>(call.sk, offsets().inet_sport) else {
+        gave_up();
+        return;
+    };
     if sport == 0 {
         return;
     }

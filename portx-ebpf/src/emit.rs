@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use portx_common::{EventHeader, Record, FAILURE_WAKE_GAP_NS, TASK_COMM_LEN};
+use portx_common::{drops, EventHeader, Record, FAILURE_WAKE_GAP_NS, TASK_COMM_LEN};
 
 use crate::globals::{ring_count, wakeup_bytes};
 
@@ -58,9 +58,41 @@ fn ring() -> &'static RingBuf {
     }
 }
 
-/// Records that could not be written because the ring buffer was full, per CPU.
+/// What could not be done, per CPU, by [`drops`] entry: records the full ring buffer had no room
+/// for, program runs that gave up.
 #[map(name = "DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drops::COUNT, 0);
+
+/// Adds one to this CPU's `DROPS[entry]`. Per-CPU, but not alone on its CPU: a state change in
+/// softirq can interrupt a program between a plain load and store (and fexit programs can be
+/// preempted), and that one would go uncounted. An atomic add, as `failure_counts` does.
+#[inline(always)]
+fn count_drop(entry: u32) {
+    if let Some(count) = DROPS.get_ptr_mut(entry) {
+        // SAFETY: a u64-aligned value of this map.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
+    }
+}
+
+/// A program run that gave up before writing what it was for (a read that failed, a note the
+/// map had no room for): counted, for the agent to report as missed. Only on paths that never
+/// run in normal operation.
+#[inline(always)]
+pub fn gave_up() {
+    count_drop(drops::GAVE_UP);
+}
+
+/// A program's return value for what its work returned, an error counted by [`gave_up`].
+#[inline(always)]
+pub fn ran<E>(done: Result<(), E>) -> u32 {
+    match done {
+        Ok(()) => 0,
+        Err(_) => {
+            gave_up();
+            1
+        }
+    }
+}
 
 /// When a failure record last woke the agent, per CPU (`bpf_ktime_get_ns`).
 #[map(name = "LAST_WAKE")]
@@ -147,15 +179,7 @@ pub fn emit<T: Record + 'static>(event: T, wake: Wake) {
             };
             entry.submit(flags);
         }
-        None => {
-            if let Some(count) = DROPS.get_ptr_mut(0) {
-                // Per-CPU, but not alone on its CPU: a state change in softirq can interrupt a
-                // program between a plain load and store (and fexit programs can be preempted),
-                // and that drop would go uncounted. An atomic add, as `failure_counts` does.
-                // SAFETY: a u64-aligned value of this map.
-                unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
-            }
-        }
+        None => count_drop(drops::RING_FULL),
     }
 }
 

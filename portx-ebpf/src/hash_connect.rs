@@ -13,7 +13,7 @@ use aya_ebpf::{
 use portx_common::{hook_mode, kind, PortEvent};
 
 use crate::{
-    emit::{emit, header, Wake},
+    emit::{emit, gave_up, header, ran, Wake},
     globals::agent_tgid,
     kernel::{sock_netns, sock_port},
     netns_filter, state,
@@ -68,10 +68,7 @@ pub fn inet_hash_connect_fexit(ctx: FExitContext) -> u32 {
     } else {
         state::connect_with_port(ctx.arg(1))
     };
-    match done {
-        Ok(()) => 0,
-        Err(()) => 1,
-    }
+    ran(done)
 }
 
 #[kprobe]
@@ -81,9 +78,13 @@ pub fn inet_hash_connect_entry(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let Some(sk) = ctx.arg::<u64>(1) else {
+        gave_up();
         return 1;
     };
-    let _ = HASH_SK.insert(&pid_tgid, &sk, 0);
+    if HASH_SK.insert(&pid_tgid, &sk, 0).is_err() {
+        // The kretprobe would find no socket, and the connect no port.
+        gave_up();
+    }
     0
 }
 

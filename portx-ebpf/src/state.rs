@@ -23,7 +23,7 @@ use portx_common::{
 
 use crate::{
     connect::{self, phase, FromSynSent},
-    emit::{emit, header, header_without_task, Wake},
+    emit::{emit, header, header_without_task, ran, Wake},
     globals::{agent_tgid, hook_mode, offsets},
     kernel::{btf_load, btf_load_in6, netns_by_cookie, netns_of, sock_field, sock_netns},
     netns_filter, offset,
@@ -62,15 +62,12 @@ fn on_state<C: EbpfContext>(ctx: &C, sk: u64, old: u32, new: u32, read: &impl So
     match accepted(sk, read) {
         Ok(false) => {}
         Ok(true) => return 0,
-        Err(()) => return 1,
+        Err(()) => return ran(Err(())) as i32,
     }
     match read.tcp(sk) {
-        Ok(Some(tcp)) => match state_change(ctx, tcp, old, new, read) {
-            Ok(()) => 0,
-            Err(()) => 1,
-        },
+        Ok(Some(tcp)) => ran(state_change(ctx, tcp, old, new, read)) as i32,
         Ok(None) => 0,
-        Err(()) => 1,
+        Err(()) => ran(Err(())) as i32,
     }
 }
 

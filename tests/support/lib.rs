@@ -520,10 +520,18 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut rest = Vec::new();
+        let mut rest: Vec<Value> = Vec::new();
         while let Ok(line) = self.records.recv_timeout(Duration::from_secs(2)) {
             rest.push(
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+            );
+        }
+        for s in rest.iter().filter(|v| v["type"] == "summary") {
+            assert_eq!(
+                s["gave_up"].as_u64(),
+                Some(0),
+                "a summary with program runs that gave up: {s}\nstderr:\n{}",
+                self.stderr()
             );
         }
         (status, rest)
@@ -550,13 +558,44 @@ impl Drop for Agent {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
-                    return;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
+        if !std::thread::panicking() {
+            self.assert_no_program_gave_up();
+        }
+    }
+}
+
+impl Agent {
+    /// No run of portx's programs gave up (a read that failed, a note with no room): that
+    /// happens only where something is wrong, so every test that runs the agent checks it, in
+    /// every hook mode the VM matrix runs (its warning, and the final summary's `gave_up` where
+    /// the test stopped the agent itself).
+    fn assert_no_program_gave_up(&mut self) {
+        // What the test did not read, up to the final summary (the agent has exited: the
+        // channel ends once its stdout is drained).
+        while let Ok(line) = self.records.recv_timeout(Duration::from_secs(2)) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                self.seen.push(v);
+            }
+        }
+        let said = self.stderr();
+        for s in self.seen.iter().filter(|v| v["type"] == "summary") {
+            assert_eq!(
+                s["gave_up"].as_u64(),
+                Some(0),
+                "a summary with program runs that gave up: {s}\nstderr:\n{said}"
+            );
+        }
+        assert!(
+            !said.contains("programs gave up"),
+            "portx programs gave up:\n{said}"
+        );
     }
 }
 
