@@ -251,7 +251,7 @@ fn syscall_failure(buf: &[u8]) -> Result<SyscallFailure, DecodeError> {
                     dport: e.port,
                     daddr: e.addr,
                     bound: u16::from(bound_port != 0),
-                    _pad: 0,
+                    cpu: fail_flags::cpu(e.hdr.flags),
                 },
                 count: e.count,
                 born_ns: e.born_ns,
@@ -480,6 +480,21 @@ mod tests {
             },
             key
         );
+        // Each CPU's entry of a key is a key of its own: the record carries which.
+        let mut on_cpu = counted;
+        on_cpu.hdr.flags =
+            fail_flags::with_bound_port(fail_flags::with_cpu(fail_flags::COUNTED, 37), 30000);
+        let Ok(Event::ConnectFailed(f)) = decode(&as_bytes(&on_cpu)) else {
+            panic!("not a connect failure")
+        };
+        let Tally::Counted { key: cpu_key, .. } = f.tally else {
+            panic!("not counted: {f:?}")
+        };
+        assert_eq!(
+            (cpu_key.cpu, cpu_key.bound, f.bound()),
+            (37, 1, Some(30000))
+        );
+        assert_eq!(FailureKey { cpu: 0, ..cpu_key }, bound_key);
         // The flag, not the fields, says it was counted.
         let mut unflagged = counted;
         unflagged.hdr.flags = 0;

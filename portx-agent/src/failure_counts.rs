@@ -189,7 +189,7 @@ mod tests {
             dport: 443,
             daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             bound: 0,
-            _pad: 0,
+            cpu: 0,
         }
     }
 
@@ -244,8 +244,8 @@ mod tests {
     fn records_and_readings_account_each_failure_once_in_any_order() {
         let mut c = FailureCounts::new();
         let k = key(7);
-        // The first failure's record, then nine held back, then a record on another CPU
-        // carrying the count as it read it after its own add.
+        // The first failure's record, then nine held back, then a record from another thread
+        // (a preempted one, on the same CPU) carrying the count as it read it after its add.
         assert_eq!(c.on_record(k, 1, 100, task(7, 7), 0), 1);
         assert_eq!(c.on_record(k, 10, 100, task(7, 8), 0), 9);
         // A reading finds 5 more no record brought; the record carrying 13 comes after it
@@ -267,6 +267,29 @@ mod tests {
             c.read(vec![(k, entry(16, 100))], |_| false, 0),
             Reading::default()
         );
+    }
+
+    #[test]
+    fn each_cpus_entry_of_a_destination_is_accounted_apart() {
+        // Two threads failing towards one destination on CPUs 0 and 1: the kernel counts them in
+        // two entries, each from 1. Taken for one key, the second CPU's first record would be
+        // "already accounted" and its failures lost.
+        let mut c = FailureCounts::new();
+        let (on0, on1) = (key(7), FailureKey { cpu: 1, ..key(7) });
+        assert_eq!(c.on_record(on0, 1, 100, task(7, 7), 0), 1);
+        assert_eq!(c.on_record(on1, 1, 105, task(7, 8), 0), 1);
+        let r = c.read(
+            vec![(on0, entry(5, 100)), (on1, entry(3, 105))],
+            |_| false,
+            0,
+        );
+        let mut found: Vec<(u16, u64)> = r
+            .unaccounted
+            .iter()
+            .map(|u| (u.key.cpu, u.failures))
+            .collect();
+        found.sort();
+        assert_eq!(found, vec![(0, 4), (1, 2)]);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! SYN_SENT->CLOSE (see [`phase::SEARCH_FAILED`]); where no record opened the connect, a
 //! failure is counted and gets a record only now and then (see `failure_counts`).
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id},
     macros::{fexit, map, tracepoint},
     maps::LruHashMap,
     programs::{FExitContext, TracePointContext},
@@ -345,6 +345,8 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) {
     // Counted where no record opened the connect (where one did, in kprobe mode and for IPv6
     // in fentry mode, the agent waits for this record to close it).
     let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a helper without arguments.
+    let cpu = fail_flags::key_cpu(unsafe { bpf_get_smp_processor_id() });
     let counted = if deferred(call.family) {
         failure_counts::count(&FailureKey {
             tgid: (pid_tgid >> 32) as u32,
@@ -354,7 +356,7 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) {
             dport: call.dport,
             daddr: call.daddr,
             bound: u16::from(call.bound_port != 0),
-            _pad: 0,
+            cpu,
         })
     } else {
         Counted::Alone
@@ -362,7 +364,11 @@ fn exit_connect(ret: i32, fd: impl FnOnce() -> Option<i32>) {
     let (flags, count, born_ns) = match counted {
         Counted::Held => return,
         Counted::Alone => (0, 0, 0),
-        Counted::Record { count, born_ns } => (fail_flags::COUNTED, count, born_ns),
+        Counted::Record { count, born_ns } => (
+            fail_flags::with_cpu(fail_flags::COUNTED, cpu),
+            count,
+            born_ns,
+        ),
     };
     let flags = fail_flags::with_bound_port(flags, call.bound_port);
     // For a failed search, this record also stands for the SYN_SENT->CLOSE not written.

@@ -1,8 +1,10 @@
 //! Failing connect()s counted per key instead of a record each: a retry loop failing 300k times
 //! a second wrote 300k records, each ~115 ns of connect()'s exit and ~180 ns of the agent's CPU.
 //!
-//! A key's ([`FailureKey`]: process, namespace, destination, errno, whether bound) first failure
-//! gets a record at once, and so does the first after `FAILURE_RECORD_GAP_NS` without one; every
+//! A key ([`FailureKey`]: process, namespace, destination, errno, whether bound, and the CPU
+//! that counts it: threads failing towards one destination on several CPUs each add to an entry
+//! of their CPU's, not all to one cache line) gets a record for its first failure at once, and
+//! so does the first after `FAILURE_RECORD_GAP_NS` without one; every
 //! failure adds one to the key's count. A record carries the count, so it stands for the
 //! failures before it that had none; those after a key's last record the agent finds in the
 //! map, which it reads once a second. Nothing is reset, so the agent's reads race with nothing:
@@ -58,7 +60,9 @@ pub fn count(key: &FailureKey) -> Counted {
     match FAILURE_COUNTS.get_ptr_mut(key) {
         Some(entry) => {
             // SAFETY: a value of this map, u64-aligned; `count` is only ever changed by this
-            // atomic add (an `add` without fetch: every kernel back to 5.10 has it), the other
+            // atomic add (an `add` without fetch: every kernel back to 5.10 has it; the entry is
+            // this CPU's, but a thread preempted in this program on a preemptible kernel can
+            // meet another one here), the other
             // fields by plain stores (a race there costs at most a record more or less, never
             // a failure: the count has it).
             // (`AtomicU64::fetch_add` needs compare-and-swap, which this target lacks; the
