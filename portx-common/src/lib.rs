@@ -330,15 +330,16 @@ pub struct FailureKey {
     pub cpu: u16,
 }
 
-/// A `FAILURE_COUNTS` entry. The kernel only ever adds to `count` (atomically: CPUs failing
-/// under one key share it), so the agent reading it races with nothing; it deletes an entry only
-/// once the entry's process is gone.
+/// A `FAILURE_COUNTS` entry. The kernel only ever adds to `count` (atomically: the entry is its
+/// CPU's, see [`FailureKey::cpu`], but a thread preempted inside the program on a preemptible
+/// kernel can meet another one there), so the agent reading it races with nothing; it deletes an
+/// entry once the entry's process is gone, or, with the map half full, once it has been idle.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FailureCount {
     /// Failures counted under the key since the entry was made.
     pub count: u64,
-    /// When a failure of the key last got a record (`bpf_ktime_get_ns`; any CPU).
+    /// When a failure of the key last got a record (`bpf_ktime_get_ns`).
     pub last_record_ns: u64,
     /// When the entry was made: tells an entry from one made again for the same key after the
     /// agent deleted it.
