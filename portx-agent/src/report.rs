@@ -362,13 +362,25 @@ pub fn protocol_name(protocol: u16) -> &'static str {
     }
 }
 
-/// Exhaustion report for one destination (`dest` = Some) or a whole netns (`dest` = None).
-/// `bind_zero` are the processes seen failing bind(0) in this netns (bind-before-connect).
-/// `victim_port` is the port the failing connect()'s socket was bound to, if any.
+/// What ran out, as an exhaustion report tells it.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// A connect() to a destination the table holds ports to.
+    Destination(&'a DestKey),
+    /// A connect() to a destination the table holds nothing to (its ports held by bind(), or by
+    /// sockets older than the agent): its address and port; how full the range is, unknown.
+    Untracked(IpAddr, u16),
+    /// A bind() in the namespace: the namespace's whole table.
+    Namespace,
+}
+
+/// Exhaustion report for `scope`, with `stats` of what the table holds there. `bind_zero` are
+/// the processes seen failing bind(0) in this netns (bind-before-connect). `victim_port` is the
+/// port the failing connect()'s socket was bound to, if any.
 #[allow(clippy::too_many_arguments)]
 pub fn exhaustion(
     netns: u32,
-    dest: Option<&DestKey>,
+    scope: Scope<'_>,
     stats: &DestStats,
     settings: Option<&PortSettings>,
     victim: &Task,
@@ -378,25 +390,35 @@ pub fn exhaustion(
     bind_zero: &[(u32, String)],
 ) -> Exhaustion {
     let range = settings.map(PortSettings::usable);
+    let (saddr, daddr, dport) = match scope {
+        Scope::Destination(d) => (Some(d.saddr), Some(d.daddr), Some(d.dport)),
+        Scope::Untracked(addr, port) => (None, Some(addr), Some(port)),
+        Scope::Namespace => (None, None, None),
+    };
+    // A report for a destination is a connect()'s; a namespace's, a bind()'s.
+    let connect = daddr.is_some();
     let explain = advice::advise(&advice::Evidence {
         settings,
         stats,
-        loopback: dest.is_some_and(|d| d.daddr.is_loopback()),
+        loopback: daddr.is_some_and(|a| a.is_loopback()),
         bind_zero_failures: bind_zero,
-        per_destination: dest.is_some(),
+        per_destination: connect,
         victim_bound_port: victim_port,
-        // A report for a destination is a connect()'s; a namespace's, a bind()'s.
-        connect_failed: dest.is_some(),
+        connect_failed: connect,
     });
     Exhaustion {
         netns,
-        saddr: dest.map(|d| d.saddr.to_string()),
-        daddr: dest.map(|d| d.daddr.to_string()),
-        dport: dest.map(|d| d.dport),
+        saddr: saddr.map(|a| a.to_string()),
+        daddr: daddr.map(|a| a.to_string()),
+        dport,
         range,
         in_use: stats.in_use,
         outside_range: stats.outside_range,
-        utilization: utilization(stats.in_range(), range),
+        // Not 0 of the range where nothing is tracked: unknown.
+        utilization: match scope {
+            Scope::Untracked(..) => None,
+            _ => utilization(stats.in_range(), range),
+        },
         by_state: by_state(stats),
         holders: holders(stats),
         victim: Victim {
@@ -500,7 +522,7 @@ mod tests {
         };
         let rec = Record::Exhaustion(exhaustion(
             5,
-            Some(&key),
+            Scope::Destination(&key),
             &stats(),
             Some(&settings()),
             &victim,
@@ -529,7 +551,7 @@ mod tests {
         // the range, which did not fail it.
         let v = serde_json::to_value(exhaustion(
             5,
-            Some(&key),
+            Scope::Destination(&key),
             &stats(),
             Some(&settings()),
             &victim,
@@ -542,6 +564,50 @@ mod tests {
         assert_eq!(v["victim"]["sport"], 30000);
         assert!(says(&v, "bound to port 30000"), "{v:#}");
         assert!(!says(&v, "narrower"), "{v:#}");
+    }
+
+    #[test]
+    fn a_destination_with_nothing_tracked_is_reported_as_that_destination() {
+        let victim = Task {
+            pid: 99,
+            tid: 100,
+            comm: Comm::new("victim"),
+        };
+        let v = serde_json::to_value(exhaustion(
+            5,
+            Scope::Untracked("127.0.0.1".parse().unwrap(), 9000),
+            &DestStats::default(),
+            Some(&settings()),
+            &victim,
+            None,
+            1,
+            123,
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(
+            (&v["daddr"], &v["dport"]),
+            (&"127.0.0.1".into(), &9000.into())
+        );
+        assert!(v["saddr"].is_null() && v["utilization"].is_null(), "{v:#}");
+        // A connect()'s advice, not a bind()'s: nothing to it in use points at bound ports.
+        assert!(says(&v, "fewer than the range"), "{v:#}");
+        let ns = serde_json::to_value(exhaustion(
+            5,
+            Scope::Namespace,
+            &DestStats::default(),
+            Some(&settings()),
+            &victim,
+            None,
+            1,
+            123,
+            &[],
+        ))
+        .unwrap();
+        assert!(
+            ns["daddr"].is_null() && !says(&ns, "fewer than the range"),
+            "{ns:#}"
+        );
     }
 
     /// True if one of the report's findings contains `what`.

@@ -140,8 +140,6 @@ struct Counters {
     /// Other connect()/bind() failures.
     other_failures: u64,
     lost: u64,
-    /// `skipped` + `gave_up`: what the summaries call `missed`.
-    missed: u64,
     /// Runs of portx's programs the kernel skipped (`prog_stats`).
     skipped: u64,
     /// Runs of portx's programs that gave up (`DROPS[GAVE_UP]`).
@@ -149,9 +147,10 @@ struct Counters {
 }
 
 impl Counters {
-    /// Program runs that saw nothing: skipped by the kernel, or given up.
-    fn set_missed(&mut self) {
-        self.missed = self.skipped + self.gave_up;
+    /// Program runs that saw nothing, what the summaries call `missed`: skipped by the
+    /// kernel, or given up.
+    fn missed(&self) -> u64 {
+        self.skipped + self.gave_up
     }
 }
 
@@ -227,7 +226,6 @@ impl<W: io::Write> Session<W> {
             let c = &mut self.counters;
             c.lost = c.lost.max(ring_full);
             c.gave_up = c.gave_up.max(gave_up);
-            c.set_missed();
         }
         self.counters.lost
     }
@@ -236,7 +234,7 @@ impl<W: io::Write> Session<W> {
     /// and who its processes are.
     fn emit_exhaustion(&mut self, mut rec: report::Exhaustion) {
         rec.lost = self.lost_now();
-        rec.missed = self.counters.missed;
+        rec.missed = self.counters.missed();
         rec.victim.who = self.who(rec.victim.pid);
         self.name_holders(&mut rec.holders);
         self.emit(&Record::Exhaustion(rec));
@@ -473,50 +471,25 @@ impl<W: io::Write> Session<W> {
             return;
         };
         let settings = self.port_settings(f.netns, Some(f.task.pid), true);
-        let rec = match self.tracker.busiest_for(&target) {
-            Some((key, stats)) => report::exhaustion(
-                f.netns,
-                Some(&key),
-                stats,
-                settings.as_ref(),
-                &f.task,
-                f.bound(),
-                failures,
-                ts,
-                self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
-            ),
-            None => {
-                // Nothing tracked for this destination: say so rather than invent holders. The
-                // ports may be held by bind() or by sockets older than the agent.
-                let mut e = report::exhaustion(
-                    f.netns,
-                    None,
-                    &Default::default(),
-                    settings.as_ref(),
-                    &f.task,
-                    f.bound(),
-                    failures,
-                    ts,
-                    self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
-                );
-                e.daddr = Some(f.addr.to_string());
-                e.dport = Some(f.port);
-                // Not 0 of the range: unknown.
-                e.utilization = None;
-                // The advice of a connect() to one destination (the report above is built as
-                // a namespace's): with nothing to it in use, ports bound elsewhere are the lead.
-                e.explain = crate::advice::advise(&crate::advice::Evidence {
-                    settings: settings.as_ref(),
-                    stats: &Default::default(),
-                    loopback: f.addr.is_loopback(),
-                    bind_zero_failures: self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
-                    per_destination: true,
-                    victim_bound_port: f.bound(),
-                    connect_failed: true,
-                });
-                e
-            }
+        let busiest = self.tracker.busiest_for(&target);
+        let nothing = DestStats::default();
+        let (scope, stats) = match &busiest {
+            Some((key, stats)) => (report::Scope::Destination(key), *stats),
+            // Nothing tracked for this destination: say so rather than invent holders. The
+            // ports may be held by bind() or by sockets older than the agent.
+            None => (report::Scope::Untracked(f.addr, f.port), &nothing),
         };
+        let rec = report::exhaustion(
+            f.netns,
+            scope,
+            stats,
+            settings.as_ref(),
+            &f.task,
+            f.bound(),
+            failures,
+            ts,
+            self.bind_zero.get(&f.netns).map_or(&[][..], Vec::as_slice),
+        );
         self.emit_exhaustion(rec);
     }
 
@@ -552,7 +525,7 @@ impl<W: io::Write> Session<W> {
         let usage = self.tracker.netns_usage(f.netns);
         let rec = report::exhaustion(
             f.netns,
-            None,
+            report::Scope::Namespace,
             &usage,
             settings.as_ref(),
             &f.task,
@@ -669,7 +642,7 @@ impl<W: io::Write> Session<W> {
             pending: self.tracker.pending(),
             events: self.counters.events,
             lost: self.counters.lost,
-            missed: self.counters.missed,
+            missed: self.counters.missed(),
             gave_up: self.counters.gave_up,
             decode_errors: self.counters.decode_errors,
             untracked: self.tracker.counters.untracked,
@@ -753,7 +726,7 @@ impl<W: io::Write> Session<W> {
             totals: Totals {
                 events: self.counters.events,
                 lost: self.lost_now(),
-                missed: self.counters.missed,
+                missed: self.counters.missed(),
                 decode_errors: self.counters.decode_errors,
                 connect_eaddrnotavail: self.counters.connect_failures,
                 bind_eaddrinuse: self.counters.bind_failures,
@@ -1114,7 +1087,6 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                         detail.join(", ")
                     );
                     session.counters.skipped = skipped;
-                    session.counters.set_missed();
                     off = true;
                 }
                 // (lost_now, above, read it.)
