@@ -209,6 +209,12 @@ struct Storm {
     failed: u64,
 }
 
+/// The value of `key=value` in a workload's output (`storm ok=N failed=M secs=S`, `at=T`).
+fn said<T: std::str::FromStr>(text: &str, key: &str) -> Option<T> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
 /// Runs the storm in the namespace.
 fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Result<Storm> {
     let out = cmd::output(Command::new(agent).args([
@@ -223,10 +229,7 @@ fn storm(agent: &Path, ns: &Netns, mode: &str, args: &BenchArgs) -> anyhow::Resu
         "--close",
         mode,
     ]))?;
-    let field = |k: &str| -> Option<f64> {
-        out.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}="))?.parse().ok())
-    };
+    let field = |k: &str| said::<f64>(&out, k);
     let n = if failing(mode) {
         field("failed")
     } else {
@@ -809,10 +812,7 @@ fn latency(agent: &Path, args: &BenchArgs, under_storm: bool) -> anyhow::Result<
             ])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let returned: u128 = text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("at=")?.parse().ok())
-            .ok_or_else(|| anyhow!("victim said `{text}`"))?;
+        let returned: u128 = said(&text, "at").ok_or_else(|| anyhow!("victim said `{text}`"))?;
         // A line that never came (10 s) has no time to go into the percentiles; the counts of
         // lines that came are reported beside them, and the target fails unless every one came
         // (targets.rs).
@@ -850,10 +850,7 @@ fn storm_rate(mut storm: Proc) -> anyhow::Result<f64> {
     if let Some(mut e) = storm.0.stderr.take() {
         e.read_to_string(&mut err)?;
     }
-    let field = |k: &str| -> Option<f64> {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}="))?.parse().ok())
-    };
+    let field = |k: &str| said::<f64>(&text, k);
     match (status.success(), field("ok"), field("secs")) {
         (true, Some(ok), Some(secs)) if ok > 0.0 && secs > 0.0 => Ok(ok / secs),
         _ => bail!(
@@ -1084,6 +1081,15 @@ mod tests {
         }
         assert_eq!(after.len(), n * (n - 1), "every ordered pair: {after:?}");
         assert!(after.values().all(|c| *c == 1), "{after:?}");
+    }
+
+    #[test]
+    fn a_workload_value_is_found_by_its_whole_key() {
+        let out = "storm ok=120 failed=3 secs=3.001";
+        assert_eq!(said::<u64>(out, "ok"), Some(120));
+        assert_eq!(said::<f64>(out, "secs"), Some(3.001));
+        assert_eq!(said::<u64>(out, "fail"), None, "a prefix of another key");
+        assert_eq!(said::<u64>(out, "lost"), None);
     }
 
     #[test]

@@ -124,8 +124,12 @@ fn tree(root: u32) -> Vec<u32> {
 /// The parent pid in a `/proc/<pid>/stat` line: the second field after the command, which is
 /// in parentheses and may itself hold spaces and parentheses.
 fn ppid_of(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
+    after_comm(stat).split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `/proc/<pid>/stat` line past its command (state first); empty if it has none.
+fn after_comm(stat: &str) -> &str {
+    stat.rfind(')').map_or("", |i| &stat[i + 1..])
 }
 
 /// SIGTERM to `root`'s tree (children first, so that none is reparented away before it is
@@ -153,10 +157,7 @@ fn stop_tree(root: u32) -> usize {
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            let after = &s[s.rfind(')')? + 1..];
-            after.split_whitespace().next().map(|state| state != "Z")
-        })
+        .and_then(|s| after_comm(&s).split_whitespace().next().map(|st| st != "Z"))
         .unwrap_or(false)
 }
 
