@@ -181,6 +181,59 @@ fn lost_records_bring_a_resync_at_once() {
     );
 }
 
+/// State changes lost to a full ring leave sockets in the table in states the kernel has left
+/// behind; the resync they bring corrects them and counts them (`repaired`), on stderr too.
+#[test]
+fn sockets_whose_state_changes_were_lost_are_repaired_and_counted() {
+    let _g = serial();
+    if !require_root("sockets_whose_state_changes_were_lost_are_repaired_and_counted") {
+        return;
+    }
+    let mut ns = Netns::new_with(&["net.ipv4.ip_local_port_range=40000 40999"]);
+    ns.serve(&[V4]);
+    let mut agent = Agent::start_with(ns.id, &["--ring-buffer-kib", "4", "--resync", "3600"]);
+    agent.wait_for("started", |v| v["type"] == "started");
+    // With nothing reading the rings, a hog opens more connections than they hold records of
+    // and is killed: the rings keep the first records, openings, and lose the rest, those
+    // sockets' ends included. The kernel has them in TIME_WAIT (the hog closed first), the
+    // table, once read, still open.
+    const HELD: u32 = 300;
+    // SAFETY: signals to processes we started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    let mut hog = ns.spawn(
+        "hog",
+        &["hold", "--connect", V4, "--count", &HELD.to_string()],
+    );
+    hog.expect(&format!("held {HELD}"));
+    unsafe { libc::kill(hog.pid() as i32, libc::SIGKILL) };
+    hog.wait();
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+    let s = summary(&mut agent, 0, |v| field(v, "repaired") > 0);
+    println!(
+        "lost {}, read {}, repaired {}",
+        field(&s, "lost"),
+        field(&s, "events"),
+        field(&s, "repaired")
+    );
+    assert!(field(&s, "lost") > 0, "{}", agent.context());
+    assert!(
+        field(&s, "repaired") <= u64::from(HELD),
+        "more repaired than sockets: {}",
+        agent.context()
+    );
+    assert!(
+        agent.stderr_says("sockets were held in a state the kernel no longer reports"),
+        "{}",
+        agent.context()
+    );
+    let d = s["destinations"].as_array().and_then(|d| d.first());
+    assert!(
+        d.is_some_and(|d| d["by_state"]["ESTABLISHED"].is_null()),
+        "an open socket is left in the table: {}",
+        agent.context()
+    );
+}
+
 #[test]
 fn at_the_socket_limit_the_oldest_time_wait_goes_first_and_is_counted() {
     let _g = serial();

@@ -230,6 +230,12 @@ pub fn render(view: &View, top_k: usize) -> Result<String, std::fmt::Error> {
     );
     counter(
         &mut r,
+        "portx_repaired_sockets",
+        "Sockets a resync found in a live state the kernel no longer reports: state changes that came in no record (lost, or not run by the kernel), corrected then",
+        t.repaired,
+    );
+    counter(
+        &mut r,
         "portx_decode_errors",
         "Records that could not be decoded",
         t.decode_errors,
@@ -331,6 +337,7 @@ mod tests {
             totals: Totals {
                 events: 100,
                 lost: 3,
+                repaired: 2,
                 connect_eaddrnotavail: 5,
                 tracked: 23,
                 ..Default::default()
@@ -353,6 +360,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("portx_lost_events_total 3"), "{text}");
+        assert!(text.contains("portx_repaired_sockets_total 2"), "{text}");
         assert!(text.contains("portx_tracked_sockets 23"), "{text}");
         assert!(text.contains(
             "portx_group_exhaustion_failures_total{group=\"containerd://3f4e1c2b5a6d\",pod_uid=\"0f1e\",syscall=\"connect\"} 5"

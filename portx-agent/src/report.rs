@@ -236,6 +236,11 @@ pub struct Summary {
     /// a kernel (or user) read that failed, a per-thread note the map had no room for. 0 unless
     /// something is wrong.
     pub gave_up: u64,
+    /// Sockets a resync (sock_diag) found held in the table in a live state the kernel no
+    /// longer reports, since start: state changes that came in no record — lost to a full
+    /// ring, or ones the kernel ran no program for — corrected then. 0 unless records go
+    /// missing.
+    pub repaired: u64,
     /// Records that could not be decoded, since start.
     pub decode_errors: u64,
     /// State changes of sockets the agent never saw connect (see `TrackerCounters`), since start.

@@ -68,8 +68,19 @@ pub struct Applied {
     pub removed: usize,
     /// Table entries whose state the kernel reports differently (a missed transition).
     pub corrected: usize,
+    /// Of `removed` and `corrected`, the entries the table held in a live state (not
+    /// TIME_WAIT): a state change of a socket holding a port that reached the agent in no
+    /// record — lost to a full ring, or one the kernel ran no program for (see the README,
+    /// Loss). A TIME_WAIT entry the kernel lacks is not counted: the kernel ends TIME_WAIT early
+    /// on its own (a reused tuple, a full `tcp_max_tw_buckets`).
+    pub repaired: usize,
     /// Table entries forgotten with their namespace, gone (see [`Pass::gone`]).
     pub gone: usize,
+}
+
+/// A state a socket holds a port in that only a record can end.
+fn live(state: u8) -> bool {
+    u32::from(state) != st::TIME_WAIT
 }
 
 /// Sockets that hold a local port as a client: drops listeners and the accepted side of
@@ -273,8 +284,11 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
                 tw_left,
             ) {
                 applied.added += 1;
-            } else if tracker.correct(dest, s.sport, state, pass.started_ns, tw_left) {
+            } else if let Some(held) =
+                tracker.correct(dest, s.sport, state, pass.started_ns, tw_left)
+            {
                 applied.corrected += 1;
+                applied.repaired += usize::from(live(held));
             }
         }
         let gone: Vec<(DestKey, u16)> = tracker
@@ -283,8 +297,9 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
             .map(|(d, p, _, _)| (d, p))
             .collect();
         for (d, p) in gone {
-            if tracker.forget(&d, p) {
+            if let Some(held) = tracker.forget(&d, p) {
                 applied.removed += 1;
+                applied.repaired += usize::from(live(held));
             }
         }
     }
@@ -295,7 +310,7 @@ pub fn apply(tracker: &mut Tracker, pass: &Pass) -> Applied {
             .map(|(d, p, _, _)| (d, p))
             .collect();
         for (d, p) in stale {
-            if tracker.forget(&d, p) {
+            if tracker.forget(&d, p).is_some() {
                 applied.gone += 1;
             }
         }
@@ -382,6 +397,7 @@ mod tests {
                 added: 2,
                 removed: 0,
                 corrected: 0,
+                repaired: 0,
                 gone: 0,
             }
         );
@@ -399,6 +415,7 @@ mod tests {
                 added: 0,
                 removed: 1,
                 corrected: 0,
+                repaired: 1,
                 gone: 0,
             }
         );
@@ -491,6 +508,52 @@ mod tests {
     }
 
     #[test]
+    fn only_live_entries_the_kernel_moved_on_count_as_repaired() {
+        let mut t = Tracker::new();
+        let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
+        // FIN_WAIT1 in the table, TIME_WAIT in the kernel: its last two changes came in no
+        // record. FIN_WAIT2 in the table, gone from the kernel: its end came in none.
+        t.seed(dest, 40000, st::FIN_WAIT1 as u8, Owner::UNKNOWN, 5, 0);
+        t.seed(dest, 40001, st::FIN_WAIT2 as u8, Owner::UNKNOWN, 5, 0);
+        // TIME_WAIT in the table, gone from the kernel (a reused tuple, say): not a lost record.
+        t.seed(
+            dest,
+            40002,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            5,
+            30_000_000_000,
+        );
+        // TIME_WAIT in both: nothing to do.
+        t.seed(
+            dest,
+            40003,
+            st::TIME_WAIT as u8,
+            Owner::UNKNOWN,
+            5,
+            30_000_000_000,
+        );
+        let pass = pass_in_netns_1(
+            vec![
+                sock(st::TIME_WAIT, 40000, 9000, 0),
+                sock(st::TIME_WAIT, 40003, 9000, 0),
+            ],
+            10,
+        );
+        assert_eq!(
+            apply(&mut t, &pass),
+            Applied {
+                added: 0,
+                removed: 2,
+                corrected: 1,
+                repaired: 2,
+                gone: 0,
+            }
+        );
+        assert_eq!(t.tracked(), 2);
+    }
+
+    #[test]
     fn entries_newer_than_the_snapshot_are_kept() {
         let mut t = Tracker::new();
         let dest = dest_of(1, &sock(st::ESTABLISHED, 40000, 9000, 3));
@@ -550,6 +613,7 @@ mod tests {
                 added: 1,
                 removed: 0,
                 corrected: 0,
+                repaired: 0,
                 gone: 0,
             }
         );

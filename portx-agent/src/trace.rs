@@ -144,6 +144,9 @@ struct Counters {
     skipped: u64,
     /// Runs of portx's programs that gave up (`DROPS[GAVE_UP]`).
     gave_up: u64,
+    /// Sockets a resync found held in a live state the kernel no longer reports
+    /// ([`seed::Applied::repaired`]).
+    repaired: u64,
 }
 
 impl Counters {
@@ -644,6 +647,7 @@ impl<W: io::Write> Session<W> {
             lost: self.counters.lost,
             missed: self.counters.missed(),
             gave_up: self.counters.gave_up,
+            repaired: self.counters.repaired,
             decode_errors: self.counters.decode_errors,
             untracked: self.tracker.counters.untracked,
             evicted: self.tracker.counters.evicted,
@@ -727,6 +731,7 @@ impl<W: io::Write> Session<W> {
                 events: self.counters.events,
                 lost: self.lost_now(),
                 missed: self.counters.missed(),
+                repaired: self.counters.repaired,
                 decode_errors: self.counters.decode_errors,
                 connect_eaddrnotavail: self.counters.connect_failures,
                 bind_eaddrinuse: self.counters.bind_failures,
@@ -1185,6 +1190,15 @@ pub async fn run(opts: TraceOptions, links: Links) -> anyhow::Result<()> {
                         tracing::info!(
                             "sock_diag resync: {} sockets added, {} removed, {} corrected",
                             applied.added, applied.removed, applied.corrected
+                        );
+                    }
+                    if applied.repaired > 0 {
+                        session.counters.repaired += applied.repaired as u64;
+                        tracing::warn!(
+                            "sock_diag resync: {} sockets were held in a state the kernel no longer reports ({} since start, {} records lost since start): their state changes came in no record (lost to a full ring, run by no program of the kernel's, or of a socket that once listened or was accepted, whose records the kernel side leaves out); corrected",
+                            applied.repaired,
+                            session.counters.repaired,
+                            session.counters.lost
                         );
                     }
                     if applied.gone > 0 {

@@ -693,6 +693,7 @@ impl Tracker {
 
     /// Sets a tuple to the state the kernel reports, unless an event touched it at or after
     /// `snapshot_ns` (then the event is newer than the kernel's snapshot). The owner is kept.
+    /// Returns the state the table held, if it set one.
     pub fn correct(
         &mut self,
         dest: DestKey,
@@ -700,14 +701,13 @@ impl Tracker {
         state: u8,
         snapshot_ns: u64,
         time_wait_left_ns: u64,
-    ) -> bool {
-        let Some(key) = self.key_of(&dest, sport) else {
-            return false;
-        };
+    ) -> Option<u8> {
+        let key = self.key_of(&dest, sport)?;
         match self.conns.get(&key) {
             Some(c) if c.updated_ns() < snapshot_ns && c.state() != state => {
+                let held = c.state();
                 let tw = |s: u8| u32::from(s) == st::TIME_WAIT;
-                let live_by = i64::from(tw(c.state())) - i64::from(tw(state));
+                let live_by = i64::from(tw(held)) - i64::from(tw(state));
                 self.set_state(
                     key,
                     state,
@@ -717,23 +717,20 @@ impl Tracker {
                 if let Some(slot) = self.slot_mut(id) {
                     slot.stats.resync_live_net += live_by;
                 }
-                true
+                Some(held)
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// Removes a tuple the kernel no longer has (see [`crate::seed`]).
-    pub fn forget(&mut self, dest: &DestKey, sport: u16) -> bool {
-        let Some(key) = self.key_of(dest, sport) else {
-            return false;
-        };
-        let Some(state) = self.conns.get(&key).map(Conn::state) else {
-            return false;
-        };
+    /// Removes a tuple the kernel no longer has (see [`crate::seed`]); returns the state the
+    /// table held it in.
+    pub fn forget(&mut self, dest: &DestKey, sport: u16) -> Option<u8> {
+        let key = self.key_of(dest, sport)?;
+        let state = self.conns.get(&key).map(Conn::state)?;
         self.resynced(key_parts(key).0, sport, state, -1);
         self.close(key);
-        true
+        Some(state)
     }
 
     /// Tuples of one netns with their state and the time of their last update.
@@ -2232,10 +2229,15 @@ mod tests {
         ));
         // The kernel says TIME_WAIT (a transition the tracepoint missed), 50 s left.
         assert!(
-            !t.correct(dest(), 40000, st::TIME_WAIT as u8, SEC, 50 * SEC),
+            t.correct(dest(), 40000, st::TIME_WAIT as u8, SEC, 50 * SEC)
+                .is_none(),
             "not older"
         );
-        assert!(t.correct(dest(), 40000, st::TIME_WAIT as u8, 2 * SEC, 50 * SEC));
+        assert_eq!(
+            t.correct(dest(), 40000, st::TIME_WAIT as u8, 2 * SEC, 50 * SEC),
+            Some(st::FIN_WAIT1 as u8),
+            "the state it held"
+        );
         let d = t.dest(&dest()).unwrap();
         assert_eq!(d.by_state[st::TIME_WAIT as usize], 1);
         assert_eq!(d.holders_ranked()[0].1.time_wait, 1, "owner kept");
@@ -2274,7 +2276,7 @@ mod tests {
         // Destination A: one port into TIME_WAIT at 1 s, then gone (forgotten) at 2 s.
         connect(&mut t, 1, 40000, task(1, "a"), 0);
         active_close(&mut t, 1, 40000, SEC);
-        assert!(t.forget(&dest(), 40000));
+        assert!(t.forget(&dest(), 40000).is_some());
         // A is kept until a sweep finds it idle: the first sees its connection, the one
         // KEEP_EMPTY_NS later nothing new.
         t.sweep_idle(3 * SEC);

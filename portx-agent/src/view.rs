@@ -34,6 +34,9 @@ pub struct Totals {
     pub lost: u64,
     /// Program runs the kernel skipped.
     pub missed: u64,
+    /// Sockets a resync found in a live state the kernel no longer reports (state changes no
+    /// record brought), corrected then.
+    pub repaired: u64,
     /// Records that could not be decoded.
     pub decode_errors: u64,
     /// connect() failures with EADDRNOTAVAIL.
