@@ -410,11 +410,24 @@ fn read_vs_made<'a>(row: &mut Value, mode: &str, samples: impl Iterator<Item = &
         row["failures_made"] = json!(made);
         row["failures_reported"] = json!(reported);
     } else {
-        let least = with_final
-            .filter_map(|s| Some(s["events"].as_f64()? / s["count"].as_f64()?))
+        let expected = records_per_connection(mode);
+        let read: Vec<(f64, f64)> = with_final
+            .filter_map(|s| Some((s["events"].as_f64()?, s["count"].as_f64()?)))
+            .collect();
+        let least = read
+            .iter()
+            .map(|(events, count)| events / count)
             .fold(f64::INFINITY, f64::min);
         row["records_per_connection_min"] = json!(least.is_finite().then_some(least));
-        row["records_per_connection_expected"] = json!(records_per_connection(mode));
+        row["records_per_connection_expected"] = json!(expected);
+        // In counts, not a ratio: 2 records short of a million rounds to the expected 4.00.
+        let short: Vec<f64> = read
+            .iter()
+            .map(|(events, count)| expected * count - events)
+            .filter(|short| *short > 0.0)
+            .collect();
+        row["rounds_short"] = json!(short.len());
+        row["records_short"] = json!(short.iter().sum::<f64>());
     }
 }
 
@@ -1116,8 +1129,23 @@ mod tests {
         read_vs_made(&mut row, "rst", rst.iter());
         assert_eq!(row["rounds_without_final_summary"], 1);
         assert_eq!(
+            (row["rounds_short"].clone(), row["records_short"].clone()),
+            (json!(0), json!(0.0))
+        );
+        assert_eq!(
             row["records_per_connection_min"], 2.0,
             "the round without is left out"
+        );
+        // A round of session 37's run: a connection's two last state changes ran no program.
+        let mut row = json!({});
+        let close = [
+            s(1_452_542, 363_136, 0, true),
+            s(1_452_544, 363_136, 0, true),
+        ];
+        read_vs_made(&mut row, "close", close.iter());
+        assert_eq!(
+            (row["rounds_short"].clone(), row["records_short"].clone()),
+            (json!(1), json!(2.0))
         );
         let mut row = json!({});
         let fail = [s(5, 1000, 1000, true), s(5, 500, 499, true)];
