@@ -94,6 +94,13 @@ fn header(view: &View) -> Paragraph<'static> {
             bad(t.decode_errors),
         ));
     }
+    if t.repaired > 0 {
+        // Sockets a resync found in a state the kernel had left: records that never came.
+        second.push(Span::styled(
+            format!(" · repaired {}", t.repaired),
+            bad(t.repaired),
+        ));
+    }
     if t.evicted + t.over_limit > 0 {
         second.push(Span::styled(
             format!(
@@ -408,6 +415,16 @@ mod tests {
         assert!(row(&s, "envoy -c /etc/envoy.yaml").contains("42"));
         assert!(row(&s, "containerd://3f4e1c2b5a6d").contains('7'));
         row(&s, "a log line");
+    }
+
+    #[test]
+    fn repaired_sockets_show_beside_lost_and_missed_once_there_are_any() {
+        let mut v = view();
+        let s = render(&v, &[], 160, 30);
+        assert!(!row(&s, "lost 0").contains("repaired"));
+        v.totals.repaired = 3;
+        let s = render(&v, &[], 160, 30);
+        assert!(row(&s, "lost 0").contains("missed 0 · repaired 3"));
     }
 
     #[test]
