@@ -578,18 +578,21 @@ mod tests {
             tid: 100,
             comm: Comm::new("victim"),
         };
-        let v = serde_json::to_value(exhaustion(
-            5,
-            Scope::Untracked("127.0.0.1".parse().unwrap(), 9000),
-            &DestStats::default(),
-            Some(&settings()),
-            &victim,
-            None,
-            1,
-            123,
-            &[],
-        ))
-        .unwrap();
+        let report = |scope| {
+            serde_json::to_value(exhaustion(
+                5,
+                scope,
+                &DestStats::default(),
+                Some(&settings()),
+                &victim,
+                None,
+                1,
+                123,
+                &[],
+            ))
+            .unwrap()
+        };
+        let v = report(Scope::Untracked("127.0.0.1".parse().unwrap(), 9000));
         assert_eq!(
             (&v["daddr"], &v["dport"]),
             (&"127.0.0.1".into(), &9000.into())
@@ -597,18 +600,7 @@ mod tests {
         assert!(v["saddr"].is_null() && v["utilization"].is_null(), "{v:#}");
         // A connect()'s advice, not a bind()'s: nothing to it in use points at bound ports.
         assert!(says(&v, "fewer than the range"), "{v:#}");
-        let ns = serde_json::to_value(exhaustion(
-            5,
-            Scope::Namespace,
-            &DestStats::default(),
-            Some(&settings()),
-            &victim,
-            None,
-            1,
-            123,
-            &[],
-        ))
-        .unwrap();
+        let ns = report(Scope::Namespace);
         assert!(
             ns["daddr"].is_null() && !says(&ns, "fewer than the range"),
             "{ns:#}"

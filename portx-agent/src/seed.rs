@@ -515,24 +515,12 @@ mod tests {
         // record. FIN_WAIT2 in the table, gone from the kernel: its end came in none.
         t.seed(dest, 40000, st::FIN_WAIT1 as u8, Owner::UNKNOWN, 5, 0);
         t.seed(dest, 40001, st::FIN_WAIT2 as u8, Owner::UNKNOWN, 5, 0);
-        // TIME_WAIT in the table, gone from the kernel (a reused tuple, say): not a lost record.
-        t.seed(
-            dest,
-            40002,
-            st::TIME_WAIT as u8,
-            Owner::UNKNOWN,
-            5,
-            30_000_000_000,
-        );
-        // TIME_WAIT in both: nothing to do.
-        t.seed(
-            dest,
-            40003,
-            st::TIME_WAIT as u8,
-            Owner::UNKNOWN,
-            5,
-            30_000_000_000,
-        );
+        // TIME_WAIT in the table: 40002 gone from the kernel (a reused tuple, say), not a lost
+        // record; 40003 in TIME_WAIT there too, nothing to do.
+        for sport in [40002, 40003] {
+            let tw = st::TIME_WAIT as u8;
+            t.seed(dest, sport, tw, Owner::UNKNOWN, 5, 30_000_000_000);
+        }
         let pass = pass_in_netns_1(
             vec![
                 sock(st::TIME_WAIT, 40000, 9000, 0),
